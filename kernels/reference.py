@@ -1,0 +1,214 @@
+"""Pure-torch reference implementations of the two hot paths.
+
+These functions define the semantics every other implementation (the CPU ops, the
+Triton kernels, the Inductor lowering) is tested against. They are written without
+host synchronisation (no ``.item()``, ``.tolist()``, ``nonzero()``), so on CUDA they
+are also a valid, capturable fallback.
+
+State layout (see ``microspec_compile.vocab.ActiveVocab``), CAP = capacity:
+
+========== ================ ===================================================
+name       shape / dtype    meaning
+========== ================ ===================================================
+rows       [CAP + 1, H]     compact head weight; row CAP is a scratch row
+ids        [CAP + 1] int64  token id of each row, ``V`` (out of range) if empty
+member     [V + 1] int64    compact row of each token id, -1 if absent; entry V
+                            is scratch
+last_seen  [CAP + 1] int64  step at which a row was last observed; ``PINNED``
+                            for pinned rows (never evicted)
+count      [1] int64        number of occupied rows; rows ``[0, count)`` are live
+step       [1] int64        observation counter, incremented by every observe
+========== ================ ===================================================
+
+The occupied rows always form the prefix ``[0, count)``: new tokens fill free rows
+in order and eviction replaces a row in place.
+"""
+from __future__ import annotations
+
+import torch
+
+PINNED = torch.iinfo(torch.int64).max
+NORMALIZE_MODES = ("none", "softmax", "log_softmax")
+
+
+def observe_reference(
+    rows: torch.Tensor,
+    ids: torch.Tensor,
+    member: torch.Tensor,
+    last_seen: torch.Tensor,
+    count: torch.Tensor,
+    step: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    pin: bool = False,
+) -> None:
+    """Add the unseen ``tokens`` to the active vocabulary, in place.
+
+    Parameters
+    ----------
+    rows, ids, member, last_seen, count, step
+        The state tensors (layout in the module docstring); updated in place.
+    weight : [V, H]
+        The full LM-head weight; only the rows of new tokens are read.
+    tokens : any shape, integer
+        Token ids in ``[0, V)``; duplicates and ids already present are allowed.
+    pin : bool
+        Mark these tokens as pinned (never evicted).
+
+    Notes
+    -----
+    All tokens of one call count as equally recent. Present tokens get their
+    last-seen step refreshed. New tokens go to free rows first, then replace the
+    least recently observed rows that are neither pinned nor touched by this
+    call. If one call brings more new tokens than that, the ones that occur
+    latest in ``tokens`` win (the same outcome as observing them one by one).
+    """
+    cap = rows.shape[0] - 1
+    vocab = member.shape[0] - 1
+    flat = tokens.reshape(-1).to(torch.int64)
+    n = flat.numel()
+    step.add_(1)
+    if n == 0:
+        return
+    stamp = torch.full_like(step, PINNED) if pin else step.clone()
+    now = stamp.expand(n)
+
+    # Deduplicate without a host sync: sort by token, keep each token's last
+    # occurrence (stable sort keeps positions ascending inside a group).
+    sorted_tok, order = torch.sort(flat, stable=True)
+    is_last = torch.ones(n, dtype=torch.bool, device=flat.device)
+    is_last[:-1] = sorted_tok[1:] != sorted_tok[:-1]
+    present_slot = member[sorted_tok]
+    present = is_last & (present_slot >= 0)
+    new = is_last & (present_slot < 0)
+
+    # Refresh present tokens first so that eviction below cannot pick them.
+    touch_slot = torch.where(present, present_slot, cap)
+    last_seen.index_put_((touch_slot,), now, accumulate=False)
+    last_seen[cap] = 0
+
+    # Candidate rows, best first: free rows in index order, then unpinned rows
+    # that this call did not touch, least recently seen first.
+    slot_index = torch.arange(cap, device=rows.device)
+    free = slot_index >= count
+    live_ls = last_seen[:cap]
+    key = torch.where(free, slot_index - cap - 1, live_ls)
+    evictable = free | (live_ls < step)
+    key = torch.where(evictable, key, PINNED)
+    candidates = torch.argsort(key, stable=True)
+    available = evictable.sum()
+
+    # New tokens in order of (last) occurrence; the latest `available` of them win.
+    new_pos = torch.where(new, order, -1)
+    by_pos = torch.argsort(new_pos, stable=True)  # non-new (-1) come first
+    n_new = new.sum()
+    rank = torch.arange(n, device=flat.device) - (n - n_new)  # 0.. among new tokens
+    start = (n_new - available).clamp(min=0)
+    keep = rank >= start
+    cand_index = (rank - start).clamp(min=0, max=cap - 1)
+    dest = torch.where(keep, candidates[cand_index], cap)
+    new_tok = torch.where(keep, sorted_tok[by_pos], vocab)
+
+    # Evict: the old owners of the destination rows leave the membership table.
+    old_tok = torch.where(dest < cap, ids[dest], vocab)
+    member.index_put_((old_tok,), torch.full_like(old_tok, -1))
+    member.index_put_((new_tok,), dest)
+    member[vocab] = -1
+    ids.index_put_((dest,), new_tok)
+    ids[cap] = vocab
+    rows.index_copy_(0, dest, weight[new_tok.clamp(max=vocab - 1)].to(rows.dtype))
+    last_seen.index_put_((dest,), now)
+    last_seen[cap] = 0
+    n_free = (cap - count).clamp(min=0)
+    count.add_(torch.minimum(keep.sum(), n_free))
+
+
+def compact_logits(
+    hidden: torch.Tensor,
+    rows: torch.Tensor,
+    ids: torch.Tensor,
+    count: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Logits over the compact rows, ``-inf`` past ``count``.
+
+    Parameters
+    ----------
+    hidden : [N, H]
+    rows : [CAP + 1, H]
+    ids : [CAP + 1] int64
+    count : [1] int64
+    bias : [V] or None
+        The full head bias; gathered through ``ids``.
+
+    Returns
+    -------
+    [N, CAP + 1] tensor in fp32 (accumulation dtype).
+    """
+    scores = hidden.float() @ rows.float().t()
+    if bias is not None:
+        vocab = bias.shape[0]
+        scores = scores + bias.float()[ids.clamp(max=vocab - 1)]
+    live = torch.arange(rows.shape[0], device=rows.device) < count
+    return scores.masked_fill(~live, float("-inf"))
+
+
+def _normalize(scores: torch.Tensor, normalize: str) -> torch.Tensor:
+    if normalize == "softmax":
+        return torch.softmax(scores, dim=-1)
+    if normalize == "log_softmax":
+        return torch.log_softmax(scores, dim=-1)
+    if normalize == "none":
+        return scores
+    raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+
+
+def sparse_topk_reference(
+    hidden: torch.Tensor,
+    rows: torch.Tensor,
+    ids: torch.Tensor,
+    count: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    normalize: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the active vocabulary, values optionally renormalised over it.
+
+    Returns
+    -------
+    values : [N, k] in ``hidden.dtype``; ``-inf`` (0 for softmax) past the active set
+    token_ids : [N, k] int64; ``-1`` where fewer than k tokens are active
+    """
+    scores = _normalize(compact_logits(hidden, rows, ids, count, bias), normalize)
+    values, index = torch.topk(scores, k, dim=-1)
+    token_ids = ids[index]
+    invalid = index >= count
+    token_ids = token_ids.masked_fill(invalid, -1)
+    return values.to(hidden.dtype), token_ids
+
+
+def sparse_full_reference(
+    hidden: torch.Tensor,
+    rows: torch.Tensor,
+    ids: torch.Tensor,
+    count: torch.Tensor,
+    bias: torch.Tensor | None,
+    vocab_size: int,
+    normalize: str = "none",
+) -> torch.Tensor:
+    """Full-vocabulary output with the inactive entries filled.
+
+    Returns
+    -------
+    [N, vocab_size] in ``hidden.dtype``: logits / log-probabilities with ``-inf``
+    outside the active set, or probabilities with 0 there.
+    """
+    scores = _normalize(compact_logits(hidden, rows, ids, count, bias), normalize)
+    fill = 0.0 if normalize == "softmax" else float("-inf")
+    # Empty rows hold the fill value already (-inf logits, 0 probabilities) and
+    # point past the vocabulary; clamping them onto token V-1 under an amax
+    # reduction leaves that token's own value untouched.
+    index = ids.clamp(max=vocab_size - 1).expand(hidden.shape[0], -1)
+    out = scores.new_full((hidden.shape[0], vocab_size), fill)
+    out.scatter_reduce_(1, index, scores, reduce="amax")
+    return out.to(hidden.dtype)

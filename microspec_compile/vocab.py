@@ -1,0 +1,168 @@
+"""The live active vocabulary of one LM head: fixed-capacity state tensors.
+
+One ``ActiveVocab`` exists per head weight (a registry keyed by the weight
+parameter), shared by every graph that Dynamo compiles for the model, so that
+recompiles and graph breaks all see one vocabulary. All tensors are allocated
+once, on the head weight's device (rows in its dtype), and only ever updated in
+place: the compiled graphs take them as extra inputs and see new contents without
+guards or recompiles.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Iterable
+
+import torch
+
+from .kernels import ops  # noqa: F401  (registers torch.ops.microspec)
+from .kernels.reference import PINNED
+
+# Keyed by id(weight): tensors compare elementwise, so they cannot be dict keys
+# through weakref equality. A finalizer drops the entry with the weight.
+_REGISTRY: "dict[int, ActiveVocab]" = {}
+
+
+class ActiveVocab:
+    """Fixed-capacity active vocabulary of an LM head.
+
+    Parameters
+    ----------
+    weight : [V, H]
+        The LM-head weight (a parameter; kept by reference, never copied whole).
+    capacity : int
+        Number of compact rows (CAP).
+    pinned_ids : iterable of int
+        Token ids that are always active and never evicted (EOS, BOS, ...).
+
+    Attributes
+    ----------
+    rows : [CAP + 1, H]     compact weight rows (row CAP is scratch)
+    ids : [CAP + 1] int64   token id per row (V when empty)
+    member : [V + 1] int64  compact row per token id (-1 when absent)
+    last_seen : [CAP + 1]   observation step per row (PINNED for pinned rows)
+    count, step : [1] int64 occupied rows, observations so far
+    """
+
+    def __init__(self, weight: torch.Tensor, capacity: int = 4096, pinned_ids: Iterable[int] = ()):
+        if weight.dim() != 2:
+            raise ValueError(f"LM-head weight must be 2-D [V, H], got shape {list(weight.shape)}")
+        vocab, hidden = weight.shape
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        capacity = min(capacity, vocab)
+        dev = weight.device
+        self._weight_ref = weakref.ref(weight)  # the registry must not keep the model alive
+        self.capacity = capacity
+        self.vocab_size = vocab
+        self.pinned_ids = tuple(int(i) for i in pinned_ids)
+        if len(set(self.pinned_ids)) > capacity:
+            raise ValueError(f"{len(set(self.pinned_ids))} pinned ids do not fit in capacity {capacity}")
+        self.rows = torch.zeros(capacity + 1, hidden, dtype=weight.dtype, device=dev)
+        self.ids = torch.full((capacity + 1,), vocab, dtype=torch.int64, device=dev)
+        self.member = torch.full((vocab + 1,), -1, dtype=torch.int64, device=dev)
+        self.last_seen = torch.zeros(capacity + 1, dtype=torch.int64, device=dev)
+        self.count = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.step = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.observed_calls = 0
+        self.reset()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        weight = self._weight_ref()
+        if weight is None:
+            raise RuntimeError("the LM-head weight of this vocabulary was freed")
+        return weight
+
+    # -- state as graph inputs -------------------------------------------------
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """``(rows, ids, member, last_seen, count, step)``, the order the ops take."""
+        return (self.rows, self.ids, self.member, self.last_seen, self.count, self.step)
+
+    # -- public API ------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, tokens, pin: bool = False) -> None:
+        """Add the unseen ids in ``tokens`` (any shape, ints) to the vocabulary."""
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.as_tensor(tokens, dtype=torch.int64)
+        if tokens.is_floating_point() or tokens.dtype == torch.bool:
+            raise ValueError(f"token ids must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.device != self.rows.device:
+            raise ValueError(
+                f"token ids are on {tokens.device} but the vocabulary lives on {self.rows.device}"
+            )
+        torch.ops.microspec.observe(*self.state(), self.weight.detach(), tokens, pin)
+        self.observed_calls += 1
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the vocabulary between requests, keeping only the pinned ids."""
+        self.ids.fill_(self.vocab_size)
+        self.member.fill_(-1)
+        self.last_seen.zero_()
+        self.count.zero_()
+        self.step.zero_()
+        if self.pinned_ids:
+            self.observe(torch.tensor(self.pinned_ids, dtype=torch.int64, device=self.rows.device), pin=True)
+
+    @property
+    def size(self) -> int:
+        """Number of active token ids (host sync)."""
+        return int(self.count)
+
+    def ids_list(self) -> list[int]:
+        return self.ids[: self.size].tolist()
+
+    def active_ids(self) -> torch.Tensor:
+        """``[size]`` int64 tensor of the active token ids."""
+        return self.ids[: self.size].clone()
+
+    def contains(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Boolean tensor, ``tokens``' shape: which ids are active."""
+        tokens = torch.as_tensor(tokens, device=self.member.device).to(torch.int64)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(f"token ids out of range for a vocabulary of {self.vocab_size}")
+        return self.member[tokens] >= 0
+
+    def stats(self) -> dict:
+        pinned = int((self.last_seen[: self.size] == PINNED).sum())
+        return {
+            "size": self.size,
+            "capacity": self.capacity,
+            "vocab_size": self.vocab_size,
+            "pinned": pinned,
+            "observe_calls": self.observed_calls,
+            "steps": int(self.step),
+        }
+
+    def __repr__(self) -> str:
+        return f"ActiveVocab(size={self.size}, capacity={self.capacity}, vocab_size={self.vocab_size})"
+
+
+def vocab_for_weight(weight: torch.Tensor, capacity: int, pinned_ids: Iterable[int]) -> ActiveVocab:
+    """The registered vocabulary of ``weight``, created on first use."""
+    vocab = _lookup(weight)
+    if vocab is None:
+        vocab = ActiveVocab(weight, capacity, pinned_ids)
+        _REGISTRY[id(weight)] = vocab
+        weakref.finalize(weight, _REGISTRY.pop, id(weight), None)
+    return vocab
+
+
+def _lookup(weight: torch.Tensor) -> "ActiveVocab | None":
+    vocab = _REGISTRY.get(id(weight))
+    return vocab if vocab is not None and vocab.weight is weight else None
+
+
+def vocab_of(module: torch.nn.Module) -> ActiveVocab:
+    """The live vocabulary of a module compiled with the microspec backend.
+
+    Works on the module compiled in place (``model.compile(backend="microspec")``)
+    and on the ``OptimizedModule`` that ``torch.compile(model)`` returns.
+    """
+    found = [v for v in map(_lookup, module.parameters()) if v is not None]
+    if not found:
+        raise LookupError(
+            "no microspec vocabulary for this module: compile it with backend='microspec' "
+            "and call it once (compilation is lazy)"
+        )
+    return found[0]

@@ -1,0 +1,116 @@
+"""Rewrite matched LM heads into the microspec custom ops.
+
+Each rewrite is a plain function over a cloned Dynamo graph:
+
+* ``rewrite_head`` replaces ``linear -> [getitem]* -> [softmax] -> [topk|argmax]``
+  by one ``microspec::sparse_topk`` / ``microspec::sparse_full`` node over the
+  compact state. Row-selecting getitems move before the head (they commute with a
+  linear), so ``lm_head(h)[:, -1, :]`` only scores the last row.
+* ``insert_observe`` adds a ``microspec::observe`` node (a mutating op, so it
+  stays in the graph in order) on the ids that feed the draft's embedding, before
+  the head runs: prompt, accepted and drafted tokens enter the vocabulary with no
+  user code, and the whole step stays one graph (capturable by CUDA graphs).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .match_head import HeadMatch
+
+STATE_NAMES = ("rows", "ids", "member", "last_seen", "count", "step")
+
+
+@dataclass
+class StateNodes:
+    """Placeholders carrying one vocabulary's state tensors into the graph."""
+
+    rows: fx.Node
+    ids: fx.Node
+    member: fx.Node
+    last_seen: fx.Node
+    count: fx.Node
+    step: fx.Node
+
+    def all(self) -> tuple[fx.Node, ...]:
+        return tuple(getattr(self, name) for name in STATE_NAMES)
+
+
+def add_state_placeholders(graph: fx.Graph, prefix: str, fake_values: tuple) -> StateNodes:
+    """Append one placeholder per state tensor after the existing placeholders."""
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    nodes = []
+    for name, fake in zip(STATE_NAMES, fake_values):
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"{prefix}_{name}")
+        last.meta["example_value"] = fake
+        last.meta["val"] = fake
+        last._dynamo_source = None  # not a user input: no guards on it
+        nodes.append(last)
+    return StateNodes(*nodes)
+
+
+def _call(graph: fx.Graph, target, *args) -> fx.Node:
+    return graph.call_function(target, args)
+
+
+def rewrite_head(graph: fx.Graph, match: HeadMatch, state: StateNodes, vocab_size: int) -> fx.Node:
+    """Replace the head and its consumers by one sparse op; returns the op node.
+
+    Parameters
+    ----------
+    graph : the (cloned) graph to edit in place
+    match : the head, as found by ``match_head.find_heads``
+    state : the vocabulary state placeholders
+    vocab_size : V, the head's out_features
+    """
+    ops = torch.ops.microspec
+    last = match.last
+    with graph.inserting_before(last):
+        hidden = match.hidden
+        for index in match.index:
+            hidden = _call(graph, operator.getitem, hidden, index)
+        # The sparse head is an inference-time approximation: it carries no
+        # gradient, so graphs traced with grad enabled need no backward for it.
+        hidden = _call(graph, torch.Tensor.detach, hidden)
+        bias = None if match.bias is None else _call(graph, torch.Tensor.detach, match.bias)
+        common = (hidden, state.rows, state.ids, state.count, bias)
+        if match.kind == "full":
+            op = _call(graph, ops.sparse_full.default, *common, vocab_size, match.normalize)
+            last.replace_all_uses_with(op)
+            return op
+        op = _call(graph, ops.sparse_topk.default, *common, match.k, match.normalize)
+        values = _call(graph, operator.getitem, op, 0)
+        token_ids = _call(graph, operator.getitem, op, 1)
+        if match.kind == "argmax":
+            result = token_ids if match.keepdim else _call(
+                graph, operator.getitem, token_ids, (Ellipsis, 0))
+            last.replace_all_uses_with(result)
+            return op
+    for user in list(last.users):  # topk: users are getitem(topk, 0 | 1)
+        user.replace_all_uses_with(values if user.args[1] == 0 else token_ids)
+    return op
+
+
+def insert_observe(graph: fx.Graph, ids: fx.Node, before: fx.Node, state: StateNodes,
+                   weight: fx.Node) -> fx.Node:
+    """Observe ``ids`` into the vocabulary right before ``before`` (the embedding)."""
+    with graph.inserting_before(before):
+        return graph.call_function(
+            torch.ops.microspec.observe.default, (*state.all(), weight, ids, False))
+
+
+def remove_replaced(graph: fx.Graph, match: HeadMatch) -> None:
+    """Erase the dense head and the consumers the sparse op replaced, once unused."""
+    chain = [user for user in match.last.users if not user.users]  # topk's getitems
+    node = match.last
+    while node is not match.linear:
+        chain.append(node)
+        node = node.args[0]
+    chain += [match.linear, match.linear.args[1]]  # the head and a `W.t()` spelling
+    for node in chain:
+        if isinstance(node, fx.Node) and node.op != "placeholder" and not node.users:
+            graph.erase_node(node)
