@@ -1,21 +1,53 @@
-"""Pick the implementation of each op by device.
+"""Pick the implementation of each op: ``impl`` is ``"auto"``, ``"torch"`` or ``"triton"``.
 
-CPU runs the pure-torch references (they are also what Inductor would generate for
-the ops' bodies). CUDA runs the Triton kernels when ``triton`` imports and the
-kernels module is present, otherwise the references, which have no host syncs.
+``"torch"`` runs the pure-torch references (no host syncs, so valid on CUDA too).
+``"triton"`` runs the Triton kernels. ``"auto"`` takes Triton on CUDA when it
+imports, the references elsewhere.
 """
 from __future__ import annotations
 
 from .reference import observe_reference, sparse_full_reference, sparse_topk_reference
 
+IMPLS = ("auto", "torch", "triton")
 
-def observe(rows, ids, member, last_seen, count, step, weight, tokens, pin):
+
+def _use_triton(device, impl: str) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        return True
+    return device.type == "cuda" and triton_available()
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def observe(rows, ids, member, last_seen, count, step, weight, tokens, pin, impl="auto"):
+    if _use_triton(rows.device, impl):
+        from .triton_observe import observe_triton
+
+        return observe_triton(rows, ids, member, last_seen, count, step, weight, tokens, pin)
     observe_reference(rows, ids, member, last_seen, count, step, weight, tokens, pin)
 
 
-def sparse_topk(hidden, rows, ids, count, bias, k, normalize):
+def sparse_topk(hidden, rows, ids, count, bias, k, normalize, impl="auto"):
+    if _use_triton(hidden.device, impl):
+        from .triton_sparse_head import sparse_topk_triton
+
+        return sparse_topk_triton(hidden, rows, ids, count, bias, k, normalize)
     return sparse_topk_reference(hidden, rows, ids, count, bias, k, normalize)
 
 
-def sparse_full(hidden, rows, ids, count, bias, vocab_size, normalize):
+def sparse_full(hidden, rows, ids, count, bias, vocab_size, normalize, impl="auto"):
+    if _use_triton(hidden.device, impl):
+        from .triton_sparse_head import sparse_full_triton
+
+        return sparse_full_triton(hidden, rows, ids, count, bias, vocab_size, normalize)
     return sparse_full_reference(hidden, rows, ids, count, bias, vocab_size, normalize)

@@ -8,7 +8,8 @@ Inductor can trace them with symbolic shapes, and a device implementation:
 ``microspec::sparse_full``  full-vocabulary logits / probabilities / log-probs.
 
 The CPU implementations are the pure-torch references in ``reference.py``; on CUDA
-the Triton kernels are used when available (``kernels.dispatch``).
+the Triton kernels are used when available (``kernels.dispatch``). ``impl`` picks
+an implementation explicitly: ``"auto"`` (per device), ``"torch"``, ``"triton"``.
 """
 from __future__ import annotations
 
@@ -45,16 +46,17 @@ def observe(
     weight: torch.Tensor,
     tokens: torch.Tensor,
     pin: bool = False,
+    impl: str = "auto",
 ) -> None:
     """Add unseen ``tokens`` to the vocabulary state in place (see ``observe_reference``)."""
     _check_tokens(tokens, weight.shape[0])
     if tokens.device != rows.device:
         tokens = tokens.to(rows.device, non_blocking=True)
-    dispatch.observe(rows, ids, member, last_seen, count, step, weight, tokens, pin)
+    dispatch.observe(rows, ids, member, last_seen, count, step, weight, tokens, pin, impl)
 
 
 @observe.register_fake
-def _(rows, ids, member, last_seen, count, step, weight, tokens, pin=False):
+def _(rows, ids, member, last_seen, count, step, weight, tokens, pin=False, impl="auto"):
     return None
 
 
@@ -96,6 +98,7 @@ def sparse_topk(
     bias: Optional[torch.Tensor],
     k: int,
     normalize: str,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k over the active rows. Returns ``(values [N, k], token_ids [N, k] int64)``."""
     _check_head_args(hidden, rows, normalize)
@@ -103,13 +106,13 @@ def sparse_topk(
         raise ValueError(f"k must be in [1, capacity={rows.shape[0] - 1}], got {k}")
     _check_not_empty(count)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    values, token_ids = dispatch.sparse_topk(flat, rows, ids, count, bias, k, normalize)
+    values, token_ids = dispatch.sparse_topk(flat, rows, ids, count, bias, k, normalize, impl)
     lead = hidden.shape[:-1]
     return values.reshape(*lead, k), token_ids.reshape(*lead, k)
 
 
 @sparse_topk.register_fake
-def _(hidden, rows, ids, count, bias, k, normalize):
+def _(hidden, rows, ids, count, bias, k, normalize, impl="auto"):
     shape = (*hidden.shape[:-1], k)
     return hidden.new_empty(shape), hidden.new_empty(shape, dtype=torch.int64)
 
@@ -123,15 +126,16 @@ def sparse_full(
     bias: Optional[torch.Tensor],
     vocab_size: int,
     normalize: str,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Full-vocabulary output ``[N, vocab_size]``; inactive entries -inf (0 for softmax)."""
     _check_head_args(hidden, rows, normalize)
     _check_not_empty(count)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    out = dispatch.sparse_full(flat, rows, ids, count, bias, vocab_size, normalize)
+    out = dispatch.sparse_full(flat, rows, ids, count, bias, vocab_size, normalize, impl)
     return out.reshape(*hidden.shape[:-1], vocab_size)
 
 
 @sparse_full.register_fake
-def _(hidden, rows, ids, count, bias, vocab_size, normalize):
+def _(hidden, rows, ids, count, bias, vocab_size, normalize, impl="auto"):
     return hidden.new_empty((*hidden.shape[:-1], vocab_size))

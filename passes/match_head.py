@@ -190,9 +190,12 @@ def match_consumers(match: HeadMatch) -> HeadMatch:
 
 def find_heads(gm: fx.GraphModule, weights: dict, min_vocab_size: int,
                name_filter: Optional[str] = None) -> list[HeadMatch]:
-    """All LM heads: linears whose weight is a known ``[V, H]`` tensor with V >= min.
+    """The LM heads: linears with a known ``[V, H]`` weight, V >= ``min_vocab_size``.
 
-    ``weights`` maps placeholder / get_attr nodes to their real tensors.
+    Only the linears with the largest V in the graph qualify (an LLM's vocabulary
+    is wider than any MLP projection), and when the graph embeds token ids, V must
+    equal the embedding's vocabulary. ``weights`` maps placeholder / get_attr nodes
+    to their real tensors.
     """
     heads = []
     for node in gm.graph.nodes:
@@ -207,18 +210,28 @@ def find_heads(gm: fx.GraphModule, weights: dict, min_vocab_size: int,
             continue
         if bias is not None and not isinstance(bias, fx.Node):
             continue
-        heads.append(match_consumers(HeadMatch(node, hidden, weight, bias)))
-    return heads
+        heads.append(HeadMatch(node, hidden, weight, bias))
+    if not heads:
+        return []
+    vocab_sizes = {weights[h.weight].shape[0] for h in heads}
+    embedded = {weights[t].shape[0] for _, e in _embeddings(gm) if (t := _table(e)) in weights}
+    wanted = max(vocab_sizes & embedded) if vocab_sizes & embedded else max(vocab_sizes)
+    return [match_consumers(h) for h in heads if weights[h.weight].shape[0] == wanted]
+
+
+def _embeddings(gm: fx.GraphModule):
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in EMBEDDING_TARGETS:
+            ids = node.args[0] if node.target is F.embedding else node.args[1]
+            yield ids, node
+
+
+def _table(node: fx.Node):
+    return node.args[1] if node.target is F.embedding else node.args[0]
 
 
 def find_embedding_ids(gm: fx.GraphModule, weights: dict, vocab_size: int) -> list[tuple]:
     """``(ids, embedding)`` node pairs of embeddings over the same vocabulary."""
-    found = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in EMBEDDING_TARGETS:
-            ids, table = (node.args[0], node.args[1]) if node.target is F.embedding else (
-                node.args[1], node.args[0])
-            tensor = weights.get(table)
-            if tensor is not None and tensor.shape[0] == vocab_size and isinstance(ids, fx.Node):
-                found.append((ids, node))
-    return found
+    return [(ids, node) for ids, node in _embeddings(gm)
+            if isinstance(ids, fx.Node) and (t := weights.get(_table(node))) is not None
+            and t.shape[0] == vocab_size]
