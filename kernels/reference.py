@@ -83,8 +83,10 @@ def observe_reference(
     new = is_last & (present_slot < 0)
 
     # Refresh present tokens first so that eviction below cannot pick them.
+    # A pinned row stays pinned.
     touch_slot = torch.where(present, present_slot, cap)
-    last_seen.index_put_((touch_slot,), now, accumulate=False)
+    kept = last_seen[touch_slot]
+    last_seen.index_put_((touch_slot,), torch.where(kept == PINNED, kept, now))
     last_seen[cap] = 0
 
     # Candidate rows, best first: free rows in index order, then unpinned rows

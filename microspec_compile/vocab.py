@@ -9,7 +9,6 @@ guards or recompiles.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Iterable
 
 import torch
@@ -17,9 +16,9 @@ import torch
 from .kernels import ops  # noqa: F401  (registers torch.ops.microspec)
 from .kernels.reference import PINNED
 
-# Keyed by id(weight): tensors compare elementwise, so they cannot be dict keys
-# through weakref equality. A finalizer drops the entry with the weight.
-_REGISTRY: "dict[int, ActiveVocab]" = {}
+# The vocabulary of a head is stored on its weight tensor: it lives and dies with
+# the model (a weight <-> vocabulary cycle is freed by the garbage collector).
+_ATTR = "_microspec_vocab"
 
 
 class ActiveVocab:
@@ -51,7 +50,7 @@ class ActiveVocab:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         capacity = min(capacity, vocab)
         dev = weight.device
-        self._weight_ref = weakref.ref(weight)  # the registry must not keep the model alive
+        self.weight = weight
         self.capacity = capacity
         self.vocab_size = vocab
         self.pinned_ids = tuple(int(i) for i in pinned_ids)
@@ -65,13 +64,6 @@ class ActiveVocab:
         self.step = torch.zeros(1, dtype=torch.int64, device=dev)
         self.observed_calls = 0
         self.reset()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        weight = self._weight_ref()
-        if weight is None:
-            raise RuntimeError("the LM-head weight of this vocabulary was freed")
-        return weight
 
     # -- state as graph inputs -------------------------------------------------
     def state(self) -> tuple[torch.Tensor, ...]:
@@ -143,14 +135,12 @@ def vocab_for_weight(weight: torch.Tensor, capacity: int, pinned_ids: Iterable[i
     vocab = _lookup(weight)
     if vocab is None:
         vocab = ActiveVocab(weight, capacity, pinned_ids)
-        _REGISTRY[id(weight)] = vocab
-        weakref.finalize(weight, _REGISTRY.pop, id(weight), None)
+        setattr(weight, _ATTR, vocab)
     return vocab
 
 
 def _lookup(weight: torch.Tensor) -> "ActiveVocab | None":
-    vocab = _REGISTRY.get(id(weight))
-    return vocab if vocab is not None and vocab.weight is weight else None
+    return getattr(weight, _ATTR, None)
 
 
 def vocab_of(module: torch.nn.Module) -> ActiveVocab:

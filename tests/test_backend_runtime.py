@@ -1,0 +1,135 @@
+"""The backend at run time: observation, recompiles, fallback, errors, HF generate."""
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.utils import counters
+
+import microspec_compile as mc
+
+V, H = 1200, 32
+
+
+class TinyDraft(nn.Module):
+    """Embedding -> one MLP block -> tied LM head -> log-softmax top-k (EAGLE-like)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, H)
+        self.mlp = nn.Sequential(nn.Linear(H, 4 * H), nn.SiLU(), nn.Linear(4 * H, H))
+        self.lm_head = nn.Linear(H, V, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.mlp(h)
+        return self.lm_head(h)[:, -1, :].log_softmax(-1).topk(4)
+
+
+def test_entry_point_registers_backend():
+    names = [ep.name for ep in importlib.metadata.entry_points(group="torch_dynamo_backends")]
+    assert "microspec" in names
+    assert "microspec" in torch._dynamo.list_backends()
+
+
+def test_inputs_are_observed_in_graph_with_zero_recompiles():
+    torch.manual_seed(0)
+    model = TinyDraft().eval()
+    compiled = torch.compile(model, backend="microspec")  # default config, by name
+    counters.clear()
+    seen = set()
+    with torch.no_grad():
+        for _ in range(50):
+            ids = torch.randint(0, V, (2, 6))
+            seen |= set(ids.flatten().tolist())
+            _, top = compiled(ids)
+            assert set(top.flatten().tolist()) <= seen  # drafts come from the context
+    vocab = mc.vocab_of(compiled)
+    assert set(vocab.ids_list()) == seen  # capacity 4096 > V: nothing evicted
+    assert counters["microspec"]["observe_inserted"] == 1
+    assert counters["microspec"]["sparse_calls"] == 50
+    assert counters["stats"]["unique_graphs"] == 1, "the changing vocabulary caused recompiles"
+
+
+def test_lone_head_with_changing_row_counts():
+    """EAGLE passes the head module around and calls it with 1, then 10, 60 rows."""
+    head = nn.Linear(H, V, bias=False)
+    compiled = torch.compile(head, backend=mc.backend(capacity=256, pinned_ids=[0]))
+    vocab = mc.vocab.vocab_for_weight(head.weight, 256, [0])
+    vocab.observe(torch.arange(100, 300))
+    with torch.no_grad():
+        for rows in (1, 10, 60, 10, 1):
+            out = compiled(torch.randn(rows, H))
+            assert out.shape == (rows, V)  # full-vocabulary output kept
+            assert torch.isfinite(out).sum(-1).eq(201).all()  # 200 observed + pinned
+    assert vocab.capacity == 256 and vocab.size == 201
+
+
+def test_model_without_head_falls_back_with_one_warning():
+    mlp = nn.Sequential(nn.Linear(H, 64), nn.ReLU(), nn.Linear(64, H))
+    compiled = torch.compile(mlp, backend="microspec")
+    counters.clear()
+    x = torch.randn(3, H)
+    with pytest.warns(UserWarning, match="no LM head found") as record:
+        out = compiled(x)
+    assert len([w for w in record if "no LM head" in str(w.message)]) == 1
+    torch.testing.assert_close(out, mlp(x))
+    assert counters["microspec"]["fallback_no_head"] == 1
+
+
+def test_empty_vocabulary_is_an_error_not_nan():
+    head = nn.Linear(H, V, bias=False)
+    compiled = torch.compile(head, backend="microspec")
+    with pytest.raises(ValueError, match="active vocabulary is empty"):
+        compiled(torch.randn(2, H))
+
+
+def test_bad_config_and_hidden_dtype():
+    with pytest.raises(ValueError, match="capacity"):
+        mc.backend(capacity=0)
+    with pytest.raises(ValueError, match="path"):
+        mc.backend(path="cuda-magic")
+    head = nn.Linear(H, V, bias=False)
+    vocab = mc.vocab.vocab_for_weight(head.weight, 64, [1])
+    with pytest.raises(ValueError, match="dtype"):
+        torch.ops.microspec.sparse_full(torch.randn(2, H, dtype=torch.float64), vocab.rows,
+                                        vocab.ids, vocab.count, None, V, "none")
+    with pytest.raises(ValueError, match="hidden must be"):
+        torch.ops.microspec.sparse_topk(torch.randn(2, H + 1), vocab.rows, vocab.ids,
+                                        vocab.count, None, 3, "none")
+
+
+def test_vocab_of_before_compilation_is_a_clear_error():
+    with pytest.raises(LookupError, match="compile it with backend='microspec'"):
+        mc.vocab_of(nn.Linear(4, 4))
+
+
+def _tiny_llama(layers: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_hf_assisted_generation_is_exact_and_really_sparse():
+    target, draft = _tiny_llama(2, seed=0), _tiny_llama(1, seed=1)
+    # Compile in place: generate() reached through torch.compile's OptimizedModule
+    # would run the uncompiled module.
+    draft.compile(backend=mc.backend(pinned_ids=[0]))
+    prompt = torch.randint(1, V, (1, 10))
+    counters.clear()
+    with torch.no_grad():
+        expected = target.generate(prompt, max_new_tokens=16, do_sample=False)
+        got = target.generate(prompt, max_new_tokens=16, do_sample=False, assistant_model=draft)
+    assert torch.equal(got, expected)
+    assert counters["microspec"]["heads_rewritten"] >= 1
+    assert counters["microspec"]["sparse_calls"] >= 4, "the draft never ran the sparse head"
+    vocab = mc.vocab_of(draft)
+    assert set(prompt.flatten().tolist()) <= set(vocab.ids_list())
+    assert vocab.size < V
