@@ -102,12 +102,26 @@ def _fake(tensor: torch.Tensor):
     return ctx.fake_mode.from_tensor(tensor, static_shapes=True)
 
 
+def op_impl(config: MicrospecConfig) -> str:
+    """The ``impl`` argument the rewritten ops get for ``config.path``."""
+    return config.path if config.path in ("torch", "triton") else "auto"
+
+
 def _inductor(gm: fx.GraphModule, example_inputs: list, config: MicrospecConfig) -> Callable:
     if not config.inductor:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    if config.path != "inductor":
+        return compile_fx(gm, example_inputs)
+    # The "inductor" path: the sparse-head ops decompose into mm over the compact
+    # buffer plus a mask / normalisation / top-k epilogue that Inductor fuses.
+    from torch._inductor.decomposition import select_decomp_table
+
+    from .kernels.inductor_head import decompositions
+
+    table = {**select_decomp_table(), **decompositions()}
+    return compile_fx(gm, example_inputs, decompositions=table)
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MicrospecConfig):
@@ -128,9 +142,10 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
             vocabs.append(vocab)
             if config.observe_inputs:
                 for ids, embedding in find_embedding_ids(clone, values, weight.shape[0]):
-                    insert_observe(graph, ids, embedding, states[id(vocab)], head.weight)
+                    insert_observe(graph, ids, embedding, states[id(vocab)], head.weight,
+                                   op_impl(config))
                     counters["microspec"]["observe_inserted"] += 1
-        rewrite_head(graph, head, states[id(vocab)], weight.shape[0])
+        rewrite_head(graph, head, states[id(vocab)], weight.shape[0], op_impl(config))
         remove_replaced(graph, head)
         counters["microspec"]["heads_rewritten"] += 1
         counters["microspec"][f"heads_{head.kind}_{head.normalize}"] += 1

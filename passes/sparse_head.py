@@ -39,25 +39,31 @@ class StateNodes:
         return tuple(getattr(self, name) for name in STATE_NAMES)
 
 
-def add_state_placeholders(graph: fx.Graph, prefix: str, fake_values: tuple) -> StateNodes:
-    """Append one placeholder per state tensor after the existing placeholders."""
+def add_placeholders(graph: fx.Graph, names, fake_values) -> list[fx.Node]:
+    """Append placeholders (runtime-supplied tensors) after the existing ones."""
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     nodes = []
-    for name, fake in zip(STATE_NAMES, fake_values):
+    for name, fake in zip(names, fake_values):
         with graph.inserting_after(last):
-            last = graph.placeholder(f"{prefix}_{name}")
+            last = graph.placeholder(name)
         last.meta["example_value"] = fake
         last.meta["val"] = fake
         last._dynamo_source = None  # not a user input: no guards on it
         nodes.append(last)
-    return StateNodes(*nodes)
+    return nodes
+
+
+def add_state_placeholders(graph: fx.Graph, prefix: str, fake_values: tuple) -> StateNodes:
+    """One placeholder per vocabulary state tensor, in ``STATE_NAMES`` order."""
+    return StateNodes(*add_placeholders(graph, [f"{prefix}_{n}" for n in STATE_NAMES], fake_values))
 
 
 def _call(graph: fx.Graph, target, *args) -> fx.Node:
     return graph.call_function(target, args)
 
 
-def rewrite_head(graph: fx.Graph, match: HeadMatch, state: StateNodes, vocab_size: int) -> fx.Node:
+def rewrite_head(graph: fx.Graph, match: HeadMatch, state: StateNodes, vocab_size: int,
+                 impl: str = "auto") -> fx.Node:
     """Replace the head and its consumers by one sparse op; returns the op node.
 
     Parameters
@@ -66,6 +72,7 @@ def rewrite_head(graph: fx.Graph, match: HeadMatch, state: StateNodes, vocab_siz
     match : the head, as found by ``match_head.find_heads``
     state : the vocabulary state placeholders
     vocab_size : V, the head's out_features
+    impl : the ops' implementation choice (``kernels.dispatch.IMPLS``)
     """
     ops = torch.ops.microspec
     last = match.last
@@ -79,10 +86,10 @@ def rewrite_head(graph: fx.Graph, match: HeadMatch, state: StateNodes, vocab_siz
         bias = None if match.bias is None else _call(graph, torch.Tensor.detach, match.bias)
         common = (hidden, state.rows, state.ids, state.count, bias)
         if match.kind == "full":
-            op = _call(graph, ops.sparse_full.default, *common, vocab_size, match.normalize)
+            op = _call(graph, ops.sparse_full.default, *common, vocab_size, match.normalize, impl)
             last.replace_all_uses_with(op)
             return op
-        op = _call(graph, ops.sparse_topk.default, *common, match.k, match.normalize)
+        op = _call(graph, ops.sparse_topk.default, *common, match.k, match.normalize, impl)
         values = _call(graph, operator.getitem, op, 0)
         token_ids = _call(graph, operator.getitem, op, 1)
         if match.kind == "argmax":
@@ -96,11 +103,11 @@ def rewrite_head(graph: fx.Graph, match: HeadMatch, state: StateNodes, vocab_siz
 
 
 def insert_observe(graph: fx.Graph, ids: fx.Node, before: fx.Node, state: StateNodes,
-                   weight: fx.Node) -> fx.Node:
+                   weight: fx.Node, impl: str = "auto") -> fx.Node:
     """Observe ``ids`` into the vocabulary right before ``before`` (the embedding)."""
     with graph.inserting_before(before):
         return graph.call_function(
-            torch.ops.microspec.observe.default, (*state.all(), weight, ids, False))
+            torch.ops.microspec.observe.default, (*state.all(), weight, ids, False, impl))
 
 
 def remove_replaced(graph: fx.Graph, match: HeadMatch) -> None:

@@ -133,3 +133,22 @@ def test_hf_assisted_generation_is_exact_and_really_sparse():
     vocab = mc.vocab_of(draft)
     assert set(prompt.flatten().tolist()) <= set(vocab.ids_list())
     assert vocab.size < V
+
+
+def test_target_observer_adds_top3_and_keeps_outputs_identical():
+    target, draft = _tiny_llama(2, seed=0), _tiny_llama(1, seed=1)
+    plain = _tiny_llama(2, seed=0)  # the same weights, compiled with plain Inductor
+    plain.compile(backend="inductor")
+    ids = torch.randint(1, V, (1, 7))
+    with torch.no_grad():
+        expected = plain(ids).logits
+    target.compile(backend=mc.observer(draft, k=3, capacity=512))
+    counters.clear()
+    with torch.no_grad():
+        got = target(ids).logits
+    assert torch.equal(got, expected), "the observer changed the target's outputs"
+    assert counters["microspec"]["target_topk_inserted"] == 1
+    vocab = mc.vocab_of(draft)
+    top3 = set(expected.topk(3, dim=-1).indices.flatten().tolist())
+    assert set(vocab.ids_list()) == top3
+    assert vocab.capacity == 512
