@@ -1,11 +1,13 @@
 """Pick the implementation of each op: ``impl`` is ``"auto"``, ``"torch"`` or ``"triton"``.
 
-``"torch"`` runs the pure-torch references (no host syncs, so valid on CUDA too).
-``"triton"`` runs the Triton kernels. ``"auto"`` takes Triton on CUDA when it
-imports, the references elsewhere.
+``"torch"`` runs pure torch: on CPU the live-rows path of ``cpu_head`` (a host read
+of the count is free there), elsewhere the references (no host syncs, so valid and
+capturable on CUDA). ``"triton"`` runs the Triton kernels. ``"auto"`` takes Triton
+on CUDA when it imports, torch elsewhere.
 """
 from __future__ import annotations
 
+from .cpu_head import sparse_full_cpu, sparse_topk_cpu
 from .reference import observe_reference, sparse_full_reference, sparse_topk_reference
 
 IMPLS = ("auto", "torch", "triton")
@@ -42,6 +44,8 @@ def sparse_topk(hidden, rows, ids, count, bias, k, normalize, impl="auto"):
         from .triton_sparse_head import sparse_topk_triton
 
         return sparse_topk_triton(hidden, rows, ids, count, bias, k, normalize)
+    if hidden.device.type == "cpu":
+        return sparse_topk_cpu(hidden, rows, ids, count, bias, k, normalize)
     return sparse_topk_reference(hidden, rows, ids, count, bias, k, normalize)
 
 
@@ -50,4 +54,6 @@ def sparse_full(hidden, rows, ids, count, bias, vocab_size, normalize, impl="aut
         from .triton_sparse_head import sparse_full_triton
 
         return sparse_full_triton(hidden, rows, ids, count, bias, vocab_size, normalize)
+    if hidden.device.type == "cpu":
+        return sparse_full_cpu(hidden, rows, ids, count, bias, vocab_size, normalize)
     return sparse_full_reference(hidden, rows, ids, count, bias, vocab_size, normalize)

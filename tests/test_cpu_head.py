@@ -1,0 +1,35 @@
+"""The CPU live-rows head agrees with the capturable reference."""
+import pytest
+import torch
+
+from microspec_compile.kernels.cpu_head import sparse_full_cpu, sparse_topk_cpu
+from microspec_compile.kernels.reference import sparse_full_reference, sparse_topk_reference
+from microspec_compile.vocab import ActiveVocab
+
+# Tolerances: fp32 matches to rounding; bf16/fp16 score in the weight's dtype on CPU
+# (oneDNN accumulates in fp32 but rounds the output), one ulp of a |logit| <~ 8.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("n_active", [1, 7, 32])  # one row, some rows, full capacity
+@pytest.mark.parametrize("k", [1, 5, 40])  # argmax, EAGLE-ish, more than the active rows
+@pytest.mark.parametrize("normalize", ["none", "softmax", "log_softmax"])
+def test_cpu_head_matches_reference(dtype, n_active, k, normalize):
+    torch.manual_seed(n_active)
+    vocab_size, hidden = 111, 16  # odd vocabulary on purpose
+    vocab = ActiveVocab(torch.randn(vocab_size, hidden, dtype=dtype), capacity=32 if k <= 32 else 64)
+    vocab.observe(torch.randperm(vocab_size)[:n_active])
+    x = torch.randn(3, hidden, dtype=dtype)
+    bias = torch.randn(vocab_size, dtype=dtype)
+    state = (vocab.rows, vocab.ids, vocab.count, bias)
+    tol = TOL[dtype]
+    values, ids = sparse_topk_cpu(x, *state, k, normalize)
+    ref_values, ref_ids = sparse_topk_reference(x, *state, k, normalize)
+    torch.testing.assert_close(values.float(), ref_values.float(), rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        assert torch.equal(ids, ref_ids)
+    assert ((ids == -1) == (ref_ids == -1)).all()
+    full = sparse_full_cpu(x, *state, vocab_size, normalize)
+    ref_full = sparse_full_reference(x, *state, vocab_size, normalize)
+    torch.testing.assert_close(full.float(), ref_full.float(), rtol=tol, atol=tol)
