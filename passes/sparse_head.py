@@ -82,8 +82,8 @@ def rewrite_head(graph: fx.Graph, match: HeadMatch, state: StateNodes, vocab_siz
             hidden = _call(graph, operator.getitem, hidden, index)
         # The sparse head is an inference-time approximation: it carries no
         # gradient, so graphs traced with grad enabled need no backward for it.
-        hidden = _call(graph, torch.Tensor.detach, hidden)
-        bias = None if match.bias is None else _call(graph, torch.Tensor.detach, match.bias)
+        hidden = _call(graph, torch.ops.aten.detach.default, hidden)
+        bias = None if match.bias is None else _call(graph, torch.ops.aten.detach.default, match.bias)
         common = (hidden, state.rows, state.ids, state.count, bias)
         if match.kind == "full":
             op = _call(graph, ops.sparse_full.default, *common, vocab_size, match.normalize, impl)
