@@ -152,3 +152,36 @@ def test_target_observer_adds_top3_and_keeps_outputs_identical():
     top3 = set(expected.topk(3, dim=-1).indices.flatten().tolist())
     assert set(vocab.ids_list()) == top3
     assert vocab.capacity == 512
+
+
+@pytest.mark.parametrize("path", ["torch", "inductor"])  # the two kernel paths a CPU runs
+def test_kernel_paths_agree(path):
+    torch.manual_seed(0)
+    model = TinyDraft().eval()
+    compiled = torch.compile(model, backend=mc.backend(path=path, capacity=256))
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        values, top = compiled(ids)
+        logits = model.lm_head(model.embed(ids) + model.mlp(model.embed(ids)))[:, -1, :]
+    mask = torch.full((V,), float("-inf"))
+    mask[ids.flatten()] = 0
+    ref_values, ref_top = (logits + mask).log_softmax(-1).topk(4)
+    torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(top, ref_top)
+
+
+def test_inductor_path_fuses_and_rejects_empty_vocabulary():
+    from torch._inductor.utils import run_and_get_code
+
+    head = nn.Linear(H, V, bias=False)
+    compiled = torch.compile(head, backend=mc.backend(path="inductor", capacity=64))
+    vocab = mc.vocab.vocab_for_weight(head.weight, 64, ())
+    with torch.no_grad(), pytest.raises(RuntimeError, match="empty"):
+        compiled(torch.randn(2, H))
+    vocab.observe(torch.arange(10))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, (code,) = run_and_get_code(compiled, torch.randn(2, H))
+    assert "torch.ops.microspec.sparse_full" not in code  # decomposed: mm + fused epilogue
+    assert "extern_kernels.mm(" in code
+    assert torch.isfinite(out).sum(-1).eq(10).all()

@@ -1,0 +1,299 @@
+"""Latency of the sparse LM head (triton / torch / inductor paths) vs the dense head.
+
+For each row count (EAGLE-2 calls the head with 1 row, then 10 per depth; a whole
+60-token tree is 60 rows) and each output (``topk``: log-softmax top-10 with ids;
+``full``: the [N, V] log-probabilities), times:
+
+- ``dense``            ``F.linear`` over the full [V, H] weight + log_softmax (+ topk), eager;
+- ``dense_inductor``   the same under ``torch.compile`` (skipped with ``--no-compile``);
+- ``sparse_torch``     the capturable reference (``impl="torch"`` on CUDA);
+- ``sparse_triton``    ``kernels/triton_sparse_head.py``;
+- ``sparse_inductor``  the op decomposed for Inductor (``kernels/inductor_head.py``);
+- ``observe_*``        one steady-state observe of 70 tokens (~5 new), triton / torch.
+
+Beside each time: the memory-bandwidth floor, bytes the call must move (weight rows
+read + hidden read + output written) over the bandwidth of a large device copy
+measured in the same run. The L2 / LLC is flushed before every timed call (a draft's
+decoder layer runs between two head calls) unless ``--warm-cache``.
+
+``--compile-check`` compiles the decode-path kernels for sm_90 without a GPU.
+``--sync-check`` instead runs a few decode steps (observe_async + sparse head, triton
+and torch paths) under ``torch.cuda.set_sync_debug_mode("error")``: any host sync raises.
+
+Usage::
+
+    python bench/gpu_head_latency.py                      # CUDA, V=128256 H=4096 bf16
+    python bench/gpu_head_latency.py --device cpu --smoke # tiny shapes, interpreter
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from microspec_compile.kernels import ops  # noqa: E402,F401
+from microspec_compile.kernels.inductor_head import compile_with_decompositions  # noqa: E402
+from microspec_compile.kernels.reference import observe_reference  # noqa: E402
+from microspec_compile.kernels.triton_observe import observe_async, observe_triton  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_state(weight, cap, active, gen):
+    """Vocabulary state tensors (reference layout) with ``active`` random ids observed."""
+    vocab, hidden = weight.shape
+    dev = weight.device
+    state = (torch.zeros(cap + 1, hidden, dtype=weight.dtype, device=dev),
+             torch.full((cap + 1,), vocab, dtype=torch.int64, device=dev),
+             torch.full((vocab + 1,), -1, dtype=torch.int64, device=dev),
+             torch.zeros(cap + 1, dtype=torch.int64, device=dev),
+             torch.zeros(1, dtype=torch.int64, device=dev),
+             torch.zeros(1, dtype=torch.int64, device=dev))
+    ids = torch.randperm(vocab, generator=gen)[:active].to(dev)
+    observe_reference(*state, weight, ids)
+    return state
+
+
+class Timer:
+    """Median latency of a callable: CUDA events, or perf_counter on CPU."""
+
+    def __init__(self, device, iters, warmup, flush_mb):
+        self.device, self.iters, self.warmup = device, iters, warmup
+        self.flush = torch.empty(flush_mb * 2**20 // 4, device=device) if flush_mb else None
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def __call__(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.iters):
+            if self.flush is not None:
+                self.flush.zero_()
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def bandwidth_gbs(device, timer_iters=10) -> float:
+    """GB/s of a large device copy (read + write bytes / time)."""
+    n = (1 << 28) // 4 if device.type == "cuda" else (1 << 24) // 4
+    src = torch.empty(n, device=device)
+    dst = torch.empty_like(src)
+    t = Timer(device, timer_iters, 3, 0)(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (t * 1e-3) / 1e9
+
+
+def head_graph(output, k, vocab):
+    """A function for fx tracing: the head op, outputs returned as a flat tuple."""
+    def head(h, r, i, c):
+        if output == "topk":
+            top = torch.ops.microspec.sparse_topk(h, r, i, c, None, k, "log_softmax")
+            return top[0], top[1]  # compile_fx wants a flat tuple of tensors
+        return (torch.ops.microspec.sparse_full(h, r, i, c, None, vocab, "log_softmax"),)
+    return head
+
+
+def run_table(args) -> list[str]:
+    dev = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden ** 0.5).to(dtype).to(dev)
+    state = make_state(weight, args.cap, args.active, gen)
+    rows, ids, member, last_seen, count, step = state
+    timer = Timer(dev, args.iters, args.warmup, 0 if args.warm_cache else args.flush_mb)
+    bw = bandwidth_gbs(dev)
+    item = weight.element_size()
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor()
+    lines = [f"# {platform.node()} {name} torch {torch.__version__}"
+             f" V={args.vocab} H={args.hidden} CAP={args.cap} active={args.active}"
+             f" {args.dtype} k={args.k} copy bandwidth {bw:.0f} GB/s"
+             f" {'warm cache' if args.warm_cache else 'cache flushed'}",
+             f"{'provider':<18}{'output':<7}{'rows':>5}{'ms':>10}{'floor ms':>10}{'x floor':>9}"]
+    k = args.k
+
+    def floor_ms(weight_rows, n, out_elems):
+        moved = (weight_rows * args.hidden + n * args.hidden + out_elems) * item
+        return moved / (bw * 1e9) * 1e3
+
+    for n in args.rows:
+        x = torch.randn(n, args.hidden, generator=gen).to(dtype).to(dev)
+        for output in args.outputs:
+            out_elems = n * (k * 2 if output == "topk" else args.vocab)
+
+            def dense(x=x, output=output):
+                logp = F.log_softmax(F.linear(x, weight).float(), -1)
+                return logp.topk(k, -1) if output == "topk" else logp.to(dtype)
+
+            def sparse(impl, x=x, output=output):
+                if output == "topk":
+                    return torch.ops.microspec.sparse_topk(
+                        x, rows, ids, count, None, k, "log_softmax", impl=impl)
+                return torch.ops.microspec.sparse_full(
+                    x, rows, ids, count, None, args.vocab, "log_softmax", impl=impl)
+
+            def sparse_inductor(x=x, output=output):
+                gm = torch.fx.symbolic_trace(head_graph(output, k, args.vocab))
+                compiled = compile_with_decompositions(gm, [x, rows, ids, count])
+                return lambda: compiled(x, rows, ids, count)
+
+            # name -> builder of the timed callable (builders may compile)
+            providers = {"dense": lambda: dense}
+            if not args.no_compile:
+                providers["dense_inductor"] = lambda: torch.compile(dense, dynamic=False)
+            providers["sparse_torch"] = lambda: (lambda: sparse("torch"))
+            providers["sparse_triton"] = lambda: (lambda: sparse("triton"))
+            if not args.no_compile:
+                providers["sparse_inductor"] = sparse_inductor
+            for name, build in providers.items():
+                w_rows = args.vocab if name.startswith("dense") else args.active
+                fl = floor_ms(w_rows, n, out_elems)
+                try:
+                    ms = timer(build())
+                except Exception as e:  # one broken path must not hide the others
+                    lines.append(f"{name:<18}{output:<7}{n:>5}  failed: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:120] if str(e) else ''}")
+                    continue
+                lines.append(f"{name:<18}{output:<7}{n:>5}{ms:>10.4f}{fl:>10.4f}{ms / fl:>9.1f}")
+    # Steady-state observe: 70 tokens of which ~5 are new (the rest already active).
+    toks = torch.cat([ids[:65], torch.randint(0, args.vocab, (5,), generator=gen).to(dev)])
+    for name, fn in (("observe_triton", observe_triton), ("observe_torch", observe_reference)):
+        st = [t.clone() for t in state]
+        ms = timer(lambda st=st, fn=fn: fn(*st, weight, toks))
+        fl = floor_ms(5, 0, 0)
+        lines.append(f"{name:<18}{'-':<7}{70:>5}{ms:>10.4f}{fl:>10.4f}{ms / fl:>9.1f}")
+    return lines
+
+
+def sync_check(args) -> str:
+    """Decode steps under set_sync_debug_mode("error"): observe_async + the sparse head."""
+    dev = torch.device("cuda")
+    dtype = DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden ** 0.5).to(dtype).to(dev)
+    state = make_state(weight, args.cap, args.active, gen)
+    rows, ids, member, last_seen, count, step = state
+    steps = [(torch.randint(0, args.vocab, (70,), generator=gen).to(dev),
+              torch.randn(10, args.hidden, generator=gen).to(dtype).to(dev)) for _ in range(4)]
+    for impl in ("triton", "torch"):  # the first pass also compiles the Triton kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for tokens, x in steps:
+                torch.ops.microspec.observe(*state, weight, tokens, impl=impl)
+                ev = observe_async(*state, weight, tokens)
+                torch.cuda.current_stream().wait_event(ev)
+                torch.ops.microspec.sparse_topk(x, rows, ids, count, None, 10, "log_softmax", impl=impl)
+                torch.ops.microspec.sparse_full(
+                    x, rows, ids, count, None, args.vocab, "softmax", impl=impl)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    return "no host sync in observe / observe_async / sparse_topk / sparse_full (triton, torch): OK"
+
+
+def compile_check(arch: int = 90) -> str:
+    """Compile (no GPU needed, Triton's bundled ptxas) the decode-path kernels for sm_<arch>.
+
+    Catches what the interpreter accepts and a GPU rejects (tl.dot blocks < 16, dtype
+    mixes, scalar atomics). Run without TRITON_INTERPRET.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from microspec_compile.kernels import triton_observe as tobs
+    from microspec_compile.kernels import triton_sparse_head as tsh
+
+    def compile_(fn, signature, constants):
+        signature = {**signature, **{name: "constexpr" for name in constants}}
+        names = list(signature)
+        constexprs = {(names.index(name),): value for name, value in constants.items()}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+
+    i32, i64, f32, bf16 = "i32", "*i64", "*fp32", "*bf16"
+    tile = dict(h_ptr=bf16, rows_ptr=bf16, ids_ptr=i64, count_ptr=i64, bias_ptr=f32, m_ptr=f32,
+                s_ptr=f32, key_ptr=i64, logit_ptr=f32, out_ptr=bf16, N=i32, H=i32, CAP=i32,
+                V=i32, VB=i32, T=i32, stride_hn=i32, stride_hk=i32, stride_rr=i32, stride_rk=i32,
+                stride_on=i32, has_bias=i32)
+    compile_(tsh._tile_kernel, tile, dict(DO_TOPK=True, FULL=1, C=16, UPCAST=False,
+                                          PRECISION="tf32", BLOCK_N=16, BLOCK_R=16, BLOCK_K=128))
+    merge = dict(m_in=f32, s_in=f32, key_in=i64, m_out=f32, s_out=f32, key_out=i64, ids_ptr=i64,
+                 count_ptr=i64, val_ptr=bf16, tok_ptr=i64, lse_ptr=f32, T_in=i32, T_out=i32,
+                 SPAN=i32, K=i32, mode=i32)
+    compile_(tsh._merge_kernel, merge,
+             dict(DO_TOPK=True, FINAL=True, STORE_LSE=False, C_IN=16, C_OUT=16, G=256))
+    claim = dict(tok_ptr="*i32", n_tok=i32, rows_ptr=bf16, ids_ptr=i64, member_ptr=i64, ls_ptr=i64,
+                 count_ptr=i64, step_ptr=i64, w_ptr=bf16, over_ptr=i64, H=i32, CAP=i32, V=i32,
+                 stride_rr=i32, stride_rk=i32, stride_wv=i32, stride_wk=i32)
+    ptx = compile_(tobs._claim_kernel, claim, dict(PIN=False, BLOCK_T=64, BLOCK_H=128)).asm["ptx"]
+    assert "atom" in ptx, "the claim kernel lost its atomics"
+    return f"tile, merge and claim kernels compiled for sm_{arch}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, few iterations (CPU check)")
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--cap", type=int, default=4096)
+    p.add_argument("--active", type=int, default=3000)
+    p.add_argument("--rows", type=lambda s: [int(v) for v in s.split(",")], default=[1, 10, 60])
+    p.add_argument("--outputs", type=lambda s: s.split(","), default=["topk", "full"])
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--flush-mb", type=int, default=256)
+    p.add_argument("--warm-cache", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="skip the Inductor providers")
+    p.add_argument("--sync-check", action="store_true")
+    p.add_argument("--compile-check", action="store_true",
+                   help="compile the kernels for sm_90 (no GPU needed) and exit")
+    p.add_argument("--out", type=Path, help="also append the table to this file")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.vocab, args.hidden, args.cap, args.active = 1000, 64, 128, 100
+        args.rows, args.outputs, args.iters, args.warmup, args.flush_mb = [1, 3], ["topk"], 2, 1, 8
+    if args.compile_check:
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        print(compile_check())
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: use --device cpu --smoke")
+    lines = [sync_check(args)] if args.sync_check else run_table(args)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
