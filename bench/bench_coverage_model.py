@@ -12,7 +12,10 @@ argmax at p-1 would be in S (greedy: the token itself), which says nothing. Toke
 draft proposes deep in a tree see lags >= 2, so lag 2 is the honest measure.
 
 Policies compared: ``context`` (tokens only), ``context+top1``, ``context+top3``
-(the paper's), all at lag 2. Rows go to ``bench/results/coverage.csv`` with
+(the paper's), and ``context+top3+coreN``: the same plus the N most frequent
+SmolLM2 tokens of ShareGPT conversations [0, 2000) (pinned), all at lag 2.
+Generations are cached under ~/.cache/microspec_compile so policies can be
+re-scored without regenerating. Rows go to ``bench/results/coverage.csv`` with
 ``tokenizer=smollm2``.
 
 Usage: ``python bench/bench_coverage_model.py [--smoke | --quick | --full]``.
@@ -34,11 +37,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import append_rows  # noqa: E402
 
 LAG = 2
-POLICIES = {"context": 0, "context+top1": 1, "context+top3": 3}
+POLICIES = {"context": (0, 0), "context+top1": (1, 0), "context+top3": (3, 0),
+            "context+top3+core1000": (3, 1000), "context+top3+core2000": (3, 2000)}
+CORE_CONVERSATIONS = 2000
 SIZES = {"smoke": (1, 1, 8), "quick": (4, 4, 96), "full": (20, 20, 192)}  # mt, he, new tokens
 
 
-def lagged_coverage(tokens: list[int], topk: np.ndarray, prompt_len: int, lag: int = LAG):
+def lagged_coverage(tokens: list[int], topk: np.ndarray, prompt_len: int, lag: int = LAG,
+                    core: tuple = ()):
     """Coverage of generated tokens by ``context U top-k`` known ``lag`` steps earlier.
 
     Parameters
@@ -47,12 +53,13 @@ def lagged_coverage(tokens: list[int], topk: np.ndarray, prompt_len: int, lag: i
     topk : [T, K] the target's top-K prediction at each position (for token t+1);
         K = 0 means the context-only policy
     prompt_len : number of prompt tokens (generation starts there)
+    core : ids always active (a frequency core)
 
     Returns
     -------
     (hits, sizes) : per generated position, whether the token was in S and |S|
     """
-    active: set[int] = set()
+    active: set[int] = set(core)
     hits, sizes = [], []
     known = 0  # positions 0 .. known-1 have entered S
     for p in range(prompt_len, len(tokens)):
@@ -79,6 +86,39 @@ def prompts(n_mt: int, n_he: int, tokenizer) -> list[tuple[str, list[int]]]:
     return out
 
 
+def smollm2_core(tokenizer, n: int) -> tuple:
+    """The ``n`` most frequent token ids of ShareGPT conversations [0, 2000)."""
+    from microspec_compile.data import sharegpt_conversations
+
+    counts = np.zeros(len(tokenizer), dtype=np.int64)
+    for conversation in sharegpt_conversations(limit=CORE_CONVERSATIONS):
+        for turn in conversation:
+            np.add.at(counts, tokenizer(turn)["input_ids"], 1)
+    return tuple(np.argsort(-counts, kind="stable")[:n].tolist())
+
+
+def generations(size: str, model, tokenizer) -> list:
+    """``(dataset, tokens, top3 [T, 3], prompt_len)`` per prompt, cached on disk."""
+    import pickle
+
+    from microspec_compile.frequency import cache_dir
+
+    path = cache_dir() / f"smollm2_generations_{size}.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    n_mt, n_he, new_tokens = SIZES[size]
+    out = []
+    for dataset, ids in tqdm(prompts(n_mt, n_he, tokenizer), desc="generate", unit="prompt"):
+        x = torch.tensor([ids])
+        gen = model.generate(x, max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+        top3 = model(gen).logits[0].topk(3, dim=-1).indices.numpy()
+        out.append((dataset, gen[0].tolist(), top3, len(ids)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(out))
+    return out
+
+
 @torch.inference_mode()
 def run(size: str) -> list[dict]:
     from microspec_compile.models import load_causal_lm
@@ -86,16 +126,12 @@ def run(size: str) -> list[dict]:
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm()
     model.eval()
-    n_mt, n_he, new_tokens = SIZES[size]
+    cores = {n: smollm2_core(tokenizer, n) for n in {n for _, n in POLICIES.values() if n}}
     stats: dict = {}
-    for dataset, ids in tqdm(prompts(n_mt, n_he, tokenizer), desc="generate", unit="prompt"):
-        x = torch.tensor([ids])
-        out = model.generate(x, max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-        tokens = out[0].tolist()
-        top3 = model(out).logits[0].topk(3, dim=-1).indices.numpy()
-        for policy, k in POLICIES.items():
-            hits, sizes = lagged_coverage(tokens, top3[:, :k], len(ids))
+    for dataset, tokens, top3, prompt_len in generations(size, model, tokenizer):
+        for policy, (k, n_core) in POLICIES.items():
+            hits, sizes = lagged_coverage(tokens, top3[:, :k], prompt_len,
+                                          core=cores.get(n_core, ()))
             entry = stats.setdefault((dataset, policy), {"hits": [], "sizes": []})
             entry["hits"] += hits
             entry["sizes"] += sizes
