@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import statistics
 import sys
@@ -58,7 +57,7 @@ for _p in (str(ROOT), str(ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from common import append_rows  # noqa: E402
+from common import append_rows, loadavg, percentiles  # noqa: E402
 
 import microspec_compile  # noqa: E402
 from microspec_compile.vocab import vocab_for_weight  # noqa: E402
@@ -278,20 +277,6 @@ def layer_step(fn, root: torch.Tensor, ids10: torch.Tensor) -> None:
     fn(root, torch.full_like(root, KV_LEN))
     for depth in range(1, DEPTHS + 1):
         fn(ids10, torch.full_like(ids10, KV_LEN + depth))
-
-
-def loadavg() -> str:
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return ""
-
-
-def percentiles(samples: list[float]) -> tuple[float, float, float]:
-    if len(samples) < 2:
-        return samples[0], samples[0], samples[0]
-    qs = statistics.quantiles(samples, n=10, method="inclusive")
-    return qs[1], statistics.median(samples), qs[7]
 
 
 class CountingBackend:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import statistics
 import sys
@@ -48,7 +47,7 @@ for _p in (str(ROOT), str(ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from common import append_rows  # noqa: E402
+from common import append_rows, loadavg, percentiles  # noqa: E402
 
 import microspec_compile  # noqa: E402
 from microspec_compile.vocab import vocab_for_weight  # noqa: E402
@@ -120,20 +119,6 @@ def random_weight(vocab: int, hidden: int, seed: int) -> torch.Tensor:
     for start in range(0, vocab, chunk):
         w[start:start + chunk].uniform_(-bound, bound, generator=gen)
     return w
-
-
-def percentiles(samples: list[float]) -> tuple[float, float, float]:
-    if len(samples) < 2:
-        return samples[0], samples[0], samples[0]
-    qs = statistics.quantiles(samples, n=10, method="inclusive")
-    return qs[1], statistics.median(samples), qs[7]
-
-
-def loadavg() -> str:
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return ""
 
 
 class Flusher:

@@ -9,6 +9,8 @@ folder (tests use that to keep the real result files clean).
 """
 from __future__ import annotations
 
+import statistics
+
 import csv
 import datetime
 import importlib.metadata
@@ -111,3 +113,19 @@ def append_rows(csv_name: str, rows: list[dict]) -> Path:
         writer.writerows(old_rows + rows)
     os.replace(tmp, path)
     return path
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    """``(p20, p50, p80)`` of timing samples (p50 is the median)."""
+    if len(samples) < 2:
+        return samples[0], samples[0], samples[0]
+    qs = statistics.quantiles(samples, n=10, method="inclusive")
+    return qs[1], statistics.median(samples), qs[7]
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load averages, ``"a/b/c"`` (timings on a busy machine are suspect)."""
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return ""
