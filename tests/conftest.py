@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Triton runs kernels on CPU tensors only through its interpreter, and it reads
+# TRITON_INTERPRET when triton is first imported (Inductor imports it early), so it
+# must be set before any test module loads. On a CUDA machine kernels run natively.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
