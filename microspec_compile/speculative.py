@@ -1,0 +1,271 @@
+"""A small gpt-fast-style speculative decoding loop with exact per-step stats.
+
+Hugging Face assisted ``generate`` (``target.generate(..., assistant_model=draft)``)
+is the user path and works with drafts compiled in place by the microspec
+backend.  It hides what we want to measure, though: it adapts the number of
+drafted tokens, times nothing, and does not say which tokens were accepted.
+This loop runs the same algorithm with a fixed ``gamma`` and records, per target
+step, the accepted count, the time of every draft forward, and whether the
+tokens the target emitted were in the draft's active vocabulary.
+
+The maths (Leviathan et al. 2023; Chen et al. 2023).  Let ``p_i`` be the
+target's and ``q_i`` the draft's next-token distribution at draft position
+``i = 1..gamma``.  The draft proposes ``x_i ~ q_i`` (greedy: ``argmax q_i``);
+the target scores ``[cur, x_1..x_gamma]`` in one forward, which gives
+``p_1..p_{gamma+1}``.
+
+* greedy: accept the longest prefix with ``x_i == argmax p_i``; then emit
+  ``argmax p_{n+1}`` (correction or bonus).  The output equals the target's own
+  greedy decoding whatever the draft proposes.
+* sampling: accept ``x_i`` with probability ``min(1, p_i(x_i) / q_i(x_i))``; at
+  the first rejection emit ``y ~ norm(max(p_i - q_i, 0))``; if all ``gamma``
+  are accepted emit ``y ~ p_{gamma+1}``.  Every emitted token is distributed
+  exactly as ``p``.  A sparse draft has ``q = 0`` outside its active vocabulary;
+  it only ever proposes tokens with ``q > 0``, so the ratio is finite (the
+  backend never emits an all-masked row).
+
+Caches are Hugging Face ``DynamicCache`` objects rolled back with ``crop``.
+After a step with ``n`` accepted tokens the target cache holds the prompt plus
+the emitted tokens except the last one (``cur``, fed next step).  When all
+``gamma`` drafts are accepted the draft has not yet seen ``x_gamma``; it is fed
+one extra token (timed as a draft step), as gpt-fast does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SpecStats", "autoregressive_generate", "speculative_generate", "vocabulary_of"]
+
+
+@dataclass
+class SpecStats:
+    """Per-request measurements of one generation.
+
+    Attributes
+    ----------
+    accepted : list of int
+        Drafted tokens accepted at each target (verification) step, ``0..gamma``.
+    draft_times, target_times : list of float
+        Seconds of every single-token draft forward / every target decode step.
+    covered, checked : int
+        Emitted tokens that were in the draft's active vocabulary (snapshot taken
+        after drafting, before verification) / emitted tokens checked.
+    vocab_sizes : list of int
+        Active-vocabulary size at each verification step.
+    prefill_time, total_time, stats_time : float
+        Seconds; ``total_time`` excludes ``stats_time`` (the coverage bookkeeping).
+    new_tokens : int
+        Tokens generated (after truncation to ``max_new_tokens`` / EOS).
+    """
+
+    accepted: list = field(default_factory=list)
+    draft_times: list = field(default_factory=list)
+    target_times: list = field(default_factory=list)
+    covered: int = 0
+    checked: int = 0
+    vocab_sizes: list = field(default_factory=list)
+    prefill_time: float = 0.0
+    total_time: float = 0.0
+    stats_time: float = 0.0
+    new_tokens: int = 0
+
+
+def vocabulary_of(model):
+    """The model's microspec vocabulary, or ``None`` (dense or backend absent)."""
+    try:
+        from microspec_compile import vocab_of
+        return vocab_of(model)
+    except Exception:
+        return None
+
+
+def _choose(logits: torch.Tensor, sample: bool, temperature: float, generator):
+    """Token ids ``[n]`` and probabilities ``[n, V]`` (None when greedy) from ``[n, V]`` logits."""
+    if not sample:
+        return logits.argmax(-1), None
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+
+
+def _forward(model, ids: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
+    out = model(input_ids=ids, cache=cache, use_cache=True,
+                logits_to_keep=1 if last_only else 0)
+    return out.logits[0]
+
+
+def _rollback(cache, length: int) -> None:
+    """Drop cached positions past ``length``, keeping the cache contiguous.
+
+    A compiled model guards on the strides of its inputs.  ``DynamicCache``
+    keeps the prefill's keys as a transposed view and ``crop`` leaves strided
+    views behind: each layout would be a recompile (measured: one per crop
+    amount, one for the first decode step).  Copying the kept part costs about
+    as much as reading it once, well under a millisecond here.
+    """
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and not layer.keys.is_contiguous():
+            layer.keys = layer.keys.contiguous()
+            layer.values = layer.values.contiguous()
+
+
+def _finish(ids: torch.Tensor, tokens: list, max_new: int, eos, stats, t0, t_stats=0.0):
+    tokens = tokens[:max_new]
+    if eos is not None and eos in tokens:
+        tokens = tokens[: tokens.index(eos) + 1]
+    stats.new_tokens = len(tokens)
+    stats.stats_time = t_stats
+    stats.total_time = time.perf_counter() - t0 - t_stats
+    return torch.cat([ids[0], torch.tensor(tokens, dtype=ids.dtype)]), stats
+
+
+@torch.inference_mode()
+def autoregressive_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
+                            sample: bool = False, temperature: float = 1.0,
+                            eos_token_id: int | None = None, generator=None):
+    """Plain one-token-per-step decoding with a ``DynamicCache`` (the baseline).
+
+    Returns ``(ids [P + new], SpecStats)`` with ``target_times`` filled.
+    """
+    from transformers import DynamicCache
+
+    input_ids = input_ids.clone()  # an inference tensor, like every later input (no recompile)
+    stats, t0 = SpecStats(), time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    # Full prefill logits, as in speculative_generate: the same prefill graph and
+    # cost in every way (an observer-compiled target scores every prompt position).
+    logits = _forward(model, input_ids, cache)
+    tok, _ = _choose(logits[-1:], sample, temperature, generator)
+    _rollback(cache, input_ids.shape[1])
+    stats.prefill_time = time.perf_counter() - t0
+    tokens = [int(tok)]
+    while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
+        t = time.perf_counter()
+        logits = _forward(model, tok.view(1, 1), cache)
+        tok, _ = _choose(logits[-1:], sample, temperature, generator)
+        tokens.append(int(tok))
+        stats.target_times.append(time.perf_counter() - t)
+    return _finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0)
+
+
+@torch.inference_mode()
+def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens: int,
+                         gamma: int = 4, *, sample: bool = False, temperature: float = 1.0,
+                         eos_token_id: int | None = None, generator=None,
+                         vocab="auto"):
+    """Speculative decoding of one sequence (batch 1) with exact per-step stats.
+
+    Parameters
+    ----------
+    target, draft : transformers causal LMs sharing a tokenizer (compiled or not).
+    input_ids : ``[1, P]`` int64 prompt.
+    max_new_tokens : int
+    gamma : int
+        Tokens drafted per target step.
+    sample, temperature, generator :
+        Sampling mode (default greedy); ``generator`` seeds ``torch.multinomial``
+        and the acceptance test.
+    eos_token_id : int, optional
+        Stop after this token.
+    vocab : ActiveVocab, None or "auto"
+        The draft's microspec vocabulary: reset at the start (one request, one
+        vocabulary) and used to record coverage and sizes (the time this costs
+        is excluded from ``total_time``).  ``"auto"`` looks it up with
+        ``vocab_of(draft)``; pass ``None`` for a dense draft that shares its
+        head weight with a microspec-compiled model (the lookup goes by weight
+        and would find that model's vocabulary).
+
+    Returns
+    -------
+    (torch.Tensor, SpecStats)
+        ``[P + new]`` ids (prompt included) and the measurements.
+    """
+    from transformers import DynamicCache
+
+    input_ids = input_ids.clone()  # an inference tensor, like every later input (no recompile)
+    auto = isinstance(vocab, str)
+    if auto:
+        vocab = vocabulary_of(draft)
+    if vocab is not None:
+        vocab.reset()  # one request = one vocabulary
+    stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
+    t_cache, d_cache = DynamicCache(config=target.config), DynamicCache(config=draft.config)
+    # Prefill: the target's last logits give the first token; the draft only
+    # needs its KV cache (and observes the prompt ids).
+    logits = _forward(target, input_ids, t_cache)
+    cur, _ = _choose(logits[-1:], sample, temperature, generator)
+    _forward(draft, input_ids, d_cache, last_only=True)
+    for cache in (t_cache, d_cache):
+        _rollback(cache, input_ids.shape[1])  # contiguous layout from the first step on
+    stats.prefill_time = time.perf_counter() - t0
+    if auto and vocab is None:  # the backend creates the vocabulary on the first call
+        vocab = vocabulary_of(draft)
+    tokens = [int(cur)]
+
+    while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
+        # 1. Draft gamma tokens autoregressively: x_i ~ q_i.
+        drafted, q_probs, x = [], [], cur.view(1, 1)
+        for _ in range(gamma):
+            t = time.perf_counter()
+            x, q = _choose(_forward(draft, x, d_cache), sample, temperature, generator)
+            stats.draft_times.append(time.perf_counter() - t)
+            drafted.append(x)
+            q_probs.append(q)
+            x = x.view(1, 1)
+        drafted = torch.cat(drafted)
+        if vocab is not None:  # S as the draft saw it, before the target adds its top-3
+            t = time.perf_counter()
+            in_vocab = vocab.contains(torch.arange(vocab.vocab_size))
+            stats.vocab_sizes.append(vocab.size)
+            t_stats += time.perf_counter() - t
+
+        # 2. Verify [cur, x_1..x_gamma] in one target forward: p_1..p_{gamma+1}.
+        t = time.perf_counter()
+        logits = _forward(target, torch.cat([cur, drafted]).view(1, -1), t_cache)
+        stats.target_times.append(time.perf_counter() - t)
+
+        # 3. Accept / reject.
+        if not sample:
+            target_ids = logits.argmax(-1)
+            agree = (target_ids[:gamma] == drafted).int()
+            n = int(agree.cumprod(0).sum())  # longest agreeing prefix
+            bonus = target_ids[n]
+        else:
+            p = torch.softmax(logits.float() / temperature, dim=-1)
+            n = 0
+            while n < gamma:
+                x_n = drafted[n]
+                ratio = p[n, x_n] / q_probs[n][0, x_n]
+                if torch.rand((), generator=generator) >= torch.clamp(ratio, max=1.0):
+                    break
+                n += 1
+            if n < gamma:  # resample from the residual norm(max(p - q, 0))
+                residual = torch.clamp(p[n] - q_probs[n][0], min=0.0)
+                total = residual.sum()
+                dist = residual / total if total > 0 else p[n]
+            else:
+                dist = p[gamma]
+            bonus = torch.multinomial(dist, 1, generator=generator)[0]
+        emitted = drafted[:n].tolist() + [int(bonus)]
+        tokens.extend(emitted)
+        stats.accepted.append(n)
+        if vocab is not None:
+            stats.covered += int(in_vocab[torch.tensor(emitted)].sum())
+            stats.checked += len(emitted)
+
+        # 4. Roll back both caches to prompt + emitted tokens minus the last one.
+        length = input_ids.shape[1] + len(tokens) - 1
+        _rollback(t_cache, length)
+        if n == gamma:  # the draft has not seen x_gamma yet
+            t = time.perf_counter()
+            _forward(draft, drafted[-1:].view(1, 1), d_cache)
+            stats.draft_times.append(time.perf_counter() - t)
+        _rollback(d_cache, length)
+        cur = bonus.view(1)
+    return _finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)

@@ -1,0 +1,231 @@
+"""Real-model tests: early-exit drafts, the speculative loop and the demo.
+
+The model (SmolLM2-135M-Instruct, fp32) is loaded once per module.  Generation
+lengths are tiny to keep the file within a few minutes on a 2-core CPU.  No
+timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+from microspec_compile.models import early_exit_draft, load_causal_lm, shares_storage  # noqa: E402
+from microspec_compile.speculative import (  # noqa: E402
+    autoregressive_generate,
+    speculative_generate,
+)
+
+pytestmark = pytest.mark.slow
+
+from microspec_compile import backend as microspec_backend  # noqa: E402
+from microspec_compile import vocab_of  # noqa: E402
+
+NEW_TOKENS = 12
+GAMMA = 4
+
+
+@pytest.fixture(scope="module")
+def _dynamo_once_per_module():
+    limit = torch._dynamo.config.recompile_limit
+    # Every compiled HF model instance shares one Dynamo cache (one forward code
+    # object): the drafts and targets of this module exceed the default 8.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = limit
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo(_dynamo_once_per_module):
+    """Overrides conftest's per-test Dynamo reset: these tests share compiled models
+    (recompiling a real model per test would take minutes), so Dynamo is reset
+    once per module instead."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    """``(model, tokenizer, prompts, reference outputs)``; references are eager greedy.
+
+    Runs on one thread: with two threads, multi-row fp32 GEMMs slow down 50x as
+    soon as another process competes for the two cores (OpenMP barriers).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tokenizer = load_causal_lm()
+    except FileNotFoundError as exc:
+        pytest.skip(f"SmolLM2 not available: {exc}")
+    from microspec_compile.demo import default_prompts, encode
+
+    prompts = [encode(tokenizer, p) for p in default_prompts()]
+    prompts.append(encode(tokenizer, {"text": "Name the capital of France.", "chat": True}))
+    eos = tokenizer.eos_token_id
+    with torch.inference_mode():
+        refs = [autoregressive_generate(model, ids, NEW_TOKENS, eos_token_id=eos)[0]
+                for ids in prompts]
+    yield model, tokenizer, prompts, refs
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sparse_draft(smollm):
+    """A 4-layer early-exit draft compiled in place with the microspec backend."""
+    if microspec_backend is None:
+        pytest.skip("microspec_compile.backend is not importable yet")
+    model, tokenizer = smollm[:2]
+    draft = early_exit_draft(model, 4)
+    draft.compile(backend=microspec_backend(pinned_ids=(tokenizer.eos_token_id,)), dynamic=True)
+    return draft
+
+
+def test_early_exit_draft_shares_storage(smollm):
+    model = smollm[0]
+    draft = early_exit_draft(model, 4)
+    assert type(draft) is type(model)
+    assert draft.config.num_hidden_layers == 4 and len(draft.model.layers) == 4
+    assert model.config.num_hidden_layers == 30  # the target is untouched
+    assert shares_storage(draft, model)
+    assert draft.model.embed_tokens.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert draft.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    assert draft.model.norm.weight.data_ptr() == model.model.norm.weight.data_ptr()
+    for mine, theirs in zip(draft.model.layers, model.model.layers):
+        assert mine is theirs
+        assert mine.self_attn.q_proj.weight.data_ptr() == theirs.self_attn.q_proj.weight.data_ptr()
+    assert not any(t.is_meta for t in [*draft.parameters(), *draft.buffers()])
+    with pytest.raises(ValueError):
+        early_exit_draft(model, 0)
+
+
+def test_early_exit_draft_is_an_early_exit(smollm):
+    """Draft logits = target's final norm + head applied to hidden state after layer 4."""
+    model, _, prompts, _ = smollm
+    draft = early_exit_draft(model, 4)
+    ids = prompts[0][:, :32]
+    with torch.inference_mode():
+        hidden = model(ids, output_hidden_states=True).hidden_states[4]
+        expected = model.lm_head(model.model.norm(hidden))
+        got = draft(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_early_exit_draft_in_hf_generate(smollm):
+    """The eager draft works with HF caches, alone and as ``assistant_model``."""
+    model, tokenizer, prompts, refs = smollm
+    draft = early_exit_draft(model, 4)
+    ids = prompts[-1]
+    with torch.inference_mode():
+        out = draft.generate(ids, max_new_tokens=4, do_sample=False)
+        assert out.shape == (1, ids.shape[1] + 4)
+        assisted = model.generate(ids, assistant_model=draft, max_new_tokens=NEW_TOKENS,
+                                  do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    assert assisted[0].tolist() == refs[-1].tolist()
+
+
+def test_speculative_loop_dense_matches_greedy(smollm):
+    model, tokenizer, prompts, refs = smollm
+    draft = early_exit_draft(model, 4)
+    out, stats = speculative_generate(model, draft, prompts[0], NEW_TOKENS, GAMMA,
+                                      eos_token_id=tokenizer.eos_token_id, vocab=None)
+    assert out.tolist() == refs[0].tolist()
+    assert all(0 <= a <= GAMMA for a in stats.accepted)
+    assert len(stats.target_times) == len(stats.accepted) > 0
+    assert stats.covered == stats.checked == 0  # a dense draft has no vocabulary
+
+
+def test_microspec_draft_greedy_identical(smollm, sparse_draft):
+    """Greedy speculative output with the sparse draft equals the target's own."""
+    model, tokenizer, prompts, refs = smollm
+    counters = torch._dynamo.utils.counters["microspec"]
+    assert len(prompts) >= 5
+    for ids, ref in zip(prompts, refs):
+        out, stats = speculative_generate(model, sparse_draft, ids, NEW_TOKENS, GAMMA,
+                                          eos_token_id=tokenizer.eos_token_id)
+        assert out.tolist() == ref.tolist()
+        assert stats.checked > 0 and 0 <= stats.covered <= stats.checked
+        assert all(size > 0 for size in stats.vocab_sizes)
+    assert counters["heads_rewritten"] > 0
+    assert counters["sparse_calls"] > 0
+    vocab = vocab_of(sparse_draft)
+    assert 0 < vocab.size <= vocab.capacity
+    # The prompt's ids entered the vocabulary through the draft's own inputs.
+    assert bool(vocab.contains(prompts[-1][0]).all())
+
+
+def test_microspec_draft_in_hf_assisted_generate(smollm):
+    """The user path: ``generate(assistant_model=draft)`` with the in-place compiled draft.
+
+    HF's assistant calls the draft with other inputs than our loop (three more
+    graphs), so this draft skips Inductor code generation (``inductor=False``)
+    to keep the test short: the graph rewrite is the same, and the Inductor
+    path of the same rewrite is covered by the greedy test above.
+    """
+    model, tokenizer, prompts, refs = smollm
+    draft = early_exit_draft(model, 4)
+    draft.compile(backend=microspec_backend(pinned_ids=(tokenizer.eos_token_id,),
+                                            inductor=False), dynamic=True)
+    counters = torch._dynamo.utils.counters["microspec"]
+    rewritten, calls = counters["heads_rewritten"], counters["sparse_calls"]
+    with torch.inference_mode():
+        out = model.generate(prompts[1], assistant_model=draft, do_sample=False,
+                             max_new_tokens=NEW_TOKENS, eos_token_id=tokenizer.eos_token_id)
+    assert out[0].tolist() == refs[1].tolist()
+    assert counters["heads_rewritten"] > rewritten
+    assert counters["sparse_calls"] > calls  # the compiled (sparse) draft really ran
+
+
+def test_microspec_sampling_returns_valid_ids(smollm, sparse_draft):
+    model, tokenizer, prompts, _ = smollm
+    vocab_size = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = prompts[2]
+    out, stats = speculative_generate(model, sparse_draft, ids, NEW_TOKENS, GAMMA, sample=True,
+                                      temperature=0.8, generator=gen,
+                                      eos_token_id=tokenizer.eos_token_id)
+    new = out[ids.shape[1]:]
+    assert out[: ids.shape[1]].tolist() == ids[0].tolist()
+    assert 1 <= new.numel() <= NEW_TOKENS and new.numel() == stats.new_tokens
+    assert new.dtype == torch.int64 and int(new.min()) >= 0 and int(new.max()) < vocab_size
+    assert all(0 <= a <= GAMMA for a in stats.accepted)
+
+
+def test_demo_json_has_every_field(smollm, tmp_path, capsys):
+    """A tiny demo (4-layer target view, 2-layer draft) writes every field it claims."""
+    from microspec_compile.demo import WAYS, run_demo
+
+    model, tokenizer = smollm[:2]
+    out = tmp_path / "demo_results.json"
+    report = run_demo(["Say hello."], max_new_tokens=6, draft_layers=4, gamma=2, runs=1,
+                      model=(model, tokenizer), target_layers=4, out=out, progress=False)
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    for key in ("date", "hardware", "settings", "summary", "speedup_microspec_vs_dense",
+                "speedup_microspec_vs_target", "draft_step_ratio_microspec_vs_dense",
+                "identical_to_target", "warmup_s", "recompiles_during_timing",
+                "microspec_counters", "outputs", "records", "chart"):
+        assert key in data, key
+    assert data["hardware"]["torch"] == torch.__version__
+    assert data["hardware"].get("cpu_model")
+    for key in ("draft_layers", "gamma", "max_new_tokens", "runs", "sample", "prompts"):
+        assert key in data["settings"], key
+    for way in WAYS:
+        row = data["summary"][way]
+        for key in ("tokens_per_s", "mean_accepted", "tokens_per_target_step", "coverage",
+                    "mean_vocab_size", "draft_step_ms", "target_step_ms"):
+            assert key in row, (way, key)
+        assert row["tokens_per_s"] > 0
+        assert way in data["warmup_s"]
+    assert data["summary"]["microspec"]["coverage"] is not None
+    assert data["summary"]["microspec"]["mean_vocab_size"] > 0
+    assert data["identical_to_target"]["microspec"] is True
+    assert data["microspec_counters"]["heads_rewritten"] > 0
+    assert (tmp_path / "demo_results.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "tok/s" in table and "identical" in table
