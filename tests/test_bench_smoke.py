@@ -138,3 +138,15 @@ def test_plot_on_smoke_csvs(smoke_results):
         png = smoke_results / name
         assert png.exists(), proc.stdout
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_paths_smoke(tmp_path):
+    """bench_paths.py: both CPU kernel paths run and report a ratio to the dense head."""
+    env = {**os.environ, "MICROSPEC_RESULTS_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_paths.py"), "--vocab", "3000",
+                           "--hidden", "64", "--active", "300", "--rounds", "3"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = _read(tmp_path / "paths.csv")
+    assert {r["provider"] for r in rows} == {"dense", "torch", "inductor"}
+    assert all(_f(r, "p50_ms") > 0 for r in rows)
