@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use only the first layers of the model as target (smoke runs)")
     demo.add_argument("--target-inductor", action="store_true",
                       help="compile the target with Inductor too (minutes per graph on CPU)")
-    demo.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch threads; 1 is robust on a shared 2-core machine (multi-threaded "
+                           "kernels stall when another process competes for the cores); 0: torch's "
+                           "default")
     demo.add_argument("--out", default="demo_results.json", help="JSON path (chart: same name .png)")
     demo.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")

