@@ -1,16 +1,23 @@
-"""The sparse head on CPU: score only the ``count`` live rows.
+"""The sparse head and the observe on CPU, where a host read costs nothing.
 
-On CPU a host read of ``count`` costs nothing (there is no device to stall), so
-unlike the capturable reference this path slices the compact buffer to the live
-rows and runs the matmul in the weight's own dtype (oneDNN accumulates bf16 /
-fp16 in fp32), then normalises the ``[N, count]`` scores in fp32.
+There is no device to stall on CPU, so unlike the capturable references these
+paths branch on tensor values:
+
+* the head slices the compact buffer to the ``count`` live rows and runs the
+  matmul in the weight's own dtype (oneDNN accumulates bf16 / fp16 in fp32),
+  then normalises the ``[N, count]`` scores in fp32;
+* the observe first checks whether every token is already active.  In a
+  draft's decode loop that is the common case (the draft's input is a token it
+  drafted, i.e. an active one), and the sync-free reference spends about 1.7 ms
+  on ~50 small ops to find out (measured, SmolLM2 draft step); the fast path
+  only refreshes the last-seen stamps.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .reference import _normalize
+from .reference import PINNED, _normalize, observe_reference
 
 
 def _live_scores(hidden, rows, ids, count, bias):
@@ -44,3 +51,17 @@ def sparse_full_cpu(hidden, rows, ids, count, bias, vocab_size, normalize):
     out = hidden.new_full((hidden.shape[0], vocab_size), fill)
     out.index_copy_(1, live_ids, scores)
     return out
+
+
+def observe_cpu(rows, ids, member, last_seen, count, step, weight, tokens, pin=False):
+    """Same contract and final state as ``reference.observe_reference``."""
+    flat = tokens.reshape(-1).to(torch.int64)
+    slots = member[flat]
+    if flat.numel() == 0 or not bool((slots >= 0).all()):
+        observe_reference(rows, ids, member, last_seen, count, step, weight, tokens, pin)
+        return
+    # Every token is active: nothing to gather or evict, only the LRU stamps move.
+    step.add_(1)
+    kept = last_seen[slots]
+    stamp = torch.full_like(kept, PINNED) if pin else step.expand_as(kept)
+    last_seen[slots] = torch.where(kept == PINNED, kept, stamp)

@@ -1,13 +1,13 @@
 """Pick the implementation of each op: ``impl`` is ``"auto"``, ``"torch"`` or ``"triton"``.
 
-``"torch"`` runs pure torch: on CPU the live-rows path of ``cpu_head`` (a host read
-of the count is free there), elsewhere the references (no host syncs, so valid and
+``"torch"`` runs pure torch: on CPU the paths of ``cpu_head`` (the live-rows
+head and the already-active observe shortcut; a host read is free there), elsewhere the references (no host syncs, so valid and
 capturable on CUDA). ``"triton"`` runs the Triton kernels. ``"auto"`` takes Triton
 on CUDA when it imports, torch elsewhere.
 """
 from __future__ import annotations
 
-from .cpu_head import sparse_full_cpu, sparse_topk_cpu
+from .cpu_head import observe_cpu, sparse_full_cpu, sparse_topk_cpu
 from .reference import observe_reference, sparse_full_reference, sparse_topk_reference
 
 IMPLS = ("auto", "torch", "triton")
@@ -36,6 +36,8 @@ def observe(rows, ids, member, last_seen, count, step, weight, tokens, pin, impl
         from .triton_observe import observe_triton
 
         return observe_triton(rows, ids, member, last_seen, count, step, weight, tokens, pin)
+    if rows.device.type == "cpu":
+        return observe_cpu(rows, ids, member, last_seen, count, step, weight, tokens, pin)
     observe_reference(rows, ids, member, last_seen, count, step, weight, tokens, pin)
 
 

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use only the first layers of the model as target (smoke runs)")
     demo.add_argument("--target-inductor", action="store_true",
                       help="compile the target with Inductor too (minutes per graph on CPU)")
+    demo.add_argument("--target-topk", type=int, default=3,
+                      help="target top-k added to the draft's vocabulary per scored position "
+                           "(the paper's signal); 0: off, to measure what it adds")
+    demo.add_argument("--small-batch-linear", type=int, default=16,
+                      help="the target's LM head computes 2..N rows as W @ x^T (its "
+                           "verification of gamma+1 tokens, about 2x faster on CPU); 0: off")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch threads; 1 is robust on a shared 2-core machine (multi-threaded "
                            "kernels stall when another process competes for the cores); 0: torch's "
@@ -56,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("max_new_tokens", "draft_layers", "gamma", "runs", "capacity"):
             if getattr(args, name) < 1:
                 raise SystemExit(f"microspec demo: --{name.replace('_', '-')} must be >= 1")
+        for name in ("target_topk", "small_batch_linear"):
+            if getattr(args, name) < 0:
+                raise SystemExit(f"microspec demo: --{name.replace('_', '-')} must be >= 0")
         import torch
 
         from .demo import run_demo
@@ -66,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                  gamma=args.gamma, runs=args.runs, sample=args.sample,
                  temperature=args.temperature, seed=args.seed, capacity=args.capacity,
                  model=args.model, target_layers=args.target_layers,
-                 target_inductor=args.target_inductor, out=args.out, chart=not args.no_chart,
+                 target_inductor=args.target_inductor, target_topk=args.target_topk,
+                 small_batch_linear=args.small_batch_linear, out=args.out, chart=not args.no_chart,
                  progress=not args.no_progress)
     return 0
 

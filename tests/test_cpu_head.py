@@ -1,9 +1,15 @@
-"""The CPU live-rows head agrees with the capturable reference."""
+"""The CPU head and observe agree with the capturable references."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from microspec_compile.kernels.cpu_head import sparse_full_cpu, sparse_topk_cpu
-from microspec_compile.kernels.reference import sparse_full_reference, sparse_topk_reference
+from microspec_compile.kernels.cpu_head import observe_cpu, sparse_full_cpu, sparse_topk_cpu
+from microspec_compile.kernels.reference import (
+    observe_reference,
+    sparse_full_reference,
+    sparse_topk_reference,
+)
 from microspec_compile.vocab import ActiveVocab
 
 # Tolerances: fp32 matches to rounding; bf16/fp16 score in the weight's dtype on CPU
@@ -33,3 +39,20 @@ def test_cpu_head_matches_reference(dtype, n_active, k, normalize):
     full = sparse_full_cpu(x, *state, vocab_size, normalize)
     ref_full = sparse_full_reference(x, *state, vocab_size, normalize)
     torch.testing.assert_close(full.float(), ref_full.float(), rtol=tol, atol=tol)
+
+
+# Calls drawn from a pool of 12 ids with capacity 8: most calls re-observe active
+# ids (the shortcut), some bring new ids and evict (the reference path), some pin.
+@settings(max_examples=80, deadline=None)
+@given(calls=st.lists(st.tuples(st.lists(st.integers(0, 11), max_size=5), st.booleans()),
+                      min_size=1, max_size=30))
+def test_cpu_observe_matches_reference_state(calls):
+    weight = torch.randn(111, 4)
+    fast, ref = ActiveVocab(weight, capacity=8), ActiveVocab(weight, capacity=8)
+    for tokens, pin in calls:
+        tokens = torch.tensor(tokens, dtype=torch.int64)
+        observe_cpu(*fast.state(), weight, tokens, pin)
+        observe_reference(*ref.state(), weight, tokens, pin)
+        assert torch.equal(fast.rows[:-1], ref.rows[:-1])  # the last row is scratch
+        for a, b in zip(fast.state()[1:], ref.state()[1:]):
+            assert torch.equal(a, b)
