@@ -50,10 +50,10 @@ def main(argv=None) -> None:
     agreement = early_exit_agreement(model, sequences, [d for d in DEPTHS if d < layers] + [layers])
     scored = sum(out.shape[1] - p for p, out in sequences)
     rows = []
-    print(f"{'layers':>6} {'agreement':>9} {'E[accepted], gamma=4':>20} {'cost vs target':>14}")
+    print(f"{'layers':>6} {'agreement':>9} {'E[accepted], gamma=4':>20} {'layer share':>11}")
     for depth, a in agreement.items():
         expected = sum(a ** i for i in range(1, 5))
-        print(f"{depth:6d} {a:9.3f} {expected:20.2f} {depth / layers:14.2f}")
+        print(f"{depth:6d} {a:9.3f} {expected:20.2f} {depth / layers:11.2f}")
         rows.append({"model": "SmolLM2-135M-Instruct", "draft_layers": depth,
                      "target_layers": layers, "agreement": f"{a:.4f}",
                      "expected_accepted_gamma4": f"{expected:.3f}",
