@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_coverage.py --quick
 	$(PY) bench/bench_head.py --quick
 	$(PY) bench/bench_draft_step.py --quick
+	$(PY) bench/bench_early_exit.py --quick
 	$(PY) bench/plot.py
 
 clean:
