@@ -9,13 +9,12 @@ folder (tests use that to keep the real result files clean).
 """
 from __future__ import annotations
 
-import statistics
-
 import csv
 import datetime
 import importlib.metadata
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 

@@ -66,6 +66,9 @@ class MicrospecConfig:
         object.__setattr__(self, "pinned_ids", tuple(int(i) for i in self.pinned_ids))
         if self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        if self.small_batch_linear < 0 or self.small_batch_linear == 1:
+            raise ValueError("small_batch_linear must be 0 (off) or the most rows to transpose "
+                             f"(>= 2), got {self.small_batch_linear}")
         if self.path not in ("auto", "torch", "inductor", "triton"):
             raise ValueError(f"path must be auto / torch / inductor / triton, got {self.path!r}")
 

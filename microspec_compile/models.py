@@ -273,6 +273,10 @@ def early_exit_agreement(target: nn.Module, sequences: list, depths: list[int]) 
     dict
         ``{N: agreement in [0, 1]}``.
     """
+    for prompt_len, ids in sequences:
+        if not 1 <= prompt_len < ids.shape[-1]:
+            raise ValueError(f"a sequence of {ids.shape[-1]} ids with prompt_len={prompt_len} has "
+                             "no continuation to score (need 1 <= prompt_len < length)")
     reference = [target(input_ids=ids).logits[0].argmax(-1) for _, ids in sequences]
     result = {}
     for depth in depths:
@@ -283,5 +287,5 @@ def early_exit_agreement(target: nn.Module, sequences: list, depths: list[int]) 
             scored = slice(prompt_len - 1, ids.shape[1] - 1)
             hits += int((pred[scored] == ref[scored]).sum())
             total += ids.shape[1] - prompt_len
-        result[depth] = hits / max(total, 1)
+        result[depth] = hits / total
     return result

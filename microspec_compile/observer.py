@@ -84,11 +84,11 @@ def observer(draft: torch.nn.Module, k: int = 3, **config) -> Callable:
     **config : ``MicrospecConfig`` fields; ``capacity`` / ``pinned_ids`` size the
         draft's vocabulary if the observer creates it first
     """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
     cfg = MicrospecConfig(**config)
     weight = draft_head_weight(draft, cfg.min_vocab_size)
     vocab = vocab_for_weight(weight, cfg.capacity, cfg.pinned_ids)
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
     return functools.partial(_compile_target, vocab=vocab, k=k, config=cfg)
 
 

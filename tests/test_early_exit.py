@@ -1,6 +1,7 @@
 """``early_exit_agreement``: the full depth agrees with itself, shallower ones measure less."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from microspec_compile.models import early_exit_agreement
@@ -25,3 +26,8 @@ def test_agreement_by_depth():
     with torch.no_grad():
         ref = target(input_ids=sequences[0][1]).logits[0].argmax(-1)
     assert ref.shape[0] - sequences[0][0] == 8
+
+
+def test_sequence_without_continuation_is_a_clear_error():
+    with pytest.raises(ValueError, match="no continuation to score"):
+        early_exit_agreement(_tiny_llama(1), [(7, torch.randint(0, 300, (1, 7)))], [1])

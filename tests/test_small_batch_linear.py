@@ -112,3 +112,9 @@ def test_observer_with_small_batch_linear_and_k0():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="k must be >= 0"):
         mc.observer(draft, k=-1)
+
+
+@pytest.mark.parametrize("bad", [-1, 1])  # negative, and 1 row (nothing to transpose)
+def test_bad_small_batch_linear_setting_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="small_batch_linear must be 0"):
+        mc.MicrospecConfig(small_batch_linear=bad)
