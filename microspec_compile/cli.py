@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("max_new_tokens", "draft_layers", "gamma", "runs", "capacity"):
             if getattr(args, name) < 1:
                 raise SystemExit(f"microspec demo: --{name.replace('_', '-')} must be >= 1")
-        for name in ("target_topk", "small_batch_linear"):
-            if getattr(args, name) < 0:
-                raise SystemExit(f"microspec demo: --{name.replace('_', '-')} must be >= 0")
+        if args.target_topk < 0:
+            raise SystemExit("microspec demo: --target-topk must be >= 0")
+        if args.small_batch_linear < 0 or args.small_batch_linear == 1:
+            raise SystemExit("microspec demo: --small-batch-linear must be 0 (off) or >= 2")
         import torch
 
         from .demo import run_demo
