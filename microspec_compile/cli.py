@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_results.json", help="JSON path (chart: same name .png)")
     demo.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from .train import add_parser as add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
@@ -79,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
                  target_inductor=args.target_inductor, target_topk=args.target_topk,
                  small_batch_linear=args.small_batch_linear, out=args.out, chart=not args.no_chart,
                  progress=not args.no_progress)
+    elif args.command == "train-eagle":
+        from .train import main as train_main
+
+        return train_main(args)
     return 0
 
 

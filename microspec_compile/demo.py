@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .models import early_exit_draft, load_causal_lm
-from .speculative import autoregressive_generate, speculative_generate
+from .spec import autoregressive_generate, speculative_generate
 
 __all__ = ["WAYS", "default_prompts", "run_demo", "format_table", "hardware_info"]
 

@@ -38,6 +38,7 @@ __all__ = [
     "early_exit_draft",
     "early_exit_agreement",
     "shares_storage",
+    "default_cache_dir",
 ]
 
 _DEFAULT_NAMES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
@@ -76,7 +77,8 @@ def default_gguf_path() -> Path:
     return files[0]
 
 
-def _cache_root() -> Path:
+def default_cache_dir() -> Path:
+    """Where de-quantized models and training caches live (``$MICROSPEC_CACHE_DIR``)."""
     root = os.environ.get("MICROSPEC_CACHE_DIR")
     if root:
         return Path(root)
@@ -86,7 +88,7 @@ def _cache_root() -> Path:
 
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
-    return _cache_root() / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+    return default_cache_dir() / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype, cache: bool):

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from microspec_compile.models import early_exit_draft, load_causal_lm, shares_storage  # noqa: E402
-from microspec_compile.speculative import (  # noqa: E402
+from microspec_compile.spec import (  # noqa: E402
     autoregressive_generate,
     speculative_generate,
 )

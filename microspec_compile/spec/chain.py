@@ -34,44 +34,12 @@ one extra token (timed as a draft step), as gpt-fast does.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SpecStats", "autoregressive_generate", "speculative_generate", "vocabulary_of"]
+from .stats import SpecStats, finish
 
-
-@dataclass
-class SpecStats:
-    """Per-request measurements of one generation.
-
-    Attributes
-    ----------
-    accepted : list of int
-        Drafted tokens accepted at each target (verification) step, ``0..gamma``.
-    draft_times, target_times : list of float
-        Seconds of every single-token draft forward / every target decode step.
-    covered, checked : int
-        Emitted tokens that were in the draft's active vocabulary (snapshot taken
-        after drafting, before verification) / emitted tokens checked.
-    vocab_sizes : list of int
-        Active-vocabulary size at each verification step.
-    prefill_time, total_time, stats_time : float
-        Seconds; ``total_time`` excludes ``stats_time`` (the coverage bookkeeping).
-    new_tokens : int
-        Tokens generated (after truncation to ``max_new_tokens`` / EOS).
-    """
-
-    accepted: list = field(default_factory=list)
-    draft_times: list = field(default_factory=list)
-    target_times: list = field(default_factory=list)
-    covered: int = 0
-    checked: int = 0
-    vocab_sizes: list = field(default_factory=list)
-    prefill_time: float = 0.0
-    total_time: float = 0.0
-    stats_time: float = 0.0
-    new_tokens: int = 0
+__all__ = ["autoregressive_generate", "speculative_generate", "vocabulary_of"]
 
 
 def vocabulary_of(model):
@@ -115,16 +83,6 @@ def _rollback(cache, length: int) -> None:
             layer.values = layer.values.contiguous()
 
 
-def _finish(ids: torch.Tensor, tokens: list, max_new: int, eos, stats, t0, t_stats=0.0):
-    tokens = tokens[:max_new]
-    if eos is not None and eos in tokens:
-        tokens = tokens[: tokens.index(eos) + 1]
-    stats.new_tokens = len(tokens)
-    stats.stats_time = t_stats
-    stats.total_time = time.perf_counter() - t0 - t_stats
-    return torch.cat([ids[0], torch.tensor(tokens, dtype=ids.dtype)]), stats
-
-
 @torch.inference_mode()
 def autoregressive_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
                             sample: bool = False, temperature: float = 1.0,
@@ -151,7 +109,7 @@ def autoregressive_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         tok, _ = _choose(logits[-1:], sample, temperature, generator)
         tokens.append(int(tok))
         stats.target_times.append(time.perf_counter() - t)
-    return _finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0)
+    return finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0)
 
 
 @torch.inference_mode()
@@ -268,4 +226,4 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
             stats.draft_times.append(time.perf_counter() - t)
         _rollback(d_cache, length)
         cur = bonus.view(1)
-    return _finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)
+    return finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)

@@ -1,0 +1,15 @@
+"""Decoding loops: the target alone, a chain draft, and EAGLE-2 dynamic trees.
+
+* :mod:`.chain`  gpt-fast-style chain speculative decoding with a causal-LM draft;
+* :mod:`.eagle`  EAGLE-2 tree drafting with an EAGLE head, verified in one target forward;
+* :mod:`.tree`   the tree layout, masks and greedy / sampling acceptance;
+* :mod:`.verify` the target's tree forward and KV-cache upkeep.
+"""
+from .chain import autoregressive_generate, speculative_generate, vocabulary_of
+from .eagle import EagleDrafter, TopkScorer, TreeConfig, eagle_generate
+from .stats import SpecStats
+from .tree import DraftTree, accept_greedy, accept_sampling, select_tree
+
+__all__ = ["SpecStats", "autoregressive_generate", "speculative_generate", "vocabulary_of",
+           "EagleDrafter", "TopkScorer", "TreeConfig", "eagle_generate", "DraftTree",
+           "accept_greedy", "accept_sampling", "select_tree"]

@@ -1,0 +1,240 @@
+"""EAGLE-2 dynamic-tree speculative decoding with an EAGLE head (batch 1).
+
+One round, after ``n`` tokens are in the target's cache and the target has just
+emitted the root token ``x_n``:
+
+1. **Root.** The head encodes the pairs not yet in its own cache, ``(f_i, x_{i+1})``
+   for the newly accepted positions (target features ``f``), one forward; the LM
+   head scores the last row only: ``top_k`` children of the root, log-probs.
+2. **Expand** ``depth`` times: the ``top_k`` frontier nodes go through the head in
+   one forward over ``top_k`` rows (each sees the committed pairs and its own
+   ancestors: a tree mask), with their parent's predicted feature as input; one
+   LM-head call on ``top_k`` rows gives ``top_k`` children each, scored
+   ``parent score + log q``; the best ``top_k`` children become the frontier.
+3. **Rerank.** The best ``total_tokens - 1`` candidates over all depths and the root
+   form the tree (``spec.tree.select_tree``).
+4. **Verify** in one target forward (``spec.verify``); accept the longest agreeing
+   path (greedy) or walk it by multi-candidate speculative sampling; keep only the
+   accepted rows of the target's cache; the head's tree rows are dropped.
+
+The LM head is called through ``scorer(hidden [N, H]) -> (log-probs [N, k], ids [N, k])``:
+the dense head compiled by Inductor, the same compiled by ``backend="microspec"``
+(sparse over the active vocabulary), or a fixed subset.  With a ``vocab`` the loop
+follows MicroSpec's policy: after prefill the prompt ids and the target's top-3 at
+every prompt position; after every verification the tree tokens, the emitted ones
+and the target's argmax and top-3 at every tree position.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..heads import EagleHead
+from .stats import SpecStats, finish
+from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask, select_tree
+from .verify import crop_cache, keep_cache_rows, prefill, verify_tree
+
+__all__ = ["TreeConfig", "TopkScorer", "EagleDrafter", "eagle_generate"]
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """Shape of the dynamic tree (defaults tuned on this CPU, see the README).
+
+    Parameters
+    ----------
+    depth : expansion steps after the root (the tree is up to ``depth + 1`` deep)
+    top_k : children per expanded node, and nodes expanded per step
+    total_tokens : nodes the target verifies, root included
+    """
+
+    depth: int = 4
+    top_k: int = 8
+    total_tokens: int = 16
+
+    def __post_init__(self):
+        for name in ("depth", "top_k", "total_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class TopkScorer(torch.nn.Module):
+    """``log_softmax(lm_head(hidden)).topk(k)``: what EAGLE-2 asks of the LM head.
+
+    Compile it with ``backend="microspec"`` to score only the active vocabulary
+    (the graph is a lone head: the loop observes token ids itself).
+    """
+
+    def __init__(self, lm_head: torch.nn.Module, k: int):
+        super().__init__()
+        self.lm_head = lm_head
+        self.k = k
+
+    def forward(self, hidden: torch.Tensor):
+        return torch.log_softmax(self.lm_head(hidden), dim=-1).topk(self.k, dim=-1)
+
+
+class EagleDrafter:
+    """The head's side of the loop: its KV cache of committed pairs and tree drafting."""
+
+    def __init__(self, head: EagleHead, scorer, tree: TreeConfig):
+        self.head, self.scorer, self.tree = head, scorer, tree
+        self.reset()
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.head.config.llama_config())
+        self.committed = 0
+
+    def encode(self, tokens: torch.Tensor, features: torch.Tensor):
+        """Add pairs ``(features[i], tokens[i])`` ([m], [m, H]) to the cache; score the last.
+
+        Returns ``(hidden [H], log-probs [k], ids [k])`` of the root's children.
+        """
+        m, n = tokens.numel(), self.committed
+        positions = torch.arange(n, n + m).view(1, -1)
+        hidden = self.head.hidden(tokens.view(1, -1), features.view(1, m, -1), positions,
+                                  causal_mask(n, m, features.dtype), self.cache)[0]
+        self.committed += m
+        logp, ids = self.scorer(hidden[-1:])
+        return hidden[-1], logp[0], ids[0]
+
+    def draft(self, root_token: int, root_hidden: torch.Tensor, logp: torch.Tensor,
+              ids: torch.Tensor) -> DraftTree:
+        """Grow the dynamic tree from the root's children (module docstring, steps 2-3)."""
+        k, n, dtype = ids.numel(), self.committed, root_hidden.dtype
+        tokens, parents, scores, depths = [ids], [torch.full((k,), -1)], [logp.float()], [
+            torch.ones(k, dtype=torch.int64)]
+        frontier = torch.arange(k)            # candidate index of each frontier node
+        frontier_tokens, frontier_scores = ids, logp.float()
+        parent_hidden = root_hidden.expand(k, -1)
+        ancestors = torch.zeros(k, 0, dtype=torch.bool)  # frontier x tree columns of the cache
+        total = k
+        for d in range(1, self.tree.depth + 1):
+            allowed = torch.cat([torch.ones(k, n, dtype=torch.bool), ancestors,
+                                 torch.eye(k, dtype=torch.bool)], 1)
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(
+                ~allowed, torch.finfo(dtype).min)[None, None]
+            positions = torch.full((1, k), n + d - 1)
+            hidden = self.head.hidden(frontier_tokens.view(1, -1), parent_hidden[None],
+                                      positions, mask, self.cache)[0]
+            child_logp, child_ids = self.scorer(hidden)                 # [k, k]
+            child_scores = frontier_scores[:, None] + child_logp.float()
+            tokens.append(child_ids.reshape(-1))
+            parents.append(frontier.repeat_interleave(k))
+            scores.append(child_scores.reshape(-1))
+            depths.append(torch.full((k * k,), d + 1))
+            if d == self.tree.depth:
+                break
+            best = child_scores.reshape(-1).topk(k).indices
+            rows = best // k
+            frontier = total + best
+            frontier_tokens, frontier_scores = child_ids.reshape(-1)[best], child_scores.reshape(-1)[best]
+            parent_hidden = hidden[rows]
+            ancestors = torch.cat([ancestors[rows], torch.eye(k, dtype=torch.bool)[rows]], 1)
+            total += k * k
+        crop_cache(self.cache, n)
+        tokens, parents = torch.cat(tokens), torch.cat(parents)
+        scores, depths = torch.cat(scores), torch.cat(depths)
+        vocab_size = self.head.config.vocab_size
+        # An active vocabulary smaller than k pads with -inf scores: never propose those.
+        scores = torch.where((tokens < vocab_size) & torch.isfinite(scores), scores,
+                             torch.full_like(scores, -float("inf")))
+        usable = int(torch.isfinite(scores).sum())
+        return select_tree(root_token, tokens, parents, scores, depths,
+                           min(self.tree.total_tokens, usable + 1))
+
+
+def _observe_verified(vocab, tree: DraftTree, logits: torch.Tensor, emitted, target_topk: int):
+    vocab.observe(tree.tokens)
+    vocab.observe(torch.tensor(emitted))
+    vocab.observe(logits.topk(max(target_topk, 1), dim=-1).indices)  # argmax and top-k
+
+
+@torch.inference_mode()
+def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
+                   max_new_tokens: int, tree: TreeConfig = TreeConfig(), *, vocab=None,
+                   target_topk: int = 3, sample: bool = False, temperature: float = 1.0,
+                   eos_token_id: int | None = None, generator=None):
+    """EAGLE-2 speculative decoding of one sequence.
+
+    Parameters
+    ----------
+    target : HF causal LM (Llama architecture); head : its EAGLE head
+    scorer : the LM-head call (see the module docstring)
+    input_ids : [1, P] int64 prompt
+    tree : the tree's shape
+    vocab : the microspec vocabulary the scorer reads (reset here), or None (dense)
+    target_topk : target tokens per position added to ``vocab`` (0: argmax only)
+    sample, temperature, generator : sampling mode (default greedy)
+
+    Returns
+    -------
+    (ids [P + new], SpecStats): ``accepted`` holds the drafted tokens accepted per
+    verification (tokens per verification = accepted + 1), ``draft_times`` the time
+    of each round's drafting, ``target_times`` each verification
+    """
+    from transformers import DynamicCache
+
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, P] (batch 1), got {list(input_ids.shape)}")
+    if sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    input_ids = input_ids.clone()
+    stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
+    dtype = head.fc.weight.dtype
+    cache = DynamicCache(config=target.config)
+    drafter = EagleDrafter(head, scorer, tree)
+
+    def choose(logits_row):
+        if not sample:
+            return int(logits_row.argmax())
+        probs = torch.softmax(logits_row.double() / temperature, -1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    features, logits = prefill(target, input_ids, cache, dtype)
+    root = choose(logits[-1])
+    if vocab is not None:
+        vocab.reset()
+        vocab.observe(input_ids)
+        if target_topk:
+            vocab.observe(logits.topk(target_topk, dim=-1).indices)
+    stats.prefill_time = time.perf_counter() - t0
+    n, tokens = input_ids.shape[1], [root]
+    pair_tokens = torch.cat([input_ids[0, 1:], torch.tensor([root])])
+    pair_features = features
+
+    while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
+        t = time.perf_counter()
+        root_hidden, logp, ids = drafter.encode(pair_tokens, pair_features)
+        draft_tree = drafter.draft(root, root_hidden, logp, ids)
+        stats.draft_times.append(time.perf_counter() - t)
+
+        t = time.perf_counter()
+        features, logits = verify_tree(target, draft_tree, cache, n, dtype)
+        stats.target_times.append(time.perf_counter() - t)
+        if sample:
+            probs = torch.softmax(logits.double() / temperature, -1)
+            path, bonus = accept_sampling(draft_tree, probs, generator)
+        else:
+            path, bonus = accept_greedy(draft_tree, logits.argmax(-1))
+        emitted = draft_tree.tokens[path[1:]].tolist() + [bonus]
+        if vocab is not None:
+            t = time.perf_counter()
+            stats.vocab_sizes.append(vocab.size)
+            stats.covered += int(vocab.contains(torch.tensor(emitted)).sum())
+            stats.checked += len(emitted)
+            t_stats += time.perf_counter() - t
+            _observe_verified(vocab, draft_tree, logits, emitted, target_topk)
+        stats.accepted.append(len(path) - 1)
+        stats.tree_sizes.append(len(draft_tree))
+        keep_cache_rows(cache, torch.cat([torch.arange(n), n + torch.tensor(path)]))
+        n += len(path)
+        tokens.extend(emitted)
+        root = bonus
+        pair_tokens = torch.tensor(emitted)
+        pair_features = features[path]
+    return finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)

@@ -1,0 +1,65 @@
+"""The target's side of tree speculative decoding: one forward over the tree, cache upkeep.
+
+The target scores the whole tree in one forward over its Hugging Face
+``DynamicCache``: a 4-D additive mask ``[1, 1, T, past + T]`` (each node sees the
+cached prefix and its ancestors) and explicit position ids (``past + depth``).
+It returns the post-norm features (what the EAGLE head reads) and the logits of
+every node.  After acceptance only the accepted path's rows are kept, selected
+along the sequence dimension of every layer's keys and values.
+"""
+from __future__ import annotations
+
+import torch
+
+from .tree import DraftTree, causal_mask
+
+__all__ = ["target_forward", "verify_tree", "keep_cache_rows", "crop_cache"]
+
+
+def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features [T, H], logits [T, V])`` of ``ids [1, T]`` after the cached prefix."""
+    base = getattr(target, target.base_model_prefix)
+    out = base(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+               cache=cache, use_cache=True)
+    features = out.last_hidden_state[0]
+    return features, target.get_output_embeddings()(features)
+
+
+def prefill(target, input_ids: torch.Tensor, cache, dtype: torch.dtype = torch.float32):
+    """Features and logits of the prompt ``[1, P]`` (the cache then holds it)."""
+    p = input_ids.shape[1]
+    return target_forward(target, input_ids, cache, torch.arange(p).view(1, -1),
+                          causal_mask(0, p, dtype))
+
+
+def verify_tree(target, tree: DraftTree, cache, past: int, dtype: torch.dtype = torch.float32):
+    """Score every node of ``tree`` placed after ``past`` cached tokens.
+
+    Returns
+    -------
+    (features [T, H], logits [T, V]); the cache grows by ``T`` rows (see
+    :func:`keep_cache_rows`)
+    """
+    return target_forward(target, tree.tokens.view(1, -1), cache, tree.position_ids(past),
+                          tree.attention_mask(past, dtype))
+
+
+def keep_cache_rows(cache, keep: torch.Tensor) -> None:
+    """Keep only the sequence rows ``keep`` ([n] int64, increasing) of every layer, contiguous."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None:
+            continue
+        layer.keys = layer.keys.index_select(2, keep)
+        layer.values = layer.values.index_select(2, keep)
+
+
+def crop_cache(cache, length: int) -> None:
+    """Drop cached rows past ``length``, keeping the layout contiguous."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and not layer.keys.is_contiguous():
+            layer.keys = layer.keys.contiguous()
+            layer.values = layer.values.contiguous()

@@ -1,0 +1,203 @@
+"""The EAGLE-1/2 training loop over cached features, resumable at any step.
+
+Loss per answer position (EAGLE's recipe, DESIGN.md section 5):
+
+    h_i  = head(x_{i+1}, f_i + noise)              predicted feature of position i + 1
+    loss = SmoothL1(h_i, f_{i+1}) + 0.1 * CE(softmax(W f_{i+1}), log_softmax(W h_i))
+
+``W`` is the target's LM head (frozen, shared): the cross-entropy is soft, against
+the target's own next-token distribution, over the full vocabulary.  Noise is
+uniform, ``(u - 1/2) * noise * 512 / T`` as in EAGLE.  Pairs whose predicted
+token ``x_{i+2}`` lies in the answer carry the loss.
+
+Checkpoints (head, optimiser, step, schedule) are written every ``save_every``
+seconds to ``work_dir`` and atomically replaced, so a run killed at any moment
+resumes from its last checkpoint with the same batch order (seeded per epoch).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..heads import EagleHead
+from .features import FeatureSet
+
+__all__ = ["TrainConfig", "make_batches", "batch_tensors", "eagle_loss", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (EAGLE's AdamW betas and clip; a higher lr for short runs)."""
+
+    lr: float = 5e-4
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    warmup_steps: int = 100
+    token_budget: int = 4096
+    noise: float = 0.2
+    ce_weight: float = 0.1
+    seed: int = 0
+    autocast: bool = True
+    save_every_s: float = 120.0
+
+
+def make_batches(lengths: torch.Tensor, token_budget: int, epoch: int, seed: int) -> list[list[int]]:
+    """Length-bucketed batches of at most ``token_budget`` padded tokens, shuffled per epoch."""
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    jitter = torch.rand(len(lengths), generator=gen)  # shuffle within equal lengths
+    order = sorted(range(len(lengths)), key=lambda s: (int(lengths[s]) // 32, float(jitter[s])))
+    batches, batch, width = [], [], 0
+    for s in order:
+        w = max(width, int(lengths[s]))
+        if batch and w * (len(batch) + 1) > token_budget:
+            batches.append(batch)
+            batch, w = [], int(lengths[s])
+        batch.append(s)
+        width = w
+    if batch:
+        batches.append(batch)
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[k] for k in perm]
+
+
+def batch_tensors(data: FeatureSet, batch: list[int]):
+    """Padded pair tensors of a batch.
+
+    Returns
+    -------
+    tokens [B, L-1] int64 (x_{i+1}), inputs [B, L-1, H] (f_i), targets [B, L-1, H]
+    (f_{i+1}), positions [B, L-1] int64, mask [B, L-1] bool (pairs carrying the loss)
+    """
+    seqs = [data.sequence(s) for s in batch]
+    width = max(len(ids) for ids, _, _ in seqs)
+    hidden = data.features.shape[1]
+    ids = torch.zeros(len(seqs), width, dtype=torch.int64)
+    feats = torch.zeros(len(seqs), width, hidden)
+    mask = torch.zeros(len(seqs), width - 1, dtype=torch.bool)
+    for row, (s_ids, s_feats, prompt_len) in enumerate(seqs):
+        t = len(s_ids)
+        ids[row, :t] = s_ids
+        feats[row, :t] = s_feats.float()
+        mask[row, max(prompt_len - 2, 0): t - 1] = True
+    positions = torch.arange(width - 1).expand(len(seqs), -1)
+    return ids[:, 1:], feats[:, :-1], feats[:, 1:], positions, mask
+
+
+def eagle_loss(head: EagleHead, tokens, inputs, targets, positions, mask, *,
+               noise: float, ce_weight: float, generator=None, autocast: bool = True):
+    """``(loss, top-1 agreement, rows)`` of one batch (see the module docstring)."""
+    if noise > 0:
+        u = torch.rand(inputs.shape, generator=generator)
+        inputs = inputs + (u - 0.5) * noise * 512 / inputs.shape[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        hidden = head.hidden(tokens, inputs, positions)
+        pred, true = hidden[mask], targets[mask]
+        logits = head.lm_head(pred)
+        with torch.no_grad():
+            target_logits = head.lm_head(true)
+    target_p = torch.softmax(target_logits.float(), dim=-1)
+    ce = -(target_p * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    feature_loss = F.smooth_l1_loss(pred.float(), true)
+    agree = (logits.argmax(-1) == target_logits.argmax(-1)).float().mean()
+    return feature_loss + ce_weight * ce, float(agree), int(mask.sum())
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: float,
+          config: TrainConfig = TrainConfig(), progress=None) -> dict:
+    """Train ``head`` for ``seconds`` of compute (summed over resumed runs).
+
+    The step count of the cosine schedule is fixed once, from the speed of the
+    first 20 steps, and stored in the checkpoint, so a resumed run follows the
+    same schedule.  ``progress(step, total, loss, agreement)`` is called per step.
+
+    Returns
+    -------
+    dict: ``steps``, ``epochs`` (fractional), ``seconds``, ``tokens`` (loss rows seen),
+    ``last_loss``, ``last_agreement`` (mean of the last 50 steps)
+    """
+    torch.manual_seed(config.seed)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = work_dir / "checkpoint.pt"
+    params = head.parameters_to_train()
+    for p in head.lm_head.parameters():
+        p.requires_grad_(False)
+    for p in head.embed_tokens.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
+                            weight_decay=config.weight_decay)
+    state = {"step": 0, "total_steps": None, "elapsed": 0.0, "tokens": 0, "history": []}
+    if ckpt_path.is_file():
+        saved = torch.load(ckpt_path, weights_only=False)
+        if saved["config"] != asdict(config):
+            raise ValueError(f"the checkpoint at {ckpt_path} was made with another training "
+                             "configuration; use another work directory or delete it")
+        head.load_state_dict(saved["head"], strict=False)
+        opt.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+    lengths = data.lengths()
+    noise_gen = torch.Generator().manual_seed(config.seed + state["step"])
+    head.train()
+    last_save = time.perf_counter()
+    epoch_batches: dict[int, list] = {}
+    steps_per_epoch = len(make_batches(lengths, config.token_budget, 0, config.seed))
+    while state["elapsed"] < seconds:
+        if state["total_steps"] is not None and state["step"] >= state["total_steps"]:
+            break
+        epoch, index = divmod(state["step"], steps_per_epoch)
+        if epoch not in epoch_batches:
+            epoch_batches = {epoch: make_batches(lengths, config.token_budget, epoch, config.seed)}
+        t0 = time.perf_counter()
+        total = state["total_steps"] or max(config.warmup_steps * 2, 1000)
+        for group in opt.param_groups:
+            group["lr"] = config.lr * _lr_factor(state["step"], total, config.warmup_steps)
+        loss, agree, rows = eagle_loss(head, *batch_tensors(data, epoch_batches[epoch][index]),
+                                       noise=config.noise, ce_weight=config.ce_weight,
+                                       generator=noise_gen, autocast=config.autocast)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        state["step"] += 1
+        state["elapsed"] += time.perf_counter() - t0
+        state["tokens"] += rows
+        state["history"].append((loss.item(), agree))
+        if state["step"] == 10:  # the first steps pay one-time kernel set-up
+            state["elapsed_at_10"] = state["elapsed"]
+        if state["total_steps"] is None and state["step"] == 30:
+            per_step = (state["elapsed"] - state.get("elapsed_at_10", 0.0)) / 20
+            state["total_steps"] = max(int(30 + (seconds - state["elapsed"]) / per_step), 31)
+        if progress is not None:
+            progress(state["step"], state["total_steps"], state["history"][-1][0], agree)
+        if time.perf_counter() - last_save > config.save_every_s:
+            _save(ckpt_path, {"head": head.trainable_state(), "optimizer": opt.state_dict(),
+                              "state": state, "config": asdict(config)})
+            last_save = time.perf_counter()
+    _save(ckpt_path, {"head": head.trainable_state(), "optimizer": opt.state_dict(),
+                      "state": state, "config": asdict(config)})
+    head.eval()
+    recent = state["history"][-50:] or [(float("nan"), float("nan"))]
+    return {"steps": state["step"], "epochs": state["step"] / steps_per_epoch,
+            "seconds": state["elapsed"], "tokens": state["tokens"],
+            "last_loss": sum(r[0] for r in recent) / len(recent),
+            "last_agreement": sum(r[1] for r in recent) / len(recent)}
