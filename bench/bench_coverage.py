@@ -24,22 +24,17 @@ Usage: ``python bench/bench_coverage.py [--smoke | --quick | --full]`` (default
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from microspec_compile import data
+from microspec_compile.analysis.coverage import Stats, simulate
+from microspec_compile.frequency import FREQUENCY_LIMIT, frequent_token_ids, get_encoding
 
-from common import append_rows  # noqa: E402
-from microspec_compile import data  # noqa: E402
-from microspec_compile.frequency import FREQUENCY_LIMIT, frequent_token_ids, get_encoding  # noqa: E402
+from common import append_rows, mode_parser
 
 CSV_NAME = "coverage.csv"
 TARGET_COVERAGE, TARGET_MEAN_SIZE = 0.97, 3000
@@ -69,67 +64,6 @@ POLICIES = (
     *(Policy(f"context+core{n}", n, True) for n in CORE_SIZES),
     Policy("frspec32k", FRSPEC_SIZE, False),
 )
-
-
-@dataclass
-class Stats:
-    """Coverage counters pooled over generated positions."""
-    hits: int = 0
-    positions: int = 0
-    size_sum: int = 0
-    size_max: int = 0
-
-    def add(self, other: "Stats") -> None:
-        self.hits += other.hits
-        self.positions += other.positions
-        self.size_sum += other.size_sum
-        self.size_max = max(self.size_max, other.size_max)
-
-    @property
-    def coverage(self) -> float:
-        return self.hits / self.positions if self.positions else float("nan")
-
-    @property
-    def mean_size(self) -> float:
-        return self.size_sum / self.positions if self.positions else float("nan")
-
-
-def simulate(segments: list[np.ndarray], core_mask: np.ndarray, use_context: bool = True) -> Stats:
-    """Replay one request and count hits and active-set sizes.
-
-    Parameters
-    ----------
-    segments : list of np.ndarray
-        Integer token ids per turn; even indices are user turns (prompt, not
-        scored), odd indices assistant turns (generated, scored).
-    core_mask : np.ndarray
-        bool ``[n_vocab]``; True for pinned tokens, always in S.
-    use_context : bool
-        Whether every token seen (prompt or generated) joins S after its position.
-
-    Returns
-    -------
-    Stats
-        ``hits``: generated positions whose token was in S before being added;
-        ``size_sum`` / ``size_max``: |S| just before each generated position.
-    """
-    if not segments:
-        return Stats()
-    tokens = np.concatenate(segments).astype(np.int64, copy=False)
-    scored = np.concatenate([np.full(len(s), k % 2 == 1) for k, s in enumerate(segments)])
-    in_core = core_mask[tokens]
-    core_size = int(core_mask.sum())
-    if use_context:
-        first = np.zeros(tokens.size, dtype=bool)
-        first[np.unique(tokens, return_index=True)[1]] = True  # first occurrence of each id
-        hit = ~first | in_core
-        entering = first & ~in_core                              # tokens that grow S
-        size = core_size + np.cumsum(entering) - entering        # |S| before position t
-    else:
-        hit = in_core
-        size = np.full(tokens.size, core_size)
-    hit, size = hit[scored], size[scored]
-    return Stats(int(hit.sum()), int(scored.sum()), int(size.sum()), int(size.max(initial=0)))
 
 
 def load_dialogues(cfg: dict) -> dict[str, list[list[str]]]:
@@ -222,14 +156,10 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
-                      help="a few requests and a tiny frequency slice (seconds; for tests)")
-    size.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="300 ShareGPT conversations + all MT-bench/HumanEval (default)")
-    size.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="every evaluation conversation")
+    parser = mode_parser(__doc__, {
+        "smoke": "a few requests and a tiny frequency slice (seconds; for tests)",
+        "quick": "300 ShareGPT conversations + all MT-bench/HumanEval (default)",
+        "full": "every evaluation conversation"})
     args = parser.parse_args(argv)
     mode = args.mode or "quick"
     start = time.perf_counter()

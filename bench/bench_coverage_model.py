@@ -23,53 +23,21 @@ Usage: ``python bench/bench_coverage_model.py [--smoke | --quick | --full]``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from microspec_compile.analysis.coverage import lagged_coverage
 
-from common import append_rows  # noqa: E402
+from common import append_rows
 
 LAG = 2
 POLICIES = {"context": (0, 0), "context+top1": (1, 0), "context+top3": (3, 0),
             "context+top3+core1000": (3, 1000), "context+top3+core2000": (3, 2000)}
 CORE_CONVERSATIONS = 2000
 SIZES = {"smoke": (1, 1, 8), "quick": (4, 4, 96), "full": (20, 20, 192)}  # mt, he, new tokens
-
-
-def lagged_coverage(tokens: list[int], topk: np.ndarray, prompt_len: int, lag: int = LAG,
-                    core: tuple = ()):
-    """Coverage of generated tokens by ``context U top-k`` known ``lag`` steps earlier.
-
-    Parameters
-    ----------
-    tokens : prompt + generation, length T
-    topk : [T, K] the target's top-K prediction at each position (for token t+1);
-        K = 0 means the context-only policy
-    prompt_len : number of prompt tokens (generation starts there)
-    core : ids always active (a frequency core)
-
-    Returns
-    -------
-    (hits, sizes) : per generated position, whether the token was in S and |S|
-    """
-    active: set[int] = set(core)
-    hits, sizes = [], []
-    known = 0  # positions 0 .. known-1 have entered S
-    for p in range(prompt_len, len(tokens)):
-        while known <= p - lag:
-            active.add(tokens[known])
-            active.update(topk[known].tolist())
-            known += 1
-        hits.append(tokens[p] in active)
-        sizes.append(len(active))
-    return hits, sizes
 
 
 def prompts(n_mt: int, n_he: int, tokenizer) -> list[tuple[str, list[int]]]:
@@ -130,7 +98,7 @@ def run(size: str) -> list[dict]:
     stats: dict = {}
     for dataset, tokens, top3, prompt_len in generations(size, model, tokenizer):
         for policy, (k, n_core) in POLICIES.items():
-            hits, sizes = lagged_coverage(tokens, top3[:, :k], prompt_len,
+            hits, sizes = lagged_coverage(tokens, top3[:, :k], prompt_len, lag=LAG,
                                           core=cores.get(n_core, ()))
             entry = stats.setdefault((dataset, policy), {"hits": [], "sizes": []})
             entry["hits"] += hits

@@ -37,36 +37,37 @@ Usage: ``python bench/bench_draft_step.py [--smoke | --quick | --full] [--shapes
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch._inductor.config
-import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT), str(ROOT / "bench")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import microspec_compile
+from microspec_compile.vocab import vocab_for_weight
 
-from common import append_rows, loadavg, percentiles  # noqa: E402
-
-import microspec_compile  # noqa: E402
-from microspec_compile.vocab import vocab_for_weight  # noqa: E402
+from common import Flusher, append_rows, interleaved_rounds, loadavg, mode_parser, percentiles
+from draft_model import (
+    DEPTHS,
+    KV_LEN,
+    Body,
+    CountingBackend,
+    LayerOnly,
+    fx_cache_delta,
+    inductor_backend,
+    layer_step,
+    pay_inductor_startup,
+    tree_step,
+)
+from heads import TOP_K, DenseHead, SubsetHead
+from shapes import DTYPES, SHAPES, random_weight
 
 CSV_NAME = "draft_step.csv"
 COMPILE_CSV = "compile.csv"
-TOP_K = 10
-DEPTHS = 6
-KV_LEN = 512
 CAPACITY = 4096
 ACTIVE = 3000
 NEW_PER_STEP = 60
@@ -76,26 +77,6 @@ TARGET_RATIO = 0.37
 MIN_COMPILE_STEPS = 200
 COMPARED = ("inductor_dense", "microspec")  # compiled with Inductor's caches off (cold)
 
-
-@dataclass(frozen=True)
-class Shape:
-    vocab: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    qkv_bias: bool = False
-    tied: bool = False
-    rope_theta: float = 500000.0
-
-
-SHAPES = {
-    "llama3-8b": Shape(128256, 4096, 32, 8, 14336),
-    "qwen2-7b": Shape(152064, 3584, 28, 4, 18944, qkv_bias=True, rope_theta=1e6),
-    "llama3.2-1b": Shape(128256, 2048, 32, 8, 8192, tied=True),
-    "smollm2": Shape(49152, 576, 9, 3, 1536, tied=True, rope_theta=1e5),
-}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class Plan:
@@ -125,195 +106,6 @@ MODES = {
 }
 
 
-# --------------------------------------------------------------------- model
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, dtype, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype), requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class DecoderLayer(nn.Module):
-    """A Llama decoder layer (GQA + RoPE + SwiGLU) over a fixed KV cache of past positions."""
-
-    def __init__(self, s: Shape, dtype):
-        super().__init__()
-        hd = s.hidden // s.heads
-        self.heads, self.kv_heads, self.head_dim = s.heads, s.kv_heads, hd
-        lin = lambda i, o, b=False: nn.Linear(i, o, bias=b, dtype=dtype)  # noqa: E731
-        self.input_norm = RMSNorm(s.hidden, dtype)
-        self.q_proj = lin(s.hidden, s.heads * hd, s.qkv_bias)
-        self.k_proj = lin(s.hidden, s.kv_heads * hd, s.qkv_bias)
-        self.v_proj = lin(s.hidden, s.kv_heads * hd, s.qkv_bias)
-        self.o_proj = lin(s.heads * hd, s.hidden)
-        self.post_norm = RMSNorm(s.hidden, dtype)
-        self.gate_proj = lin(s.hidden, s.intermediate)
-        self.up_proj = lin(s.hidden, s.intermediate)
-        self.down_proj = lin(s.intermediate, s.hidden)
-        inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-        self.register_buffer("inv_freq", inv_freq)
-        self.register_buffer("k_cache", torch.randn(1, s.kv_heads, KV_LEN, hd).to(dtype))
-        self.register_buffer("v_cache", torch.randn(1, s.kv_heads, KV_LEN, hd).to(dtype))
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, x, positions):
-        b, n, _ = x.shape
-        h = self.input_norm(x)
-        q = self.q_proj(h).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        freqs = positions.float()[:, None, :, None] * self.inv_freq  # [b, 1, n, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        k = torch.cat((self.k_cache, k), dim=2)
-        v = torch.cat((self.v_cache, v), dim=2)
-        rep = self.heads // self.kv_heads
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-        attn = F.scaled_dot_product_attention(q, k, v)
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
-        h = self.post_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-
-
-class Body(nn.Module):
-    """Embedding + decoder layer + final norm (shared by every provider)."""
-
-    def __init__(self, s: Shape, dtype, embed_weight: torch.Tensor):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(s.vocab, s.hidden, device="meta", dtype=dtype)
-        self.embed_tokens.weight = nn.Parameter(embed_weight, requires_grad=False)
-        self.layer = DecoderLayer(s, dtype)
-        self.norm = RMSNorm(s.hidden, dtype)
-
-    def forward(self, input_ids, positions):
-        return self.norm(self.layer(self.embed_tokens(input_ids), positions))
-
-
-class DenseDraft(nn.Module):
-    def __init__(self, body: Body, head_weight: torch.Tensor):
-        super().__init__()
-        self.body = body
-        self.lm_head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False,
-                                 device="meta", dtype=head_weight.dtype)
-        self.lm_head.weight = (body.embed_tokens.weight if head_weight is body.embed_tokens.weight
-                               else nn.Parameter(head_weight, requires_grad=False))
-
-    def forward(self, input_ids, positions):
-        logits = self.lm_head(self.body(input_ids, positions))
-        return torch.topk(F.log_softmax(logits, dim=-1), TOP_K, dim=-1)
-
-
-class FrSpecDraft(nn.Module):
-    def __init__(self, body: Body, head_weight: torch.Tensor, subset: torch.Tensor):
-        super().__init__()
-        self.body = body
-        self.lm_head = nn.Linear(head_weight.shape[1], subset.numel(), bias=False,
-                                 device="meta", dtype=head_weight.dtype)
-        self.lm_head.weight = nn.Parameter(head_weight[subset].contiguous(), requires_grad=False)
-        self.register_buffer("id_map", subset.clone())
-
-    def forward(self, input_ids, positions):
-        logits = self.lm_head(self.body(input_ids, positions))
-        values, index = torch.topk(F.log_softmax(logits, dim=-1), TOP_K, dim=-1)
-        return values, self.id_map[index]
-
-
-class LayerOnly(nn.Module):
-    def __init__(self, body: Body):
-        super().__init__()
-        self.body = body
-
-    def forward(self, input_ids, positions):
-        return self.body(input_ids, positions)
-
-
-# --------------------------------------------------------------------- helpers
-
-def random_matrix(rows: int, cols: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.empty(rows, cols)
-    bound = 1.0 / math.sqrt(cols)
-    for start in range(0, rows, 16384):
-        w[start:start + 16384].uniform_(-bound, bound, generator=gen)
-    return w
-
-
-def tree_step(fn, root: torch.Tensor) -> list[torch.Tensor]:
-    """EAGLE-2 tree expansion: 1 row, then DEPTHS x 10 rows; returns the fed id tensors.
-
-    Each depth feeds the 10 best of the previous call's 10 x 10 candidates by
-    cumulative log-probability (the tree selection runs eagerly, as in EAGLE).
-    """
-    fed = [root]
-    values, ids = fn(root, torch.full_like(root, KV_LEN))
-    parent = torch.zeros(1, dtype=torch.float32)
-    for depth in range(1, DEPTHS + 1):
-        scores = (values[0].float() + parent[:, None]).flatten()
-        best = torch.topk(scores, TOP_K)
-        parent = best.values
-        nxt = ids[0].flatten()[best.indices].view(1, TOP_K)
-        fed.append(nxt)
-        values, ids = fn(nxt, torch.full_like(nxt, KV_LEN + depth))
-    return fed
-
-
-def layer_step(fn, root: torch.Tensor, ids10: torch.Tensor) -> None:
-    """The same call pattern without a head (fixed ids at every depth)."""
-    fn(root, torch.full_like(root, KV_LEN))
-    for depth in range(1, DEPTHS + 1):
-        fn(ids10, torch.full_like(ids10, KV_LEN + depth))
-
-
-class CountingBackend:
-    """Wraps a backend; counts its calls (each compile / recompile) and their time."""
-
-    def __init__(self, inner):
-        self.inner, self.calls, self.seconds = inner, 0, 0.0
-
-    def __call__(self, gm, example_inputs):
-        t0 = time.perf_counter()
-        out = self.inner(gm, example_inputs)
-        self.calls += 1
-        self.seconds += time.perf_counter() - t0
-        return out
-
-
-def _fx_cache_delta(before: dict) -> str:
-    """FX graph cache hits / misses / bypasses since ``before`` (Inductor counters)."""
-    now = torch._dynamo.utils.counters["inductor"]
-    parts = [f"{k}={now.get(f'fxgraph_cache_{k}', 0) - before.get(f'fxgraph_cache_{k}', 0)}"
-             for k in ("hit", "miss", "bypass")]
-    return " ".join(parts)
-
-
-def inductor_backend(gm, example_inputs):
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs)
-
-
-def pay_inductor_startup() -> float:
-    t0 = time.perf_counter()
-    fn = torch.compile(lambda x: torch.log_softmax(x @ x.t(), -1).topk(2), backend=inductor_backend)
-    fn(torch.randn(4, 4))
-    return time.perf_counter() - t0
-
-
 # --------------------------------------------------------------------- the run
 
 def run_pair(plan: Plan, mode: str, bar) -> tuple[list, list]:
@@ -323,17 +115,17 @@ def run_pair(plan: Plan, mode: str, bar) -> tuple[list, list]:
     torch._dynamo.reset()
     torch.manual_seed(0)
     bar.set_postfix_str(f"{shape_name} {dname}: weights")
-    head_w = random_matrix(s.vocab, s.hidden, seed=0).to(dtype)
-    embed_w = head_w if s.tied else random_matrix(s.vocab, s.hidden, seed=1).to(dtype)
+    head_w = random_weight(s.vocab, s.hidden, seed=0).to(dtype)
+    embed_w = head_w if s.tied else random_weight(s.vocab, s.hidden, seed=1).to(dtype)
     body = Body(s, dtype, embed_w).eval()
     with torch.no_grad():
         for p in body.layer.parameters():
             if p.dim() == 2:
                 p.uniform_(-1 / math.sqrt(p.shape[1]), 1 / math.sqrt(p.shape[1]))
-    dense = DenseDraft(body, head_w if not s.tied else body.embed_tokens.weight).eval()
+    dense = DenseHead(head_w if not s.tied else body.embed_tokens.weight, body).eval()
     gen = torch.Generator().manual_seed(2)
     subset = torch.randperm(s.vocab, generator=gen)[:FRSPEC_SIZE].sort().values
-    frspec = FrSpecDraft(body, dense.lm_head.weight, subset).eval()
+    frspec = SubsetHead(dense.lm_head.weight, subset, body).eval()
     layer_only = LayerOnly(body).eval()
     param = dense.lm_head.weight
     vocab = vocab_for_weight(param, CAPACITY, ())
@@ -382,7 +174,7 @@ def run_pair(plan: Plan, mode: str, bar) -> tuple[list, list]:
         for ids in fed_last.get("microspec", [root]):
             vocab.observe(ids)
 
-    flush_buf = torch.empty(16 * 2**20)
+    flush = Flusher(mib=64)
     compile_rows = []
     first_step = {}
     with torch.no_grad():
@@ -398,7 +190,7 @@ def run_pair(plan: Plan, mode: str, bar) -> tuple[list, list]:
             first_step[name] = (time.perf_counter() - t0,
                                 torch._dynamo.utils.counters["stats"]["unique_graphs"] - g0,
                                 backends[name].calls, backends[name].seconds,
-                                "disabled" if cold else "enabled", _fx_cache_delta(fx0))
+                                "disabled" if cold else "enabled", fx_cache_delta(fx0))
             step_fn(name)()
         # correctness: microspec's drafted ids are all active
         check = "ok" if all(bool(vocab.contains(ids.clamp(min=0)).all())
@@ -411,22 +203,15 @@ def run_pair(plan: Plan, mode: str, bar) -> tuple[list, list]:
         timed = {name: step_fn(name) for name in backends}
         timed["observe60"] = observe60
         timed["auto_observe"] = auto_observe
-        samples = {k: [] for k in timed}
-        steps_done = {k: 2 for k in backends}
         rounds = plan.rounds
-        rng = random.Random(0)
-        for r in range(rounds):
-            order = list(timed)
-            rng.shuffle(order)
-            for name in order:
-                flush_buf.fill_(1.0)
-                t0 = time.perf_counter()
-                timed[name]()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-                if name in steps_done:
-                    steps_done[name] += 1
-            if r % 5 == 0:
-                bar.set_postfix_str(f"{shape_name} {dname}: round {r + 1}/{rounds}")
+
+        def progress(done):
+            if (done - 1) % 5 == 0:
+                bar.set_postfix_str(f"{shape_name} {dname}: round {done}/{rounds}")
+
+        samples = interleaved_rounds(timed, min_rounds=rounds, rng=random.Random(0),
+                                     flush=flush, on_round=progress)
+        steps_done = {k: 2 + rounds for k in backends}
         # ---- more steps (untimed) so dense and microspec see >= compile_steps steps,
         # the vocabulary changing before every microspec step
         extra = max(0, plan.compile_steps + 2 - min(steps_done["inductor_dense"],
@@ -536,14 +321,10 @@ def print_tables(rows: list[dict], compile_rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
-                      help="smollm2 fp32, a few rounds (for tests)")
-    size.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="smollm2 fp32 (+ compile check) and llama3-8b bf16 (default)")
-    size.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="every shape in fp32 and bf16")
+    parser = mode_parser(__doc__, {
+        "smoke": "smollm2 fp32, a few rounds (for tests)",
+        "quick": "smollm2 fp32 (+ compile check) and llama3-8b bf16 (default)",
+        "full": "every shape in fp32 and bf16"})
     parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), help="filter shapes")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="filter dtypes")
     parser.add_argument("--rounds", type=int, help="timing rounds per shape (overrides the mode)")

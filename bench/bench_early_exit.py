@@ -4,7 +4,7 @@ The demo's draft is the target's first N of 30 layers plus its final norm and
 LM head, with no training.  This script measures, on the target's own greedy
 continuations of the demo prompts (MT-bench first turns, HumanEval stubs), the
 teacher-forced top-1 agreement ``a`` of that draft with the target for several
-N (``microspec_compile.models.early_exit_agreement``).  Greedy speculative
+N (``microspec_compile.analysis.acceptance.early_exit_agreement``).  Greedy speculative
 decoding accepts a drafted token exactly when it agrees, so ``a + a^2 + a^3 +
 a^4`` estimates the mean accepted tokens per step at gamma = 4, and the share
 of the target's layers gives the draft's cost beside it.
@@ -15,17 +15,15 @@ Rows go to ``bench/results/early_exit.csv``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, loadavg  # noqa: E402
+from microspec_compile.analysis.acceptance import early_exit_agreement
+from microspec_compile.data import default_prompts, encode
+from microspec_compile.models import load_causal_lm
 
-from microspec_compile.demo import default_prompts, encode  # noqa: E402
-from microspec_compile.models import early_exit_agreement, load_causal_lm  # noqa: E402
+from common import append_rows, loadavg
 
 DEPTHS = (2, 4, 8, 12, 16, 20, 24, 28)
 

@@ -29,44 +29,27 @@ Usage: ``python bench/bench_head.py [--smoke | --quick | --full] [--shapes ..]
 """
 from __future__ import annotations
 
-import argparse
-import math
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT), str(ROOT / "bench")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import microspec_compile
+from microspec_compile.vocab import vocab_for_weight
 
-from common import append_rows, loadavg, percentiles  # noqa: E402
-
-import microspec_compile  # noqa: E402
-from microspec_compile.vocab import vocab_for_weight  # noqa: E402
+from common import Flusher, append_rows, interleaved_rounds, loadavg, mode_parser, percentiles
+from heads import TOP_K, DenseHead, SubsetHead
+from shapes import DTYPES, SHAPES, random_weight
 
 CSV_NAME = "head.csv"
-TOP_K = 10
 CAPACITY = 4096
 ACTIVE_SIZES = (1000, 3000, CAPACITY)
 FRSPEC_SIZE = 32768
 HEADLINE = {"shape": "llama3-8b", "dtype": "fp32", "rows": 1, "provider": "microspec@3000"}
 TARGET_RATIO = 0.035
-
-SHAPES = {  # name: (V, H)
-    "llama3-8b": (128256, 4096),
-    "qwen2-7b": (152064, 3584),
-    "llama3.2-1b": (128256, 2048),
-    "smollm2": (49152, 576),
-}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 MODES = {
     # min / max rounds and a time budget (s) per (shape, dtype, rows) configuration
@@ -79,58 +62,7 @@ MODES = {
 }
 
 
-# --------------------------------------------------------------------- modules
-
-class DenseHead(torch.nn.Module):
-    """``Linear -> log_softmax -> topk(10)``, as EAGLE's draft head."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False,
-                                       device="meta", dtype=weight.dtype)
-        self.lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)
-
-    def forward(self, hidden):
-        return torch.topk(F.log_softmax(self.lm_head(hidden), dim=-1), TOP_K, dim=-1)
-
-
-class SubsetHead(torch.nn.Module):
-    """FR-Spec: a compact head over a fixed id subset, top-k mapped back to token ids."""
-
-    def __init__(self, weight: torch.Tensor, subset: torch.Tensor):
-        super().__init__()
-        self.lm_head = torch.nn.Linear(weight.shape[1], subset.numel(), bias=False,
-                                       device="meta", dtype=weight.dtype)
-        self.lm_head.weight = torch.nn.Parameter(weight[subset].contiguous(), requires_grad=False)
-        self.register_buffer("id_map", subset.clone())
-
-    def forward(self, hidden):
-        values, index = torch.topk(F.log_softmax(self.lm_head(hidden), dim=-1), TOP_K, dim=-1)
-        return values, self.id_map[index]
-
-
 # --------------------------------------------------------------------- helpers
-
-def random_weight(vocab: int, hidden: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.empty(vocab, hidden)
-    bound = 1.0 / math.sqrt(hidden)
-    chunk = 16384
-    for start in range(0, vocab, chunk):
-        w[start:start + chunk].uniform_(-bound, bound, generator=gen)
-    return w
-
-
-class Flusher:
-    """Evicts the last-level cache by writing a 64 MiB buffer."""
-
-    def __init__(self, enabled: bool):
-        self.buf = torch.empty(16 * 2**20) if enabled else None
-
-    def __call__(self):
-        if self.buf is not None:
-            self.buf.fill_(1.0)
-
 
 @dataclass
 class Provider:
@@ -142,26 +74,19 @@ class Provider:
 
 def time_rounds(providers: list[Provider], make_input, cfg: dict, flush: Flusher,
                 rng: random.Random, bar=None) -> dict[str, list[float]]:
-    """Interleaved rounds, shuffled order, one timed call per provider per round (ms)."""
-    samples = {p.name: [] for p in providers}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < cfg["max_rounds"] and (
-            rounds < cfg["min_rounds"] or time.perf_counter() - start < cfg["budget_s"]):
-        order = providers[:]
-        rng.shuffle(order)
-        for p in order:
-            if p.setup is not None:
-                p.setup()
-            x = make_input()
-            flush()
-            t0 = time.perf_counter()
-            p.fn(x)
-            samples[p.name].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
-        if bar is not None:
-            bar.set_postfix_str(f"round {rounds}")
-    return samples
+    """Interleaved rounds (``common.interleaved_rounds``), a fresh input before each call (ms)."""
+    current = {}
+
+    def prepare(p: Provider) -> None:
+        if p.setup is not None:
+            p.setup()
+        current["x"] = make_input()
+
+    return interleaved_rounds(
+        {p.name: (lambda p=p: p.fn(current["x"])) for p in providers},
+        min_rounds=cfg["min_rounds"], max_rounds=cfg["max_rounds"], budget_s=cfg["budget_s"],
+        rng=rng, flush=flush, setup={p.name: (lambda p=p: prepare(p)) for p in providers},
+        on_round=None if bar is None else (lambda n: bar.set_postfix_str(f"round {n}")))
 
 
 def check_microspec(ms_fn, vocab, weight: torch.Tensor, x: torch.Tensor) -> str:
@@ -181,7 +106,7 @@ def check_microspec(ms_fn, vocab, weight: torch.Tensor, x: torch.Tensor) -> str:
 
 def run_shape(shape: str, dtypes, rows_list, cfg: dict, mode: str, flush: Flusher,
               bar) -> list[dict]:
-    vocab_size, hidden = SHAPES[shape]
+    vocab_size, hidden = SHAPES[shape].vocab, SHAPES[shape].hidden
     master = random_weight(vocab_size, hidden, seed=0)
     gen = torch.Generator().manual_seed(1)
     subset = torch.randperm(vocab_size, generator=gen)[:FRSPEC_SIZE].sort().values
@@ -324,14 +249,10 @@ def report_headline(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
-                      help="smallest shape, fp32, 1 row, a few rounds (seconds; for tests)")
-    size.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="llama3-8b and smollm2, rows 1 and 10, fp32 + bf16 (default)")
-    size.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="every shape, rows 1 / 10 / 60, fp32 + bf16")
+    parser = mode_parser(__doc__, {
+        "smoke": "smallest shape, fp32, 1 row, a few rounds (seconds; for tests)",
+        "quick": "llama3-8b and smollm2, rows 1 and 10, fp32 + bf16 (default)",
+        "full": "every shape, rows 1 / 10 / 60, fp32 + bf16"})
     parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), help="filter shapes")
     parser.add_argument("--rows", nargs="+", type=int, help="filter / set row counts")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="filter dtypes")

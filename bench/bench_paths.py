@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, loadavg  # noqa: E402
+import microspec_compile as mc
+from microspec_compile.vocab import vocab_for_weight
 
-import microspec_compile as mc  # noqa: E402
-from microspec_compile.vocab import vocab_for_weight  # noqa: E402
+from common import append_rows, loadavg
 
 
 class Head(nn.Module):

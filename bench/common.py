@@ -1,130 +1,99 @@
-"""Helpers shared by the benchmark scripts: machine description and CSV results.
+"""The benchmarks' harness: result files, load recording, cache flushing, interleaved timing.
 
-Every row appended with :func:`append_rows` starts with the date and the machine
-(CPU model, core count, torch and Python versions), so result files from different
-machines and days can be mixed and filtered later.
-
-Results go to ``bench/results/`` unless ``$MICROSPEC_RESULTS_DIR`` names another
-folder (tests use that to keep the real result files clean).
+Each benchmark script is a setup (models, providers) plus one call of
+:func:`interleaved_rounds`; rows go through :func:`append_rows`, which stamps them
+with the date and :func:`machine_info` (``microspec_compile.analysis.results``,
+shared with the demo). Results go to ``bench/results/`` unless
+``$MICROSPEC_RESULTS_DIR`` names another folder.
 """
 from __future__ import annotations
 
-import csv
-import datetime
-import importlib.metadata
-import os
-import platform
-import statistics
-import sys
-from pathlib import Path
+import argparse
+import random
+import time
+from typing import Callable, Optional
 
-__all__ = ["results_dir", "machine_info", "append_rows"]
+import torch
 
+from microspec_compile.analysis.results import (
+    append_rows,
+    loadavg,
+    machine_info,
+    percentiles,
+    results_dir,
+)
 
-def results_dir() -> Path:
-    """Folder of the CSV result files (created on demand)."""
-    root = os.environ.get("MICROSPEC_RESULTS_DIR") or Path(__file__).resolve().parent / "results"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+__all__ = ["append_rows", "loadavg", "machine_info", "percentiles", "results_dir", "Flusher",
+           "interleaved_rounds", "mode_parser"]
 
 
-def _torch_version() -> str:
-    torch = sys.modules.get("torch")  # avoid importing torch just for its version
-    if torch is not None:
-        return torch.__version__
-    try:
-        return importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+def mode_parser(doc: str, modes: dict[str, str]) -> argparse.ArgumentParser:
+    """A parser with one exclusive ``--<mode>`` flag per entry of ``modes`` (name -> help).
+
+    ``args.mode`` is the flag given, None if none; ``doc``'s first paragraph describes it.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    for name, help_text in modes.items():
+        size.add_argument(f"--{name}", dest="mode", action="store_const", const=name,
+                          help=help_text)
+    return parser
 
 
-def machine_info() -> dict:
-    """Describe this machine and software stack.
+class Flusher:
+    """Evicts the last-level cache by writing a buffer (64 MiB by default) before a timed call.
+
+    A draft's decoder layer runs between two head calls, so a warm cache would flatter
+    the head; ``enabled=False`` (``--warm-cache``) makes calling it a no-op.
+    """
+
+    def __init__(self, enabled: bool = True, mib: int = 64):
+        self.buf = torch.empty(mib * 2**20 // 4) if enabled else None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.fill_(1.0)
+
+
+def interleaved_rounds(fns: dict[str, Callable[[], object]], *, min_rounds: int,
+                       max_rounds: Optional[int] = None, budget_s: float = 0.0,
+                       rng: Optional[random.Random] = None, flush: Optional[Callable] = None,
+                       setup: Optional[dict] = None, on_round: Optional[Callable] = None
+                       ) -> dict[str, list[float]]:
+    """Time every callable once per round, in a shuffled order each round (milliseconds).
+
+    Parameters
+    ----------
+    fns : name -> callable with no arguments (the timed call)
+    min_rounds, max_rounds, budget_s : at least ``min_rounds``; more while under
+        ``budget_s`` seconds, at most ``max_rounds`` (default ``min_rounds``)
+    rng : the shuffling generator (default ``random.Random(0)``)
+    flush : called untimed before each timed call (e.g. a :class:`Flusher`)
+    setup : name -> callable run untimed before that name's timed call
+    on_round : called with the number of rounds done after each round (progress)
 
     Returns
     -------
     dict
-        ``machine`` (CPU model from /proc/cpuinfo, else ``platform.processor()``),
-        ``cpus`` (int, logical cores), ``torch`` (version str), ``python`` (version
-        str) and ``platform`` (OS string).
+        name -> list of per-call milliseconds, in round order.
     """
-    return {
-        "machine": _cpu_model(),
-        "cpus": os.cpu_count(),
-        "torch": _torch_version(),
-        "python": platform.python_version(),
-        "platform": platform.platform(terse=True),
-    }
-
-
-def append_rows(csv_name: str, rows: list[dict]) -> Path:
-    """Append result rows to ``results_dir() / csv_name``.
-
-    Each row is prefixed with ``date`` (ISO, seconds) and :func:`machine_info`
-    columns unless it already has them. When rows bring columns the file does not
-    have yet, the file is rewritten once with the union of the columns (old rows
-    get empty cells), so the header always describes every row.
-
-    Parameters
-    ----------
-    csv_name : str
-        File name, e.g. ``"coverage.csv"``.
-    rows : list of dict
-        Column name -> value; values are written with ``str``.
-
-    Returns
-    -------
-    Path
-        The CSV file written.
-    """
-    path = results_dir() / csv_name
-    stamp = {"date": datetime.datetime.now().isoformat(timespec="seconds"), **machine_info()}
-    rows = [{**stamp, **row} for row in rows]
-    old_rows: list[dict] = []
-    header: list[str] = []
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            old_rows = list(reader)
-    new_columns = [k for row in rows for k in row if k not in header]
-    columns = header + list(dict.fromkeys(new_columns))
-    if header and columns == header:
-        with open(path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, fieldnames=columns).writerows(rows)
-        return path
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(old_rows + rows)
-    os.replace(tmp, path)
-    return path
-
-
-def percentiles(samples: list[float]) -> tuple[float, float, float]:
-    """``(p20, p50, p80)`` of timing samples (p50 is the median)."""
-    if len(samples) < 2:
-        return samples[0], samples[0], samples[0]
-    qs = statistics.quantiles(samples, n=10, method="inclusive")
-    return qs[1], statistics.median(samples), qs[7]
-
-
-def loadavg() -> str:
-    """The 1/5/15-minute load averages, ``"a/b/c"`` (timings on a busy machine are suspect)."""
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return ""
+    rng = rng or random.Random(0)
+    max_rounds = min_rounds if max_rounds is None else max_rounds
+    setup = setup or {}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        order = list(fns)
+        rng.shuffle(order)
+        for name in order:
+            if name in setup:
+                setup[name]()
+            if flush is not None:
+                flush()
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+        if on_round is not None:
+            on_round(rounds)
+    return samples

@@ -35,34 +35,26 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from microspec_compile.kernels import ops  # noqa: E402,F401
+from microspec_compile.kernels import ops  # noqa: E402
 from microspec_compile.kernels.inductor_head import compile_with_decompositions  # noqa: E402
 from microspec_compile.kernels.reference import observe_reference  # noqa: E402
+from microspec_compile.kernels.state import VocabState  # noqa: E402
 from microspec_compile.kernels.triton_observe import observe_async, observe_triton  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def make_state(weight, cap, active, gen):
-    """Vocabulary state tensors (reference layout) with ``active`` random ids observed."""
+def make_state(weight, cap, active, gen) -> VocabState:
+    """A vocabulary state of capacity ``cap`` with ``active`` random ids observed."""
     vocab, hidden = weight.shape
-    dev = weight.device
-    state = (torch.zeros(cap + 1, hidden, dtype=weight.dtype, device=dev),
-             torch.full((cap + 1,), vocab, dtype=torch.int64, device=dev),
-             torch.full((vocab + 1,), -1, dtype=torch.int64, device=dev),
-             torch.zeros(cap + 1, dtype=torch.int64, device=dev),
-             torch.zeros(1, dtype=torch.int64, device=dev),
-             torch.zeros(1, dtype=torch.int64, device=dev))
-    ids = torch.randperm(vocab, generator=gen)[:active].to(dev)
-    observe_reference(*state, weight, ids)
+    state = VocabState.empty(vocab, hidden, cap, weight.dtype, weight.device)
+    observe_reference(state, weight, torch.randperm(vocab, generator=gen)[:active].to(weight.device))
     return state
 
 
@@ -123,7 +115,7 @@ def run_table(args) -> list[str]:
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden ** 0.5).to(dtype).to(dev)
     state = make_state(weight, args.cap, args.active, gen)
-    rows, ids, member, last_seen, count, step = state
+    ids = state.ids
     timer = Timer(dev, args.iters, args.warmup, 0 if args.warm_cache else args.flush_mb)
     bw = bandwidth_gbs(dev)
     item = weight.element_size()
@@ -150,15 +142,14 @@ def run_table(args) -> list[str]:
 
             def sparse(impl, x=x, output=output):
                 if output == "topk":
-                    return torch.ops.microspec.sparse_topk(
-                        x, rows, ids, count, None, k, "log_softmax", impl=impl)
-                return torch.ops.microspec.sparse_full(
-                    x, rows, ids, count, None, args.vocab, "log_softmax", impl=impl)
+                    return ops.sparse_topk(x, state, None, k, "log_softmax", impl=impl)
+                return ops.sparse_full(x, state, None, args.vocab, "log_softmax", impl=impl)
 
             def sparse_inductor(x=x, output=output):
                 gm = torch.fx.symbolic_trace(head_graph(output, k, args.vocab))
-                compiled = compile_with_decompositions(gm, [x, rows, ids, count])
-                return lambda: compiled(x, rows, ids, count)
+                head_inputs = [x, state.rows, state.ids, state.count]
+                compiled = compile_with_decompositions(gm, head_inputs)
+                return lambda: compiled(*head_inputs)
 
             # name -> builder of the timed callable (builders may compile)
             providers = {"dense": lambda: dense}
@@ -181,8 +172,8 @@ def run_table(args) -> list[str]:
     # Steady-state observe: 70 tokens of which ~5 are new (the rest already active).
     toks = torch.cat([ids[:65], torch.randint(0, args.vocab, (5,), generator=gen).to(dev)])
     for name, fn in (("observe_triton", observe_triton), ("observe_torch", observe_reference)):
-        st = [t.clone() for t in state]
-        ms = timer(lambda st=st, fn=fn: fn(*st, weight, toks))
+        st = state.clone()
+        ms = timer(lambda st=st, fn=fn: fn(st, weight, toks))
         fl = floor_ms(5, 0, 0)
         lines.append(f"{name:<18}{'-':<7}{70:>5}{ms:>10.4f}{fl:>10.4f}{ms / fl:>9.1f}")
     return lines
@@ -195,7 +186,6 @@ def sync_check(args) -> str:
     gen = torch.Generator().manual_seed(1)
     weight = (torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden ** 0.5).to(dtype).to(dev)
     state = make_state(weight, args.cap, args.active, gen)
-    rows, ids, member, last_seen, count, step = state
     steps = [(torch.randint(0, args.vocab, (70,), generator=gen).to(dev),
               torch.randn(10, args.hidden, generator=gen).to(dtype).to(dev)) for _ in range(4)]
     for impl in ("triton", "torch"):  # the first pass also compiles the Triton kernels
@@ -203,12 +193,11 @@ def sync_check(args) -> str:
         torch.cuda.set_sync_debug_mode("error")
         try:
             for tokens, x in steps:
-                torch.ops.microspec.observe(*state, weight, tokens, impl=impl)
-                ev = observe_async(*state, weight, tokens)
+                ops.observe(state, weight, tokens, impl=impl)
+                ev = observe_async(state, weight, tokens)
                 torch.cuda.current_stream().wait_event(ev)
-                torch.ops.microspec.sparse_topk(x, rows, ids, count, None, 10, "log_softmax", impl=impl)
-                torch.ops.microspec.sparse_full(
-                    x, rows, ids, count, None, args.vocab, "softmax", impl=impl)
+                ops.sparse_topk(x, state, None, 10, "log_softmax", impl=impl)
+                ops.sparse_full(x, state, None, args.vocab, "softmax", impl=impl)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()

@@ -23,20 +23,13 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+from microspec_compile.analysis.plotting import grid, pyplot, save_figure
+from microspec_compile.analysis.results import results_dir
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "bench") not in sys.path:
-    sys.path.insert(0, str(ROOT / "bench"))
-
-from common import results_dir  # noqa: E402
+plt = pyplot()
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -65,21 +58,12 @@ def latest(rows: list[dict], key_cols: tuple) -> dict[tuple, list[dict]]:
     return out
 
 
-def _grid(n: int, width: float = 4.6, height: float = 3.6):
-    cols = min(n, 4)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat[:n])
-
-
 def plot_head(rows: list[dict], out: Path) -> Path | None:
     groups = latest(rows, ("shape", "dtype", "rows", "threads"))
     if not groups:
         return None
     order = sorted(groups, key=lambda k: (k[0], k[1], int(num(k[2], 0)), k[3]))
-    fig, axes = _grid(len(order))
+    fig, axes = grid(len(order))
     lines = {"eager_dense": ("tab:gray", ":"), "inductor_dense": ("tab:red", "-"),
              "inductor_frspec32k": ("tab:orange", "--")}
     for ax, key in zip(axes, order):
@@ -113,12 +97,8 @@ def plot_head(rows: list[dict], out: Path) -> Path | None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6.5, loc="best")
     machine = groups[order[0]][0].get("machine", "")
-    fig.suptitle(f"LM head: latency vs active vocabulary ({machine})", fontsize=10)
-    fig.tight_layout()
-    path = out / "head_latency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "head_latency.png",
+                       f"LM head: latency vs active vocabulary ({machine})")
 
 
 def plot_draft(rows: list[dict], out: Path) -> Path | None:
@@ -126,7 +106,7 @@ def plot_draft(rows: list[dict], out: Path) -> Path | None:
     if not groups:
         return None
     order = sorted(groups)
-    fig, axes = _grid(len(order), width=5.0, height=4.0)
+    fig, axes = grid(len(order), width=5.0, height=4.0)
     providers = ("inductor_dense", "inductor_frspec32k", "microspec")
     for ax, key in zip(axes, order):
         by_name = {r["provider"]: r for r in groups[key]}
@@ -154,12 +134,8 @@ def plot_draft(rows: list[dict], out: Path) -> Path | None:
             ax.set_ylim(0, max(tops) * 1.25)
         ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     first = groups[order[0]][0]
-    fig.suptitle(f"EAGLE-2 draft step breakdown\n({first.get('machine', '')})", fontsize=10)
-    fig.tight_layout()
-    path = out / "draft_step_breakdown.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "draft_step_breakdown.png",
+                       f"EAGLE-2 draft step breakdown\n({first.get('machine', '')})")
 
 
 def plot_coverage(rows: list[dict], out: Path) -> Path | None:
@@ -167,7 +143,7 @@ def plot_coverage(rows: list[dict], out: Path) -> Path | None:
     if not groups:
         return None
     tokenizers = sorted({k[0] for k in groups})
-    fig, axes = _grid(len(tokenizers), width=5.5, height=4.2)
+    fig, axes = grid(len(tokenizers), width=5.5, height=4.2)
     markers = ["o", "s", "^", "D", "v", "P", "X"]
     for ax, tok in zip(axes, tokenizers):
         keys = [k for k in groups if k[0] == tok]
@@ -195,13 +171,8 @@ def plot_coverage(rows: list[dict], out: Path) -> Path | None:
         handles += [plt.Line2D([], [], color="black", marker=markers[i % len(markers)],
                                linestyle="", label=p) for i, p in enumerate(policies)]
         ax.legend(handles=handles, fontsize=6.5, loc="lower right")
-    fig.suptitle("Coverage vs active-vocabulary size per policy\n(target: >= 0.97 at <= 3k)",
-                 fontsize=10)
-    fig.tight_layout()
-    path = out / "coverage.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "coverage.png",
+                       "Coverage vs active-vocabulary size per policy\n(target: >= 0.97 at <= 3k)")
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

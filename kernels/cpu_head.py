@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import PINNED, _normalize, observe_reference
+from .reference import fill_value, normalize_scores, observe_reference
+from .state import PINNED, VocabState
 
 
 def _live_scores(hidden, rows, ids, count, bias):
@@ -32,13 +33,12 @@ def _live_scores(hidden, rows, ids, count, bias):
 def sparse_topk_cpu(hidden, rows, ids, count, bias, k, normalize):
     """Same contract as ``reference.sparse_topk_reference``; ``hidden`` is ``[N, H]``."""
     scores, live_ids = _live_scores(hidden, rows, ids, count, bias)
-    scores = _normalize(scores, normalize)
+    scores = normalize_scores(scores, normalize)
     kk = min(k, scores.shape[1])
     values, index = torch.topk(scores, kk, dim=-1)
     token_ids = live_ids[index]
     if kk < k:  # fewer live rows than k: pad like the reference
-        pad_value = 0.0 if normalize == "softmax" else float("-inf")
-        values = F.pad(values, (0, k - kk), value=pad_value)
+        values = F.pad(values, (0, k - kk), value=fill_value(normalize))
         token_ids = F.pad(token_ids, (0, k - kk), value=-1)
     return values.to(hidden.dtype), token_ids
 
@@ -46,20 +46,20 @@ def sparse_topk_cpu(hidden, rows, ids, count, bias, k, normalize):
 def sparse_full_cpu(hidden, rows, ids, count, bias, vocab_size, normalize):
     """Same contract as ``reference.sparse_full_reference``."""
     scores, live_ids = _live_scores(hidden, rows, ids, count, bias)
-    scores = _normalize(scores, normalize).to(hidden.dtype)
-    fill = 0.0 if normalize == "softmax" else float("-inf")
-    out = hidden.new_full((hidden.shape[0], vocab_size), fill)
+    scores = normalize_scores(scores, normalize).to(hidden.dtype)
+    out = hidden.new_full((hidden.shape[0], vocab_size), fill_value(normalize))
     out.index_copy_(1, live_ids, scores)
     return out
 
 
-def observe_cpu(rows, ids, member, last_seen, count, step, weight, tokens, pin=False):
+def observe_cpu(state: VocabState, weight, tokens, pin=False):
     """Same contract and final state as ``reference.observe_reference``."""
     flat = tokens.reshape(-1).to(torch.int64)
-    slots = member[flat]
+    slots = state.member[flat]
     if flat.numel() == 0 or not bool((slots >= 0).all()):
-        observe_reference(rows, ids, member, last_seen, count, step, weight, tokens, pin)
+        observe_reference(state, weight, tokens, pin)
         return
+    step, last_seen = state.step, state.last_seen
     # Every token is active: nothing to gather or evict, only the LRU stamps move.
     step.add_(1)
     kept = last_seen[slots]

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.microspec)
-from .reference import _normalize, compact_logits
+from .reference import compact_logits, full_epilogue, normalize_scores, topk_epilogue
 
 
 def _flat(hidden: torch.Tensor) -> torch.Tensor:
@@ -85,11 +85,10 @@ def sparse_topk_decomposition(
     token_ids : [..., k] int64
     """
     # sparse_topk_reference, with _logits for compact_logits.
-    scores = _normalize(_logits(_flat(hidden), rows, ids, count, bias), normalize)
-    values, index = torch.topk(scores, k, dim=-1)
-    token_ids = ids[index].masked_fill(index >= count, -1)
+    scores = normalize_scores(_logits(_flat(hidden), rows, ids, count, bias), normalize)
+    values, token_ids = topk_epilogue(scores, ids, count, k, hidden.dtype)
     lead = hidden.shape[:-1]
-    return values.to(hidden.dtype).reshape(*lead, k), token_ids.reshape(*lead, k)
+    return values.reshape(*lead, k), token_ids.reshape(*lead, k)
 
 
 def sparse_full_decomposition(
@@ -115,16 +114,11 @@ def sparse_full_decomposition(
     -------
     [..., vocab_size] in ``hidden.dtype``
     """
-    # sparse_full_reference, with _logits and the out-of-place scatter_reduce:
-    # decompositions run under AOTAutograd's functionalization, which rejects the
-    # in-place scatter_reduce_ of the reference.
-    flat = _flat(hidden)
-    scores = _normalize(_logits(flat, rows, ids, count, bias), normalize)
-    fill = 0.0 if normalize == "softmax" else float("-inf")
-    index = ids.clamp(max=vocab_size - 1).expand(flat.shape[0], -1)
-    out = scores.new_full((flat.shape[0], vocab_size), fill)
-    out = out.scatter_reduce(1, index, scores, reduce="amax")
-    return out.to(hidden.dtype).reshape(*hidden.shape[:-1], vocab_size)
+    # sparse_full_reference, with _logits for compact_logits (its epilogue is out of
+    # place: decompositions run under AOTAutograd's functionalization).
+    scores = normalize_scores(_logits(_flat(hidden), rows, ids, count, bias), normalize)
+    out = full_epilogue(scores, ids, vocab_size, normalize, hidden.dtype)
+    return out.reshape(*hidden.shape[:-1], vocab_size)
 
 
 def decompositions() -> dict:

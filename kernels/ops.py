@@ -7,9 +7,18 @@ Inductor can trace them with symbolic shapes, and a device implementation:
 ``microspec::sparse_topk``  top-k (argmax is k=1) over the active rows.
 ``microspec::sparse_full``  full-vocabulary logits / probabilities / log-probs.
 
-The CPU implementations are the pure-torch references in ``reference.py``; on CUDA
-the Triton kernels are used when available (``kernels.dispatch``). ``impl`` picks
-an implementation explicitly: ``"auto"`` (per device), ``"torch"``, ``"triton"``.
+On CPU the ops run ``cpu_head.py`` (pure torch, value-dependent shortcuts), on
+CUDA the Triton kernels when Triton imports, else the capturable references of
+``reference.py``; ``impl`` picks explicitly: ``"auto"`` (per device), ``"torch"``,
+``"triton"``. The choice is made in one place, ``kernels/dispatch.py``.
+
+The registered schemas are flat (``torch.library`` ops take tensors, not tuples);
+call them through the wrappers at the end of this module, which take a
+:class:`~microspec_compile.kernels.state.VocabState`::
+
+    observe(state, weight, tokens, pin=False)
+    sparse_topk(hidden, state, bias, k, normalize)
+    sparse_full(hidden, state, bias, vocab_size, normalize)
 """
 from __future__ import annotations
 
@@ -17,8 +26,9 @@ from typing import Optional
 
 import torch
 
-from . import dispatch
+from .dispatch import kernel
 from .reference import NORMALIZE_MODES
+from .state import VocabState
 
 _LIB = "microspec"
 
@@ -36,7 +46,7 @@ def _check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
 @torch.library.custom_op(
     f"{_LIB}::observe", mutates_args=("rows", "ids", "member", "last_seen", "count", "step")
 )
-def observe(
+def observe_op(
     rows: torch.Tensor,
     ids: torch.Tensor,
     member: torch.Tensor,
@@ -52,10 +62,11 @@ def observe(
     _check_tokens(tokens, weight.shape[0])
     if tokens.device != rows.device:
         tokens = tokens.to(rows.device, non_blocking=True)
-    dispatch.observe(rows, ids, member, last_seen, count, step, weight, tokens, pin, impl)
+    state = VocabState(rows, ids, member, last_seen, count, step)
+    kernel("observe", rows.device, impl)(state, weight, tokens, pin)
 
 
-@observe.register_fake
+@observe_op.register_fake
 def _(rows, ids, member, last_seen, count, step, weight, tokens, pin=False, impl="auto"):
     return None
 
@@ -90,7 +101,7 @@ _EMPTY = (
 
 
 @torch.library.custom_op(f"{_LIB}::sparse_topk", mutates_args=())
-def sparse_topk(
+def sparse_topk_op(
     hidden: torch.Tensor,
     rows: torch.Tensor,
     ids: torch.Tensor,
@@ -106,19 +117,20 @@ def sparse_topk(
         raise ValueError(f"k must be in [1, capacity={rows.shape[0] - 1}], got {k}")
     _check_not_empty(count)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    values, token_ids = dispatch.sparse_topk(flat, rows, ids, count, bias, k, normalize, impl)
+    values, token_ids = kernel("sparse_topk", hidden.device, impl)(
+        flat, rows, ids, count, bias, k, normalize)
     lead = hidden.shape[:-1]
     return values.reshape(*lead, k), token_ids.reshape(*lead, k)
 
 
-@sparse_topk.register_fake
+@sparse_topk_op.register_fake
 def _(hidden, rows, ids, count, bias, k, normalize, impl="auto"):
     shape = (*hidden.shape[:-1], k)
     return hidden.new_empty(shape), hidden.new_empty(shape, dtype=torch.int64)
 
 
 @torch.library.custom_op(f"{_LIB}::sparse_full", mutates_args=())
-def sparse_full(
+def sparse_full_op(
     hidden: torch.Tensor,
     rows: torch.Tensor,
     ids: torch.Tensor,
@@ -132,10 +144,42 @@ def sparse_full(
     _check_head_args(hidden, rows, normalize)
     _check_not_empty(count)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    out = dispatch.sparse_full(flat, rows, ids, count, bias, vocab_size, normalize, impl)
+    out = kernel("sparse_full", hidden.device, impl)(
+        flat, rows, ids, count, bias, vocab_size, normalize)
     return out.reshape(*hidden.shape[:-1], vocab_size)
 
 
-@sparse_full.register_fake
+@sparse_full_op.register_fake
 def _(hidden, rows, ids, count, bias, vocab_size, normalize, impl="auto"):
     return hidden.new_empty((*hidden.shape[:-1], vocab_size))
+
+
+# ------------------------------------------------------------------ VocabState wrappers
+
+def observe(state: VocabState, weight: torch.Tensor, tokens: torch.Tensor, pin: bool = False,
+            impl: str = "auto") -> None:
+    """``microspec::observe`` on a state: add unseen ``tokens`` (any shape) in place.
+
+    Parameters
+    ----------
+    state : VocabState
+    weight : [V, H] the full head weight (rows of new tokens are gathered from it)
+    tokens : integer tensor of any shape, ids in ``[0, V)``
+    pin : mark the tokens as never evicted
+    impl : ``"auto"``, ``"torch"`` or ``"triton"`` (``kernels/dispatch.py``)
+    """
+    torch.ops.microspec.observe(*state, weight, tokens, pin, impl)
+
+
+def sparse_topk(hidden: torch.Tensor, state: VocabState, bias: Optional[torch.Tensor], k: int,
+                normalize: str = "none", impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``microspec::sparse_topk`` on a state: ``hidden [..., H]`` -> ``(values, ids) [..., k]``."""
+    return torch.ops.microspec.sparse_topk(hidden, state.rows, state.ids, state.count, bias, k,
+                                           normalize, impl)
+
+
+def sparse_full(hidden: torch.Tensor, state: VocabState, bias: Optional[torch.Tensor],
+                vocab_size: int, normalize: str = "none", impl: str = "auto") -> torch.Tensor:
+    """``microspec::sparse_full`` on a state: ``hidden [..., H]`` -> ``[..., vocab_size]``."""
+    return torch.ops.microspec.sparse_full(hidden, state.rows, state.ids, state.count, bias,
+                                           vocab_size, normalize, impl)

@@ -5,39 +5,22 @@ Triton kernels, the Inductor lowering) is tested against. They are written witho
 host synchronisation (no ``.item()``, ``.tolist()``, ``nonzero()``), so on CUDA they
 are also a valid, capturable fallback.
 
-State layout (see ``microspec_compile.vocab.ActiveVocab``), CAP = capacity:
-
-========== ================ ===================================================
-name       shape / dtype    meaning
-========== ================ ===================================================
-rows       [CAP + 1, H]     compact head weight; row CAP is a scratch row
-ids        [CAP + 1] int64  token id of each row, ``V`` (out of range) if empty
-member     [V + 1] int64    compact row of each token id, -1 if absent; entry V
-                            is scratch
-last_seen  [CAP + 1] int64  step at which a row was last observed; ``PINNED``
-                            for pinned rows (never evicted)
-count      [1] int64        number of occupied rows; rows ``[0, count)`` are live
-step       [1] int64        observation counter, incremented by every observe
-========== ================ ===================================================
-
-The occupied rows always form the prefix ``[0, count)``: new tokens fill free rows
-in order and eviction replaces a row in place.
+The state layout is ``kernels/state.py`` (``VocabState``).
 """
 from __future__ import annotations
 
 import torch
 
-PINNED = torch.iinfo(torch.int64).max
+from .state import PINNED, VocabState
+
+__all__ = ["PINNED", "NORMALIZE_MODES", "observe_reference", "compact_logits",
+           "normalize_scores", "fill_value", "topk_epilogue", "full_epilogue",
+           "sparse_topk_reference", "sparse_full_reference"]
 NORMALIZE_MODES = ("none", "softmax", "log_softmax")
 
 
 def observe_reference(
-    rows: torch.Tensor,
-    ids: torch.Tensor,
-    member: torch.Tensor,
-    last_seen: torch.Tensor,
-    count: torch.Tensor,
-    step: torch.Tensor,
+    state: VocabState,
     weight: torch.Tensor,
     tokens: torch.Tensor,
     pin: bool = False,
@@ -46,8 +29,8 @@ def observe_reference(
 
     Parameters
     ----------
-    rows, ids, member, last_seen, count, step
-        The state tensors (layout in the module docstring); updated in place.
+    state : VocabState
+        The state tensors (layout in ``kernels/state.py``); updated in place.
     weight : [V, H]
         The full LM-head weight; only the rows of new tokens are read.
     tokens : any shape, integer
@@ -63,6 +46,7 @@ def observe_reference(
     call. If one call brings more new tokens than that, the ones that occur
     latest in ``tokens`` win (the same outcome as observing them one by one).
     """
+    rows, ids, member, last_seen, count, step = state
     cap = rows.shape[0] - 1
     vocab = member.shape[0] - 1
     flat = tokens.reshape(-1).to(torch.int64)
@@ -155,7 +139,8 @@ def compact_logits(
     return scores.masked_fill(~live, float("-inf"))
 
 
-def _normalize(scores: torch.Tensor, normalize: str) -> torch.Tensor:
+def normalize_scores(scores: torch.Tensor, normalize: str) -> torch.Tensor:
+    """``scores [N, C]`` as they are, softmax-ed or log-softmax-ed over the last dim."""
     if normalize == "softmax":
         return torch.softmax(scores, dim=-1)
     if normalize == "log_softmax":
@@ -163,6 +148,37 @@ def _normalize(scores: torch.Tensor, normalize: str) -> torch.Tensor:
     if normalize == "none":
         return scores
     raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+
+
+def fill_value(normalize: str) -> float:
+    """What inactive entries hold: 0 for probabilities, ``-inf`` for (log-)scores."""
+    return 0.0 if normalize == "softmax" else float("-inf")
+
+
+def topk_epilogue(scores, ids, count, k: int, dtype: torch.dtype):
+    """Top-k of normalised compact ``scores [N, CAP + 1]`` with ids mapped back.
+
+    Returns
+    -------
+    values : [N, k] in ``dtype``
+    token_ids : [N, k] int64; -1 where the index is past ``count``
+    """
+    values, index = torch.topk(scores, k, dim=-1)
+    token_ids = ids[index].masked_fill(index >= count, -1)
+    return values.to(dtype), token_ids
+
+
+def full_epilogue(scores, ids, vocab_size: int, normalize: str, dtype: torch.dtype):
+    """Normalised compact ``scores [N, CAP + 1]`` scattered into ``[N, vocab_size]``.
+
+    Empty rows hold the fill value already (-inf logits, 0 probabilities) and point
+    past the vocabulary; clamping them onto token V-1 under an amax reduction leaves
+    that token's own value untouched. Out of place: it also serves as an Inductor
+    decomposition, which runs under functionalization (``inductor_head.py``).
+    """
+    index = ids.clamp(max=vocab_size - 1).expand(scores.shape[0], -1)
+    out = scores.new_full((scores.shape[0], vocab_size), fill_value(normalize))
+    return out.scatter_reduce(1, index, scores, reduce="amax").to(dtype)
 
 
 def sparse_topk_reference(
@@ -176,17 +192,21 @@ def sparse_topk_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k over the active vocabulary, values optionally renormalised over it.
 
+    Parameters
+    ----------
+    hidden : [N, H]
+    rows, ids, count : the head's part of the state (``VocabState`` fields)
+    bias : [V] or None
+    k : int
+    normalize : one of ``NORMALIZE_MODES``
+
     Returns
     -------
     values : [N, k] in ``hidden.dtype``; ``-inf`` (0 for softmax) past the active set
     token_ids : [N, k] int64; ``-1`` where fewer than k tokens are active
     """
-    scores = _normalize(compact_logits(hidden, rows, ids, count, bias), normalize)
-    values, index = torch.topk(scores, k, dim=-1)
-    token_ids = ids[index]
-    invalid = index >= count
-    token_ids = token_ids.masked_fill(invalid, -1)
-    return values.to(hidden.dtype), token_ids
+    scores = normalize_scores(compact_logits(hidden, rows, ids, count, bias), normalize)
+    return topk_epilogue(scores, ids, count, k, hidden.dtype)
 
 
 def sparse_full_reference(
@@ -205,12 +225,5 @@ def sparse_full_reference(
     [N, vocab_size] in ``hidden.dtype``: logits / log-probabilities with ``-inf``
     outside the active set, or probabilities with 0 there.
     """
-    scores = _normalize(compact_logits(hidden, rows, ids, count, bias), normalize)
-    fill = 0.0 if normalize == "softmax" else float("-inf")
-    # Empty rows hold the fill value already (-inf logits, 0 probabilities) and
-    # point past the vocabulary; clamping them onto token V-1 under an amax
-    # reduction leaves that token's own value untouched.
-    index = ids.clamp(max=vocab_size - 1).expand(hidden.shape[0], -1)
-    out = scores.new_full((hidden.shape[0], vocab_size), fill)
-    out.scatter_reduce_(1, index, scores, reduce="amax")
-    return out.to(hidden.dtype)
+    scores = normalize_scores(compact_logits(hidden, rows, ids, count, bias), normalize)
+    return full_epilogue(scores, ids, vocab_size, normalize, hidden.dtype)

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import PINNED
+from .state import PINNED, VocabState
 
 _PINNED_C = tl.constexpr(PINNED)
 
@@ -136,16 +136,15 @@ def _finish_kernel(
         tl.debug_barrier()  # the next token's scan must see this row's new last_seen
 
 
-def observe_triton(rows, ids, member, last_seen, count, step, weight, tokens, pin=False):
+def observe_triton(state: VocabState, weight, tokens, pin=False):
     """Add the unseen ``tokens`` to the vocabulary state in place, on the device.
 
     Parameters
     ----------
-    rows : [CAP + 1, H]
-    ids, last_seen : [CAP + 1] int64
-    member : [V + 1] int64
-    count, step : [1] int64
-        The state (layout in ``reference.py``); updated in place, never read on the host.
+    state : VocabState
+        ``rows [CAP + 1, H]``, ``ids / last_seen [CAP + 1]``, ``member [V + 1]``,
+        ``count / step [1]`` (layout in ``state.py``); updated in place, never read on
+        the host.
     weight : [V, H]
         Full LM-head weight; only the rows of new ids are read (cast to ``rows.dtype``).
     tokens : any shape, integer dtype, on the state's device
@@ -157,6 +156,7 @@ def observe_triton(rows, ids, member, last_seen, count, step, weight, tokens, pi
     Same invariants as ``observe_reference``; same id set and count when nothing is
     evicted, rows possibly in another order (module docstring).
     """
+    rows, ids, member, last_seen, count, step = state
     cap = rows.shape[0] - 1
     vocab = member.shape[0] - 1
     flat = tokens.reshape(-1)
@@ -187,12 +187,12 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[index]
 
 
-def observe_async(rows, ids, member, last_seen, count, step, weight, tokens, pin=False, stream=None):
+def observe_async(state: VocabState, weight, tokens, pin=False, stream=None):
     """Run observe on a side stream so the row gather overlaps the draft's layers.
 
     Parameters
     ----------
-    rows, ids, member, last_seen, count, step, weight, tokens, pin
+    state, weight, tokens, pin
         As in :func:`observe_triton`.
     stream : torch.cuda.Stream or None
         The side stream; one cached stream per device when None.
@@ -223,18 +223,19 @@ def observe_async(rows, ids, member, last_seen, count, step, weight, tokens, pin
        Temporaries made inside (the flattened tokens, the overflow list) are
        allocated while ``side`` is current, so they belong to it already.
     """
-    if rows.device.type != "cuda":
-        from .dispatch import observe
+    device = state.rows.device
+    if device.type != "cuda":
+        from .dispatch import kernel
 
-        observe(rows, ids, member, last_seen, count, step, weight, tokens, pin)
+        kernel("observe", device)(state, weight, tokens, pin)
         return None
-    main = torch.cuda.current_stream(rows.device)
-    side = stream if stream is not None else _side_stream(rows.device)
-    if tokens.device != rows.device:
-        tokens = tokens.to(rows.device, non_blocking=True)  # copy is ordered on main
+    main = torch.cuda.current_stream(device)
+    side = stream if stream is not None else _side_stream(device)
+    if tokens.device != device:
+        tokens = tokens.to(device, non_blocking=True)  # copy is ordered on main
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        observe_triton(rows, ids, member, last_seen, count, step, weight, tokens, pin)
+        observe_triton(state, weight, tokens, pin)
         event = torch.cuda.Event()
         event.record(side)
     tokens.record_stream(side)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import DEMO_SMALL_BATCH_LINEAR, check_small_batch_linear
+
 __all__ = ["build_parser", "main"]
 
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target-topk", type=int, default=3,
                       help="target top-k added to the draft's vocabulary per scored position "
                            "(the paper's signal); 0: off, to measure what it adds")
-    demo.add_argument("--small-batch-linear", type=int, default=16,
+    demo.add_argument("--small-batch-linear", type=int, default=DEMO_SMALL_BATCH_LINEAR,
                       help="the target's LM head computes 2..N rows as W @ x^T (its "
                            "verification of gamma+1 tokens, about 2x faster on CPU); 0: off")
     demo.add_argument("--threads", type=int, default=1,
@@ -67,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"microspec demo: --{name.replace('_', '-')} must be >= 1")
         if args.target_topk < 0:
             raise SystemExit("microspec demo: --target-topk must be >= 0")
-        if args.small_batch_linear < 0 or args.small_batch_linear == 1:
-            raise SystemExit("microspec demo: --small-batch-linear must be 0 (off) or >= 2")
+        try:
+            check_small_batch_linear(args.small_batch_linear)
+        except ValueError:
+            raise SystemExit("microspec demo: --small-batch-linear must be 0 (off) or >= 2") from None
         import torch
 
         from .demo import run_demo

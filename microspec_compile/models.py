@@ -36,7 +36,6 @@ __all__ = [
     "default_gguf_path",
     "load_causal_lm",
     "early_exit_draft",
-    "early_exit_agreement",
     "shares_storage",
     "default_cache_dir",
 ]
@@ -251,43 +250,3 @@ def shares_storage(draft: nn.Module, target: nn.Module) -> bool:
     """
     target_ptrs = {p.data_ptr() for p in target.parameters()}
     return all(p.data_ptr() in target_ptrs for p in draft.parameters())
-
-
-@torch.inference_mode()
-def early_exit_agreement(target: nn.Module, sequences: list, depths: list[int]) -> dict:
-    """How often an early exit after ``N`` layers predicts the target's next token.
-
-    Teacher-forced: each sequence is scored once by the target and once per
-    depth by :func:`early_exit_draft`; at every continuation position the
-    draft's argmax is compared with the target's.  With greedy decoding this
-    top-1 agreement ``a`` is the per-token acceptance rate, so ``a + a^2 + ... +
-    a^gamma`` estimates the mean accepted tokens per step (independent positions).
-
-    Parameters
-    ----------
-    target : a causal LM (``PreTrainedModel``)
-    sequences : list of ``(prompt_len, ids [1, T])``; positions ``prompt_len - 1
-        .. T - 2`` (those predicting the continuation) are scored
-    depths : early-exit depths ``N`` to measure
-
-    Returns
-    -------
-    dict
-        ``{N: agreement in [0, 1]}``.
-    """
-    for prompt_len, ids in sequences:
-        if not 1 <= prompt_len < ids.shape[-1]:
-            raise ValueError(f"a sequence of {ids.shape[-1]} ids with prompt_len={prompt_len} has "
-                             "no continuation to score (need 1 <= prompt_len < length)")
-    reference = [target(input_ids=ids).logits[0].argmax(-1) for _, ids in sequences]
-    result = {}
-    for depth in depths:
-        draft = early_exit_draft(target, depth)
-        hits = total = 0
-        for (prompt_len, ids), ref in zip(sequences, reference):
-            pred = draft(input_ids=ids).logits[0].argmax(-1)
-            scored = slice(prompt_len - 1, ids.shape[1] - 1)
-            hits += int((pred[scored] == ref[scored]).sum())
-            total += ids.shape[1] - prompt_len
-        result[depth] = hits / total
-    return result

@@ -8,13 +8,14 @@ graph). The target's outputs are untouched, so they stay bit-identical (unless
 ``small_batch_linear`` is set: a faster CPU verification that rounds differently,
 see ``kernels/small_batch_linear.py``).
 
-Why it helps (MicroSpec, section 1 of DESIGN.md): the token after a verified one
-is very often among the target's own top-3 at a nearby position, so tokens the
-draft has never seen in the context still enter its vocabulary one step early.
+Why it helps (the MicroSpec / NanoSpec vocabulary policy: after every verification
+the target's top-3 at each verified position joins the draft's active set): the
+token after a verified one is very often among the target's own top-3 at a nearby
+position, so tokens the draft has never seen in the context still enter its
+vocabulary one step early (``bench/bench_coverage_model.py`` measures it).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import operator
 from typing import Callable, Sequence
@@ -23,10 +24,15 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from .backend import MicrospecConfig, _clone, _fake, _inductor, _real_values, _warn_no_head, op_impl
+from .config import MicrospecConfig
+from .graph import clone_graph, compile_graph, fake_tensor, real_values, warn_no_head
 from .passes.match_head import find_heads
-from .passes.sparse_head import STATE_NAMES, StateNodes, add_placeholders
+from .passes.sparse_head import add_placeholders, add_state_placeholders
 from .vocab import ActiveVocab, vocab_for_weight
+
+# The MicrospecConfig fields the observer uses; the others (head, observe_inputs,
+# path) concern the draft's own graph and are refused rather than ignored.
+OBSERVER_SETTINGS = ("capacity", "pinned_ids", "min_vocab_size", "inductor", "small_batch_linear")
 
 
 def draft_head_weight(draft: torch.nn.Module, min_vocab_size: int = 1000) -> torch.Tensor:
@@ -47,17 +53,15 @@ def add_target_topk(gm: fx.GraphModule, example_inputs: Sequence, vocab: ActiveV
 
     Returns the new graph module, or None when the graph has no head.
     """
-    clone = _clone(gm)
-    values = _real_values(clone, example_inputs)
+    clone = clone_graph(gm)
+    values = real_values(clone, example_inputs)
     heads = [h for h in find_heads(clone, values, config.min_vocab_size)
              if values[h.weight].shape[0] == vocab.vocab_size]
     if not heads:
         return None
     graph = clone.graph
-    tensors = (*vocab.state(), vocab.weight)
-    names = [f"draft_{n}" for n in STATE_NAMES] + ["draft_weight"]
-    nodes = add_placeholders(graph, names, [_fake(t) for t in tensors])
-    state, weight = StateNodes(*nodes[:-1]), nodes[-1]
+    state = add_state_placeholders(graph, "draft", [fake_tensor(t) for t in vocab.state()])
+    (weight,) = add_placeholders(graph, ["draft_weight"], [fake_tensor(vocab.weight)])
     for head in heads:
         logits = head.linear
         with graph.inserting_after(logits):
@@ -66,11 +70,11 @@ def add_target_topk(gm: fx.GraphModule, example_inputs: Sequence, vocab: ActiveV
             ids = graph.call_function(operator.getitem, (top, 1))
         with graph.inserting_after(ids):
             graph.call_function(torch.ops.microspec.observe.default,
-                                (*state.all(), weight, ids, False, op_impl(config)))
+                                (*state, weight, ids, False, "auto"))
         counters["microspec"]["target_topk_inserted"] += 1
     graph.lint()
     clone.recompile()
-    return clone, list(tensors)
+    return clone, [*vocab.state(), vocab.weight]
 
 
 def observer(draft: torch.nn.Module, k: int = 3, **config) -> Callable:
@@ -81,9 +85,21 @@ def observer(draft: torch.nn.Module, k: int = 3, **config) -> Callable:
     draft : the draft module (compiled with ``backend="microspec"``, now or later)
     k : how many of the target's best tokens per scored position; 0 compiles the
         target the same way with no top-k (to measure what the signal adds)
-    **config : ``MicrospecConfig`` fields; ``capacity`` / ``pinned_ids`` size the
-        draft's vocabulary if the observer creates it first
+    **config : the ``MicrospecConfig`` fields in ``OBSERVER_SETTINGS``: ``capacity`` /
+        ``pinned_ids`` size the draft's vocabulary if the observer creates it first
+        (and must match it otherwise), ``min_vocab_size`` finds the target's head,
+        ``inductor`` / ``small_batch_linear`` compile the target's graph
+
+    Raises
+    ------
+    TypeError
+        For any other keyword (``head``, ``observe_inputs``, ``path`` set the draft's
+        backend, not the target's).
     """
+    unknown = [name for name in config if name not in OBSERVER_SETTINGS]
+    if unknown:
+        raise TypeError(f"observer() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(it takes k and {', '.join(OBSERVER_SETTINGS)})")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     cfg = MicrospecConfig(**config)
@@ -93,15 +109,17 @@ def observer(draft: torch.nn.Module, k: int = 3, **config) -> Callable:
 
 
 def _compile_target(gm, example_inputs, *, vocab: ActiveVocab, k: int, config: MicrospecConfig):
-    plain = dataclasses.replace(config, path="torch")  # the target's head stays dense
+    # The target's head stays dense: no decomposition table, plain Inductor (or eager).
+    compile_target = functools.partial(compile_graph, inductor=config.inductor,
+                                       small_batch_linear=config.small_batch_linear)
     if k == 0:
-        return _inductor(gm, list(example_inputs), plain)
+        return compile_target(gm, list(example_inputs))
     rewritten = add_target_topk(gm, example_inputs, vocab, k, config)
     if rewritten is None:
-        _warn_no_head(config)
-        return _inductor(gm, list(example_inputs), plain)
+        warn_no_head(config.min_vocab_size, config)
+        return compile_target(gm, list(example_inputs))
     clone, extra = rewritten
-    compiled = _inductor(clone, list(example_inputs) + extra, plain)
+    compiled = compile_target(clone, list(example_inputs) + extra)
 
     def run(*args):
         counters["microspec"]["target_observe_calls"] += 1

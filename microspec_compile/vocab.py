@@ -13,8 +13,8 @@ from typing import Iterable
 
 import torch
 
-from .kernels import ops  # noqa: F401  (registers torch.ops.microspec)
-from .kernels.reference import PINNED
+from .kernels import ops
+from .kernels.state import PINNED, VocabState
 
 # The vocabulary of a head is stored on its weight tensor: it lives and dies with
 # the model (a weight <-> vocabulary cycle is freed by the garbage collector).
@@ -35,11 +35,8 @@ class ActiveVocab:
 
     Attributes
     ----------
-    rows : [CAP + 1, H]     compact weight rows (row CAP is scratch)
-    ids : [CAP + 1] int64   token id per row (V when empty)
-    member : [V + 1] int64  compact row per token id (-1 when absent)
-    last_seen : [CAP + 1]   observation step per row (PINNED for pinned rows)
-    count, step : [1] int64 occupied rows, observations so far
+    rows, ids, member, last_seen, count, step
+        The fields of :meth:`state`, a ``VocabState`` (layout in ``kernels/state.py``).
     """
 
     def __init__(self, weight: torch.Tensor, capacity: int = 4096, pinned_ids: Iterable[int] = ()):
@@ -49,26 +46,26 @@ class ActiveVocab:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         capacity = min(capacity, vocab)
-        dev = weight.device
         self.weight = weight
         self.capacity = capacity
         self.vocab_size = vocab
         self.pinned_ids = tuple(int(i) for i in pinned_ids)
         if len(set(self.pinned_ids)) > capacity:
             raise ValueError(f"{len(set(self.pinned_ids))} pinned ids do not fit in capacity {capacity}")
-        self.rows = torch.zeros(capacity + 1, hidden, dtype=weight.dtype, device=dev)
-        self.ids = torch.full((capacity + 1,), vocab, dtype=torch.int64, device=dev)
-        self.member = torch.full((vocab + 1,), -1, dtype=torch.int64, device=dev)
-        self.last_seen = torch.zeros(capacity + 1, dtype=torch.int64, device=dev)
-        self.count = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.step = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._state = VocabState.empty(vocab, hidden, capacity, weight.dtype, weight.device)
         self.observed_calls = 0
         self.reset()
 
     # -- state as graph inputs -------------------------------------------------
-    def state(self) -> tuple[torch.Tensor, ...]:
-        """``(rows, ids, member, last_seen, count, step)``, the order the ops take."""
-        return (self.rows, self.ids, self.member, self.last_seen, self.count, self.step)
+    def state(self) -> VocabState:
+        """The state tensors (allocated once; the compiled graphs take them as inputs)."""
+        return self._state
+
+    def __getattr__(self, name: str):
+        # rows, ids, member, last_seen, count, step: the state's fields
+        if name in VocabState._fields and "_state" in self.__dict__:
+            return getattr(self.__dict__["_state"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- public API ------------------------------------------------------------
     @torch.no_grad()
@@ -82,17 +79,13 @@ class ActiveVocab:
             raise ValueError(
                 f"token ids are on {tokens.device} but the vocabulary lives on {self.rows.device}"
             )
-        torch.ops.microspec.observe(*self.state(), self.weight.detach(), tokens, pin)
+        ops.observe(self._state, self.weight.detach(), tokens, pin)
         self.observed_calls += 1
 
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the vocabulary between requests, keeping only the pinned ids."""
-        self.ids.fill_(self.vocab_size)
-        self.member.fill_(-1)
-        self.last_seen.zero_()
-        self.count.zero_()
-        self.step.zero_()
+        self._state.clear_()
         if self.pinned_ids:
             self.observe(torch.tensor(self.pinned_ids, dtype=torch.int64, device=self.rows.device), pin=True)
 
@@ -131,15 +124,37 @@ class ActiveVocab:
 
 
 def vocab_for_weight(weight: torch.Tensor, capacity: int, pinned_ids: Iterable[int]) -> ActiveVocab:
-    """The registered vocabulary of ``weight``, created on first use."""
-    vocab = _lookup(weight)
+    """The registered vocabulary of ``weight``, created on first use.
+
+    Raises
+    ------
+    ValueError
+        If ``weight`` already has a vocabulary of another capacity (after clamping to
+        V) or other pinned ids: e.g. ``observer(draft, capacity=512)`` followed by
+        ``backend(capacity=4096)`` would otherwise silently get 512.
+    """
+    vocab = lookup(weight)
     if vocab is None:
         vocab = ActiveVocab(weight, capacity, pinned_ids)
         setattr(weight, _ATTR, vocab)
+        return vocab
+    wanted = min(capacity, vocab.vocab_size)
+    if wanted != vocab.capacity:
+        raise ValueError(
+            f"this LM-head weight already has a microspec vocabulary of capacity "
+            f"{vocab.capacity}; capacity={capacity} was asked for now: give the backend and "
+            "the observer the same capacity")
+    pinned = tuple(int(i) for i in pinned_ids)
+    if sorted(set(pinned)) != sorted(set(vocab.pinned_ids)):
+        raise ValueError(
+            f"this LM-head weight already has a microspec vocabulary with pinned_ids="
+            f"{list(vocab.pinned_ids)}; pinned_ids={list(pinned)} was asked for now: give the "
+            "backend and the observer the same pinned ids")
     return vocab
 
 
-def _lookup(weight: torch.Tensor) -> "ActiveVocab | None":
+def lookup(weight: torch.Tensor) -> "ActiveVocab | None":
+    """The vocabulary registered on ``weight``, or None."""
     return getattr(weight, _ATTR, None)
 
 
@@ -149,7 +164,7 @@ def vocab_of(module: torch.nn.Module) -> ActiveVocab:
     Works on the module compiled in place (``model.compile(backend="microspec")``)
     and on the ``OptimizedModule`` that ``torch.compile(model)`` returns.
     """
-    found = [v for v in map(_lookup, module.parameters()) if v is not None]
+    found = [v for v in map(lookup, module.parameters()) if v is not None]
     if not found:
         raise LookupError(
             "no microspec vocabulary for this module: compile it with backend='microspec' "

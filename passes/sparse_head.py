@@ -14,29 +14,12 @@ Each rewrite is a plain function over a cloned Dynamo graph:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
+from ..kernels.state import VocabState
 from .match_head import HeadMatch
-
-STATE_NAMES = ("rows", "ids", "member", "last_seen", "count", "step")
-
-
-@dataclass
-class StateNodes:
-    """Placeholders carrying one vocabulary's state tensors into the graph."""
-
-    rows: fx.Node
-    ids: fx.Node
-    member: fx.Node
-    last_seen: fx.Node
-    count: fx.Node
-    step: fx.Node
-
-    def all(self) -> tuple[fx.Node, ...]:
-        return tuple(getattr(self, name) for name in STATE_NAMES)
 
 
 def add_placeholders(graph: fx.Graph, names, fake_values) -> list[fx.Node]:
@@ -53,16 +36,24 @@ def add_placeholders(graph: fx.Graph, names, fake_values) -> list[fx.Node]:
     return nodes
 
 
-def add_state_placeholders(graph: fx.Graph, prefix: str, fake_values: tuple) -> StateNodes:
-    """One placeholder per vocabulary state tensor, in ``STATE_NAMES`` order."""
-    return StateNodes(*add_placeholders(graph, [f"{prefix}_{n}" for n in STATE_NAMES], fake_values))
+def add_state_placeholders(graph: fx.Graph, prefix: str, fake_values) -> VocabState:
+    """One placeholder per vocabulary state tensor; returns a ``VocabState`` of ``fx.Node``.
+
+    Parameters
+    ----------
+    graph : the graph to extend
+    prefix : placeholder names are ``f"{prefix}_{field}"``
+    fake_values : a ``VocabState`` of fake tensors (the placeholders' metadata)
+    """
+    names = [f"{prefix}_{name}" for name in VocabState._fields]
+    return VocabState(*add_placeholders(graph, names, fake_values))
 
 
 def _call(graph: fx.Graph, target, *args) -> fx.Node:
     return graph.call_function(target, args)
 
 
-def rewrite_head(graph: fx.Graph, match: HeadMatch, state: StateNodes, vocab_size: int,
+def rewrite_head(graph: fx.Graph, match: HeadMatch, state: VocabState, vocab_size: int,
                  impl: str = "auto") -> fx.Node:
     """Replace the head and its consumers by one sparse op; returns the op node.
 
@@ -102,12 +93,12 @@ def rewrite_head(graph: fx.Graph, match: HeadMatch, state: StateNodes, vocab_siz
     return op
 
 
-def insert_observe(graph: fx.Graph, ids: fx.Node, before: fx.Node, state: StateNodes,
+def insert_observe(graph: fx.Graph, ids: fx.Node, before: fx.Node, state: VocabState,
                    weight: fx.Node, impl: str = "auto") -> fx.Node:
     """Observe ``ids`` into the vocabulary right before ``before`` (the embedding)."""
     with graph.inserting_before(before):
         return graph.call_function(
-            torch.ops.microspec.observe.default, (*state.all(), weight, ids, False, impl))
+            torch.ops.microspec.observe.default, (*state, weight, ids, False, impl))
 
 
 def remove_replaced(graph: fx.Graph, match: HeadMatch) -> None:

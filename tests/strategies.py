@@ -1,6 +1,7 @@
 """Hypothesis strategies and fp64 checkers shared by the kernel tests.
 
-A drawn :class:`VocabState` is always built through ``observe_reference`` (so it
+A drawn :class:`HeadState` (a ``VocabState`` plus the head it was gathered from) is
+always built through ``observe_reference`` (so it
 satisfies the reference's invariants by construction) from token batches that contain
 duplicates, ids already present and, when pinned ids are drawn, a pinned call first.
 Tensors come from a seeded ``torch.Generator``: an example is reproducible from the
@@ -27,6 +28,7 @@ import torch
 from hypothesis import strategies as st
 
 from microspec_compile.kernels.reference import observe_reference
+from microspec_compile.kernels.state import VocabState
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORMALIZE = ("none", "softmax", "log_softmax")
@@ -40,25 +42,24 @@ def tol(dtype):
 
 
 @dataclasses.dataclass
-class VocabState:
+class HeadState:
     """A vocabulary state plus the full head it was gathered from.
 
     Attributes
     ----------
     weight : [V, H] full head weight (``dtype``)
     bias : [V] fp32 or None
-    rows : [CAP + 1, H]; ids, last_seen : [CAP + 1] int64; member : [V + 1] int64
-    count, step : [1] int64
+    vocab_state : VocabState; its fields (``rows``, ``ids``, ...) read as attributes here
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    rows: torch.Tensor
-    ids: torch.Tensor
-    member: torch.Tensor
-    last_seen: torch.Tensor
-    count: torch.Tensor
-    step: torch.Tensor
+    vocab_state: VocabState
+
+    def __getattr__(self, name):
+        if name in VocabState._fields:
+            return getattr(self.vocab_state, name)
+        raise AttributeError(name)
 
     @property
     def vocab(self) -> int:
@@ -66,41 +67,24 @@ class VocabState:
 
     @property
     def cap(self) -> int:
-        return self.rows.shape[0] - 1
+        return self.vocab_state.capacity
 
     @property
     def n(self) -> int:
-        return int(self.count)
+        return self.vocab_state.size
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """``(rows, ids, member, last_seen, count, step)``, the order the ops take."""
-        return (self.rows, self.ids, self.member, self.last_seen, self.count, self.step)
+    def clone(self) -> "HeadState":
+        return dataclasses.replace(self, vocab_state=self.vocab_state.clone())
 
-    def clone(self) -> "VocabState":
-        return dataclasses.replace(self, **{
-            f.name: getattr(self, f.name).clone()
-            for f in dataclasses.fields(self)
-            if f.name not in ("weight", "bias")
-        })
-
-    def to(self, device) -> "VocabState":
-        return VocabState(*(None if t is None else t.to(device)
-                            for t in (getattr(self, f.name) for f in dataclasses.fields(self))))
+    def to(self, device) -> "HeadState":
+        bias = None if self.bias is None else self.bias.to(device)
+        return HeadState(self.weight.to(device), bias, self.vocab_state.to(device))
 
 
-def empty_state(weight: torch.Tensor, cap: int, bias: torch.Tensor | None = None) -> VocabState:
+def empty_state(weight: torch.Tensor, cap: int, bias: torch.Tensor | None = None) -> HeadState:
     """An empty state of capacity ``cap`` for ``weight`` [V, H] (as ``ActiveVocab.reset``)."""
     vocab, hidden = weight.shape
-    return VocabState(
-        weight=weight,
-        bias=bias,
-        rows=torch.zeros(cap + 1, hidden, dtype=weight.dtype),
-        ids=torch.full((cap + 1,), vocab, dtype=torch.int64),
-        member=torch.full((vocab + 1,), -1, dtype=torch.int64),
-        last_seen=torch.zeros(cap + 1, dtype=torch.int64),
-        count=torch.zeros(1, dtype=torch.int64),
-        step=torch.zeros(1, dtype=torch.int64),
-    )
+    return HeadState(weight, bias, VocabState.empty(vocab, hidden, cap, weight.dtype))
 
 
 @st.composite
@@ -126,7 +110,7 @@ def token_batch(draw, vocab: int, present: torch.Tensor | None = None, max_len: 
 @st.composite
 def vocab_states(draw, dtypes=DTYPES, count_kinds=COUNT_KINDS, max_vocab: int = 120,
                  max_hidden: int = 40, max_cap: int = 70, with_bias=None):
-    """A :class:`VocabState` built through ``observe_reference``.
+    """A :class:`HeadState` built through ``observe_reference``.
 
     Parameters
     ----------
@@ -158,26 +142,26 @@ def vocab_states(draw, dtypes=DTYPES, count_kinds=COUNT_KINDS, max_vocab: int = 
         return state
     if kind == "one":
         tok = draw(st.integers(0, vocab - 1))
-        observe_reference(*state.tensors(), weight, torch.tensor([tok, tok]), pin=draw(st.booleans()))
+        observe_reference(state.vocab_state, weight, torch.tensor([tok, tok]), pin=draw(st.booleans()))
         return state
     n_pinned = draw(st.integers(0, min(2, cap - 1)))
     if n_pinned:
         pins = torch.randperm(vocab, generator=gen)[:n_pinned]
-        observe_reference(*state.tensors(), weight, pins, pin=True)
+        observe_reference(state.vocab_state, weight, pins, pin=True)
     for _ in range(draw(st.integers(1, 4))):
         present = state.ids[: state.n]
-        observe_reference(*state.tensors(), weight, draw(token_batch(vocab, present)))
+        observe_reference(state.vocab_state, weight, draw(token_batch(vocab, present)))
     if kind == "full":
         # Every id once: more new ids than free rows, so the last call evicts
         # whenever the earlier batches had filled some rows.
-        observe_reference(*state.tensors(), weight, torch.randperm(vocab, generator=gen))
+        observe_reference(state.vocab_state, weight, torch.randperm(vocab, generator=gen))
     elif state.n == 0:
-        observe_reference(*state.tensors(), weight, torch.tensor([0]))
+        observe_reference(state.vocab_state, weight, torch.tensor([0]))
     return state
 
 
 @st.composite
-def hidden_for(draw, state: VocabState, max_rows: int = 5):
+def hidden_for(draw, state: HeadState, max_rows: int = 5):
     """Hidden states [N, H] in the head dtype, N in [1, max_rows], std 2."""
     n_rows = draw(st.integers(1, max_rows))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -186,7 +170,7 @@ def hidden_for(draw, state: VocabState, max_rows: int = 5):
     return h.to(state.weight.dtype)
 
 
-def k_for(state: VocabState, max_k: int = 8):
+def k_for(state: HeadState, max_k: int = 8):
     """Top-k sizes valid for the op: ``1 <= k <= min(CAP, max_k)``; k may exceed count."""
     return st.integers(1, max(1, min(state.cap, max_k)))
 
@@ -200,7 +184,7 @@ def head_cases(draw, **state_kwargs):
 
 # ----------------------------------------------------------------- checkers
 
-def fp64_scores(state: VocabState, hidden: torch.Tensor, normalize: str) -> torch.Tensor:
+def fp64_scores(state: HeadState, hidden: torch.Tensor, normalize: str) -> torch.Tensor:
     """[N, count] fp64 scores of the active rows, normalised over them."""
     n = state.n
     rows, ids = state.rows[:n].cpu().double(), state.ids[:n].cpu()
@@ -246,19 +230,31 @@ def check_full(out, state, hidden, vocab_size, normalize):
     assert (out.cpu().double()[:, inactive] == fill).all()
 
 
-def live_tokens(state: VocabState) -> dict:
+def live_tokens(state: HeadState) -> dict:
     """token id -> last_seen of the live rows."""
     n = state.n
     return dict(zip(state.ids[:n].tolist(), state.last_seen[:n].tolist()))
 
 
-def check_invariants(state: VocabState):
-    """The invariants observe_reference keeps (module docstring of reference.py)."""
-    n, cap, vocab = state.n, state.cap, state.vocab
+def check_invariants(state, weight: torch.Tensor | None = None, pinned=()):
+    """The invariants every observe keeps (layout in ``kernels/state.py``).
+
+    Parameters
+    ----------
+    state : HeadState, ActiveVocab or VocabState (then ``weight`` [V, H] is needed)
+    weight : the full head weight, when ``state`` does not carry it
+    pinned : token ids that must be active (never evicted)
+    """
+    if weight is None:
+        weight = state.weight
+    state = state.vocab_state if isinstance(state, HeadState) else state
+    state = state.state() if callable(getattr(state, "state", None)) else state
+    n, cap, vocab = state.size, state.capacity, state.vocab_size
     assert 0 <= n <= cap
     live = state.ids[:n]
     assert ((live >= 0) & (live < vocab)).all() and len(set(live.tolist())) == n
     assert (state.ids[n:] == vocab).all()
     assert torch.equal(state.member[live], torch.arange(n))
     assert int((state.member[:vocab] >= 0).sum()) == n and int(state.member[vocab]) == -1
-    assert torch.equal(state.rows[:n], state.weight[live].to(state.rows.dtype))
+    assert torch.equal(state.rows[:n], weight[live].to(state.rows.dtype))
+    assert set(pinned) <= set(live.tolist()), "a pinned id was evicted"

@@ -185,3 +185,21 @@ def test_inductor_path_fuses_and_rejects_empty_vocabulary():
     assert "torch.ops.microspec.sparse_full" not in code  # decomposed: mm + fused epilogue
     assert "extern_kernels.mm(" in code
     assert torch.isfinite(out).sum(-1).eq(10).all()
+
+
+def test_existing_vocabulary_with_other_settings_is_a_clear_error():
+    """observer(capacity=512) then backend(capacity=4096) on the same head: no silent 512."""
+    head = nn.Linear(H, V, bias=False)
+    mc.observer(head, capacity=512)  # creates the vocabulary of head.weight
+    compiled = torch.compile(head, backend=mc.backend(capacity=4096))
+    with torch.no_grad(), pytest.raises(Exception, match="capacity 512.*capacity=4096"):
+        compiled(torch.randn(2, H))
+    with pytest.raises(ValueError, match=r"pinned_ids=\[\].*pinned_ids=\[7\]"):
+        mc.vocab.vocab_for_weight(head.weight, 512, [7])
+    assert mc.vocab.vocab_for_weight(head.weight, 512, []).capacity == 512  # same settings: fine
+
+
+@pytest.mark.parametrize("name", ["head", "observe_inputs", "path", "capacityy"])
+def test_observer_refuses_settings_it_does_not_use(name):
+    with pytest.raises(TypeError, match=repr(name)):
+        mc.observer(nn.Linear(H, V, bias=False), **{name: None})

@@ -118,8 +118,7 @@ def test_compile_smoke_rows(smoke_results):
 
 
 def test_plot_on_smoke_csvs(smoke_results):
-    sys.path.insert(0, str(BENCH))
-    from common import append_rows
+    from microspec_compile.analysis.results import append_rows
 
     os.environ["MICROSPEC_RESULTS_DIR"] = str(smoke_results)
     try:

@@ -51,8 +51,8 @@ def test_cpu_observe_matches_reference_state(calls):
     fast, ref = ActiveVocab(weight, capacity=8), ActiveVocab(weight, capacity=8)
     for tokens, pin in calls:
         tokens = torch.tensor(tokens, dtype=torch.int64)
-        observe_cpu(*fast.state(), weight, tokens, pin)
-        observe_reference(*ref.state(), weight, tokens, pin)
+        observe_cpu(fast.state(), weight, tokens, pin)
+        observe_reference(ref.state(), weight, tokens, pin)
         assert torch.equal(fast.rows[:-1], ref.rows[:-1])  # the last row is scratch
         for a, b in zip(fast.state()[1:], ref.state()[1:]):
             assert torch.equal(a, b)

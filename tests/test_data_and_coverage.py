@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 
 from microspec_compile import data
+from microspec_compile.analysis.coverage import lagged_coverage, simulate
+from microspec_compile.analysis.results import append_rows
 from microspec_compile.frequency import FREQUENCY_LIMIT, frequent_token_ids, token_counts
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import bench_coverage  # noqa: E402
-from bench_coverage import simulate  # noqa: E402
-from common import append_rows  # noqa: E402
 
 
 @pytest.fixture
@@ -160,6 +158,16 @@ def test_simulate_matches_set_loop(seed):
         assert (st.hits, st.positions, st.size_sum, st.size_max) == _reference(segments, core, use_context)
 
 
+def test_lagged_coverage_hand_made():
+    # prompt [1, 2], generation [3, 1, 4]; top-1 predictions per position
+    tokens, topk = [1, 2, 3, 1, 4], np.array([[3], [9], [9], [4], [0]])
+    hits, sizes = lagged_coverage(tokens, topk, prompt_len=2, lag=2)
+    # p=2: S = {1, 3} -> 3 hit; p=3: + {2, 9} -> 1 hit; p=4: + {3, 9} -> 4 miss
+    assert hits == [True, True, False] and sizes == [2, 4, 4]
+    hits, _ = lagged_coverage(tokens, topk[:, :0], prompt_len=2, lag=2, core=(4,))
+    assert hits == [False, True, True]  # context only, 4 pinned
+
+
 # ---------------------------------------------------------------- results and benchmark
 
 def test_append_rows_extends_header(tmp_dirs):
@@ -178,7 +186,11 @@ def test_bench_coverage_smoke_writes_rows(tmp_dirs):
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(tmp_dirs / "results" / "coverage.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(bench_coverage.MODES["smoke"]["tokenizers"]) * 3 * len(bench_coverage.POLICIES)
+    policies = {"context", "context+core500", "context+core1000", "context+core2000", "frspec32k"}
+    assert {row["policy"] for row in rows} == policies
+    assert {row["tokenizer"] for row in rows} == {"llama3", "qwen3"}
+    assert {row["dataset"] for row in rows} == {"mtbench", "humaneval", "sharegpt"}
+    assert len(rows) == 2 * 3 * len(policies)  # one row per (tokenizer, dataset, policy)
     for row in rows:
         assert 0.0 <= float(row["coverage"]) <= 1.0 and int(row["n_positions"]) > 0
         assert float(row["mean_size"]) <= int(row["max_size"])

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from microspec_compile.models import early_exit_agreement
+from microspec_compile.analysis.acceptance import early_exit_agreement
+from microspec_compile.models import early_exit_draft
 
 
 def _tiny_llama(layers: int):
@@ -22,10 +23,22 @@ def test_agreement_by_depth():
     result = early_exit_agreement(target, sequences, [1, 3])
     assert result[3] == 1.0  # the full-depth "draft" is the target itself
     assert 0.0 <= result[1] < 1.0  # one random layer of three does not copy the target
-    # scored positions: prompt_len - 1 .. T - 2, i.e. T - prompt_len per sequence
+    # Depth 1 by hand: the positions predicting the continuation (prompt_len - 1 ..
+    # T - 2), 8 + 5 of them, pooled over both sequences.
+    draft, hits, scored = early_exit_draft(target, 1), 0, 0
     with torch.no_grad():
-        ref = target(input_ids=sequences[0][1]).logits[0].argmax(-1)
-    assert ref.shape[0] - sequences[0][0] == 8
+        for prompt_len, ids in sequences:
+            ref = target(input_ids=ids).logits[0].argmax(-1)[prompt_len - 1:-1]
+            pred = draft(input_ids=ids).logits[0].argmax(-1)[prompt_len - 1:-1]
+            hits, scored = hits + int((pred == ref).sum()), scored + ref.numel()
+    assert scored == 13
+    assert result[1] == pytest.approx(hits / scored)
+
+
+def test_one_scored_position_gives_zero_or_one():
+    """A sequence with a single continuation token scores exactly one position."""
+    result = early_exit_agreement(_tiny_llama(2), [(5, torch.randint(0, 300, (1, 6)))], [1, 2])
+    assert result[2] == 1.0 and result[1] in (0.0, 1.0)
 
 
 def test_sequence_without_continuation_is_a_clear_error():

@@ -30,10 +30,23 @@ from hypothesis import strategies as st  # noqa: E402
 
 from microspec_compile.kernels import ops  # noqa: E402,F401  (registers torch.ops.microspec)
 from microspec_compile.kernels.reference import (  # noqa: E402
-    PINNED, observe_reference, sparse_full_reference, sparse_topk_reference)
+    PINNED,
+    observe_reference,
+    sparse_full_reference,
+    sparse_topk_reference,
+)
+
 from strategies import (  # noqa: E402
-    NORMALIZE, check_full, check_invariants, check_topk, empty_state, head_cases, live_tokens,
-    token_batch, vocab_states)
+    NORMALIZE,
+    check_full,
+    check_invariants,
+    check_topk,
+    empty_state,
+    head_cases,
+    live_tokens,
+    token_batch,
+    vocab_states,
+)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
@@ -109,7 +122,7 @@ def _state_with(vocab, hidden, cap, n_active, dtype, bias=True, seed=0):
     weight = (torch.randn(vocab, hidden, generator=gen) / hidden ** 0.5).to(dtype)
     state = empty_state(weight, cap, torch.randn(vocab, generator=gen) if bias else None)
     if n_active:
-        observe_reference(*state.tensors(), weight, torch.randperm(vocab, generator=gen)[:n_active])
+        observe_reference(state.vocab_state, weight, torch.randperm(vocab, generator=gen)[:n_active])
     return state
 
 
@@ -203,9 +216,9 @@ def test_triton_observe_against_reference(data):
         pin = data.draw(st.sampled_from([False, False, False, True]))
         before = state.clone()
         ref = state.clone()
-        observe_reference(*ref.tensors(), state.weight, tokens, pin)
+        observe_reference(ref.vocab_state, state.weight, tokens, pin)
         dev = state.to(DEVICE)
-        tobs.observe_triton(*dev.tensors(), dev.weight, tokens.to(DEVICE), pin)
+        tobs.observe_triton(dev.vocab_state, dev.weight, tokens.to(DEVICE), pin)
         state = dev.to("cpu")
         check_invariants(state)
         assert int(state.step) == int(ref.step) and state.n == ref.n
@@ -232,9 +245,9 @@ def test_triton_observe_overflow_all_pinned():
     """Capacity full of pinned ids: new ids are dropped, nothing is evicted, count stays."""
     weight = torch.randn(30, 4)
     state = empty_state(weight, 3)
-    observe_reference(*state.tensors(), weight, torch.tensor([5, 6, 7]), pin=True)
+    observe_reference(state.vocab_state, weight, torch.tensor([5, 6, 7]), pin=True)
     dev = state.to(DEVICE)
-    tobs.observe_triton(*dev.tensors(), dev.weight, torch.tensor([1, 2, 5, 2], device=DEVICE))
+    tobs.observe_triton(dev.vocab_state, dev.weight, torch.tensor([1, 2, 5, 2], device=DEVICE))
     after = dev.to("cpu")
     check_invariants(after)
     assert live_tokens(after) == {5: PINNED, 6: PINNED, 7: PINNED} and int(after.step) == 2
@@ -243,7 +256,7 @@ def test_triton_observe_overflow_all_pinned():
 @needs_triton
 def test_observe_async_cpu_runs_inline():
     state = _state_with(20, 4, 8, 0, torch.float32)
-    assert tobs.observe_async(*state.tensors(), state.weight, torch.tensor([3, 3, 9])) is None
+    assert tobs.observe_async(state.vocab_state, state.weight, torch.tensor([3, 3, 9])) is None
     assert live_tokens(state).keys() == {3, 9}
 
 
@@ -256,8 +269,8 @@ def test_observe_async_cuda_orders_with_the_head():
     x = (torch.randn(4, 64) * 2).to(torch.bfloat16).cuda()
     for step in range(5):
         tokens = torch.randint(0, 500, (70,), generator=torch.Generator().manual_seed(step)).cuda()
-        tobs.observe_triton(*sync.tensors(), sync.weight, tokens)
-        ev = tobs.observe_async(*side.tensors(), side.weight, tokens)
+        tobs.observe_triton(sync.vocab_state, sync.weight, tokens)
+        ev = tobs.observe_async(side.vocab_state, side.weight, tokens)
         del tokens  # kept alive for the side stream by record_stream
         torch.cuda.current_stream().wait_event(ev)
         got = tsh.sparse_topk_triton(x, side.rows, side.ids, side.count, None, 8, "softmax")
@@ -286,7 +299,7 @@ def test_opcheck(impl, device):
     torch.library.opcheck(torch.ops.microspec.sparse_full.default, (x, *st_args, 111, "softmax", impl))
     tokens = torch.tensor([[1, 2], [2, 90]], device=device)
     torch.library.opcheck(torch.ops.microspec.observe.default,
-                          (*state.tensors(), state.weight, tokens, False, impl))
+                          (*state.vocab_state, state.weight, tokens, False, impl))
 
 
 @needs_triton
@@ -301,7 +314,7 @@ def test_ops_route_to_triton():
     full = torch.ops.microspec.sparse_full(*args, 111, "log_softmax", impl="triton")
     check_full(full.reshape(6, 111), state, x.reshape(6, 16), 111, "log_softmax")
     tokens = torch.tensor([7, 7, 100], device=DEVICE)
-    torch.ops.microspec.observe(*dev.tensors(), dev.weight, tokens, impl="triton")
+    torch.ops.microspec.observe(*dev.vocab_state, dev.weight, tokens, impl="triton")
     check_invariants(dev.to("cpu"))
     assert {7, 100} <= live_tokens(dev.to("cpu")).keys()
 
@@ -314,7 +327,7 @@ INDUCTOR_SHAPE = dict(vocab=111, hidden=24, cap=40, n_rows=3, k=4)
 INDUCTOR_OPS = (("topk", "log_softmax"), ("topk", "none"), ("full", "none"), ("full", "softmax"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _inductor_compiled(dtype):
     """One compiled graph per dtype: INDUCTOR_OPS in one graph. Returns (fn, code)."""
     from torch._inductor.utils import run_and_get_code
@@ -365,9 +378,9 @@ def test_inductor_matches_fp64(data, dtype):
     state = empty_state(weight, s["cap"], torch.randn(s["vocab"]))
     for _ in range(data.draw(st.integers(1, 3))):  # count 1 .. full, evictions included
         tokens = data.draw(token_batch(s["vocab"], max_len=30))
-        observe_reference(*state.tensors(), state.weight, tokens)
+        observe_reference(state.vocab_state, state.weight, tokens)
     if state.n == 0:
-        observe_reference(*state.tensors(), state.weight, torch.tensor([110]))
+        observe_reference(state.vocab_state, state.weight, torch.tensor([110]))
     x = (torch.randn(s["n_rows"], s["hidden"]) * 2).to(dtype)
     dev = state.to(DEVICE)
     outs = list(compiled(x.to(DEVICE), dev.rows, dev.ids, dev.count, dev.bias))

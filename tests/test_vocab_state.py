@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from microspec_compile.kernels.reference import PINNED
 from microspec_compile.vocab import ActiveVocab
 
+from strategies import check_invariants
+
 
 class LruModel:
     """A plain-Python restatement of the observe semantics, slot by slot.
@@ -45,22 +47,6 @@ class LruModel:
                 self.slots.append([token, stamp])
 
 
-def check_invariants(vocab: ActiveVocab) -> None:
-    count = vocab.size
-    live = vocab.ids[:count].tolist()
-    assert 0 <= count <= vocab.capacity
-    assert len(set(live)) == count, "duplicate ids in the active set"
-    assert all(0 <= t < vocab.vocab_size for t in live)
-    assert (vocab.ids[count:] == vocab.vocab_size).all(), "empty rows must hold the sentinel id"
-    members = (vocab.member[: vocab.vocab_size] >= 0).nonzero().flatten().tolist()
-    assert sorted(members) == sorted(live), "membership table disagrees with the id list"
-    for row, token in enumerate(live):
-        assert int(vocab.member[token]) == row
-    torch.testing.assert_close(vocab.rows[:count], vocab.weight[live], rtol=0, atol=0)
-    for token in vocab.pinned_ids:
-        assert token in live, f"pinned id {token} was evicted"
-
-
 observations = st.lists(
     st.lists(st.integers(0, 39), min_size=0, max_size=12), min_size=1, max_size=25
 )
@@ -79,7 +65,7 @@ def test_state_matches_lru_model(calls, capacity, pinned):
     for tokens in calls:
         vocab.observe(torch.tensor(tokens, dtype=torch.int64))
         model.observe(tokens)
-        check_invariants(vocab)
+        check_invariants(vocab, pinned=vocab.pinned_ids)
         assert vocab.ids_list() == [s[0] for s in model.slots]
         assert vocab.last_seen[: vocab.size].tolist() == [s[1] for s in model.slots]
 
@@ -100,7 +86,7 @@ def test_observe_accepts_any_shape_and_duplicates():
     assert sorted(vocab.ids_list()) == [3, 4, 5]
     vocab.observe([5, 6])
     assert sorted(vocab.ids_list()) == [3, 4, 5, 6]
-    check_invariants(vocab)
+    check_invariants(vocab, pinned=vocab.pinned_ids)
 
 
 def test_reset_keeps_only_pinned_and_never_reallocates():
@@ -110,7 +96,7 @@ def test_reset_keeps_only_pinned_and_never_reallocates():
     vocab.reset()
     assert sorted(vocab.ids_list()) == [2, 7]
     assert [t.data_ptr() for t in vocab.state()] == pointers
-    check_invariants(vocab)
+    check_invariants(vocab, pinned=vocab.pinned_ids)
 
 
 def test_oversized_call_keeps_latest_ids():

@@ -43,11 +43,12 @@ __all__ = ["autoregressive_generate", "speculative_generate", "vocabulary_of"]
 
 
 def vocabulary_of(model):
-    """The model's microspec vocabulary, or ``None`` (dense or backend absent)."""
+    """The model's microspec vocabulary, or ``None`` (a dense model, or not called yet)."""
+    from microspec_compile import vocab_of
+
     try:
-        from microspec_compile import vocab_of
         return vocab_of(model)
-    except Exception:
+    except LookupError:
         return None
 
 

@@ -1,0 +1,61 @@
+"""``MicrospecConfig``: the backend's settings, their one set of defaults and checks.
+
+``microspec_compile.backend(**config)`` and ``microspec_compile.observer(draft,
+**config)`` build one; the demo and its command line reuse its checks
+(:func:`check_small_batch_linear`) instead of writing them again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .kernels.dispatch import check_path
+
+# Opt-in in the backend (the transposed product rounds differently); the demo turns
+# it on for the target's verification with DEMO_SMALL_BATCH_LINEAR rows.
+DEMO_SMALL_BATCH_LINEAR = 16
+
+
+def check_small_batch_linear(rows: int) -> int:
+    """``rows`` if it is a valid ``small_batch_linear`` (0 = off, or >= 2), else ValueError."""
+    if rows < 0 or rows == 1:
+        raise ValueError("small_batch_linear must be 0 (off) or the most rows to transpose "
+                         f"(>= 2), got {rows}")
+    return rows
+
+
+@dataclass(frozen=True)
+class MicrospecConfig:
+    """Settings of the backend.
+
+    Parameters
+    ----------
+    capacity : rows of the compact head buffer (the most active tokens at once)
+    pinned_ids : token ids always active and never evicted (EOS, BOS, ...)
+    min_vocab_size : a Linear with fewer output features is not treated as a head
+    head : if set, only a head whose weight's graph name contains this string
+    observe_inputs : observe the ids feeding the embedding on every call
+    path : kernel path for the sparse head, ``"auto"``, ``"torch"``, ``"inductor"``
+        or ``"triton"`` (translated in one place, ``kernels/dispatch.py``)
+    inductor : whether to compile the rewritten graph with Inductor (else run it eagerly)
+    small_batch_linear : if >= 2, tall Linears (LM heads) run as
+        ``microspec::small_batch_linear``: ``W @ x^T`` for 2..this many fp32 CPU
+        rows, about 2x faster for a target verifying drafted tokens; rounds
+        differently, so 0 (off) by default (``kernels/small_batch_linear.py``)
+    """
+
+    capacity: int = 4096
+    pinned_ids: tuple = field(default_factory=tuple)
+    min_vocab_size: int = 1000
+    head: Optional[str] = None
+    observe_inputs: bool = True
+    path: str = "auto"
+    inductor: bool = True
+    small_batch_linear: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "pinned_ids", tuple(int(i) for i in self.pinned_ids))
+        if self.capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        check_small_batch_linear(self.small_batch_linear)
+        check_path(self.path)
