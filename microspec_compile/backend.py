@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from typing import Callable, Sequence
 
 import torch.fx as fx
@@ -45,14 +46,18 @@ def compile_config(gm: fx.GraphModule, example_inputs: list, config: MicrospecCo
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MicrospecConfig):
-    """Rewrite every LM head of ``gm``; returns ``(new_gm, vocabularies)`` or None."""
+    """Rewrite every LM head of ``gm``.
+
+    Returns ``(new_gm, vocabularies, observes_inputs)`` or None (no head);
+    ``observes_inputs`` says whether the graph observes the ids feeding an embedding.
+    """
     clone = clone_graph(gm)
     values = real_values(clone, example_inputs)
     heads = find_heads(clone, values, config.min_vocab_size, config.head)
     if not heads:
         return None
     graph = clone.graph
-    states, vocabs = {}, []
+    states, vocabs, observes_inputs = {}, [], False
     impl = op_impl(config.path)
     for head in heads:
         weight = values[head.weight]
@@ -65,13 +70,14 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
                 for ids, embedding in find_embedding_ids(clone, values, weight.shape[0]):
                     insert_observe(graph, ids, embedding, states[id(vocab)], head.weight, impl)
                     counters["microspec"]["observe_inserted"] += 1
+                    observes_inputs = True
         rewrite_head(graph, head, states[id(vocab)], weight.shape[0], impl)
         remove_replaced(graph, head)
         counters["microspec"]["heads_rewritten"] += 1
         counters["microspec"][f"heads_{head.kind}_{head.normalize}"] += 1
     graph.lint()
     clone.recompile()
-    return clone, vocabs
+    return clone, vocabs, observes_inputs
 
 
 def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: MicrospecConfig):
@@ -81,16 +87,33 @@ def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: Micr
         warn_no_head(config.min_vocab_size, config)
         counters["microspec"]["fallback_no_head"] += 1
         return compile_config(gm, list(example_inputs), config)
-    clone, vocabs = rewritten
+    clone, vocabs, observes_inputs = rewritten
     extra = [t for vocab in vocabs for t in vocab.state()]
     compiled = compile_config(clone, list(example_inputs) + extra, config)
+    # A graph that observes its own input ids never meets an empty vocabulary; a
+    # head compiled on its own can, before anything is observed.  It then scores the
+    # full vocabulary with the original graph (exact, slower) instead of failing.
+    may_be_empty = [] if observes_inputs else vocabs
 
     def run(*args):
+        if any(vocab.is_empty() for vocab in may_be_empty):
+            warn_empty_vocabulary()
+            counters["microspec"]["dense_fallback_calls"] += 1
+            return gm(*args)
         counters["microspec"]["sparse_calls"] += 1
         return compiled(*args, *extra)
 
     run._microspec_vocabs = vocabs
     return run
+
+
+@functools.lru_cache(maxsize=None)
+def warn_empty_vocabulary() -> None:
+    warnings.warn(
+        "microspec: the active vocabulary is empty (no id observed, no pinned id), so this call "
+        "scores the full vocabulary (dense). Observe ids first with "
+        "microspec_compile.vocab_of(module).observe(ids), or pin ids (pinned_ids=[eos_id])",
+        stacklevel=3)
 
 
 def microspec(gm: fx.GraphModule, example_inputs: Sequence, **config) -> Callable:

@@ -28,23 +28,11 @@ from .config import MicrospecConfig
 from .graph import clone_graph, compile_graph, fake_tensor, real_values, warn_no_head
 from .passes.match_head import find_heads
 from .passes.sparse_head import add_placeholders, add_state_placeholders
-from .vocab import ActiveVocab, vocab_for_weight
+from .vocab import ActiveVocab, head_weight, vocab_for_weight
 
 # The MicrospecConfig fields the observer uses; the others (head, observe_inputs,
 # path) concern the draft's own graph and are refused rather than ignored.
 OBSERVER_SETTINGS = ("capacity", "pinned_ids", "min_vocab_size", "inductor", "small_batch_linear")
-
-
-def draft_head_weight(draft: torch.nn.Module, min_vocab_size: int = 1000) -> torch.Tensor:
-    """The draft's LM-head weight ``[V, H]``: HF's output embeddings, else the widest 2-D parameter."""
-    get = getattr(draft, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return head.weight
-    candidates = [p for p in draft.parameters() if p.dim() == 2 and p.shape[0] >= min_vocab_size]
-    if not candidates:
-        raise ValueError(f"no LM-head weight (>= {min_vocab_size} rows) found in the draft")
-    return max(candidates, key=lambda p: p.shape[0])
 
 
 def add_target_topk(gm: fx.GraphModule, example_inputs: Sequence, vocab: ActiveVocab, k: int,
@@ -103,7 +91,7 @@ def observer(draft: torch.nn.Module, k: int = 3, **config) -> Callable:
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     cfg = MicrospecConfig(**config)
-    weight = draft_head_weight(draft, cfg.min_vocab_size)
+    weight = head_weight(draft, cfg.min_vocab_size)
     vocab = vocab_for_weight(weight, cfg.capacity, cfg.pinned_ids)
     return functools.partial(_compile_target, vocab=vocab, k=k, config=cfg)
 

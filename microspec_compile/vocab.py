@@ -81,13 +81,24 @@ class ActiveVocab:
             )
         ops.observe(self._state, self.weight.detach(), tokens, pin)
         self.observed_calls += 1
+        if tokens.numel():
+            self._known_nonempty = True
 
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the vocabulary between requests, keeping only the pinned ids."""
         self._state.clear_()
+        self._known_nonempty = False
         if self.pinned_ids:
             self.observe(torch.tensor(self.pinned_ids, dtype=torch.int64, device=self.rows.device), pin=True)
+
+    def is_empty(self) -> bool:
+        """Whether no id is active.  Reads the count (a host sync) only until it has
+        seen a non-empty vocabulary once after :meth:`reset`; later calls are free."""
+        if self._known_nonempty:
+            return False
+        self._known_nonempty = int(self.count) > 0
+        return not self._known_nonempty
 
     @property
     def size(self) -> int:
@@ -158,16 +169,47 @@ def lookup(weight: torch.Tensor) -> "ActiveVocab | None":
     return getattr(weight, _ATTR, None)
 
 
-def vocab_of(module: torch.nn.Module) -> ActiveVocab:
-    """The live vocabulary of a module compiled with the microspec backend.
+def head_weight(module: torch.nn.Module, min_vocab_size: int = 1000) -> torch.Tensor:
+    """A module's LM-head weight ``[V, H]``: HF's output embeddings, else the widest 2-D parameter.
+
+    Raises
+    ------
+    LookupError
+        If no 2-D parameter has ``min_vocab_size`` rows or more.
+    """
+    get = getattr(module, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return head.weight
+    candidates = [p for p in module.parameters() if p.dim() == 2 and p.shape[0] >= min_vocab_size]
+    if not candidates:
+        raise LookupError(f"no LM-head weight (a 2-D parameter with >= {min_vocab_size} rows) in "
+                          f"this {type(module).__name__}, so it has no microspec vocabulary")
+    return max(candidates, key=lambda p: p.shape[0])
+
+
+def vocab_of(module: torch.nn.Module, *, capacity: int | None = None,
+             pinned_ids: Iterable[int] | None = None, min_vocab_size: int = 1000) -> ActiveVocab:
+    """The live vocabulary of a module compiled (or to be compiled) with the microspec backend.
 
     Works on the module compiled in place (``model.compile(backend="microspec")``)
-    and on the ``OptimizedModule`` that ``torch.compile(model)`` returns.
+    and on the ``OptimizedModule`` that ``torch.compile(model)`` returns, before or
+    after its first call.  Before the first call it creates the vocabulary of the
+    module's LM-head weight, so that ids can be observed first: give it the
+    backend's ``capacity`` and ``pinned_ids`` (defaults: the backend's defaults; a
+    mismatch raises when the backend compiles).
+
+    Raises
+    ------
+    LookupError : the module has no LM-head-sized weight
+    ValueError : ``capacity`` / ``pinned_ids`` differ from the existing vocabulary's
     """
     found = [v for v in map(lookup, module.parameters()) if v is not None]
-    if not found:
-        raise LookupError(
-            "no microspec vocabulary for this module: compile it with backend='microspec' "
-            "and call it once (compilation is lazy)"
-        )
-    return found[0]
+    if found and capacity is None and pinned_ids is None:
+        return found[0]
+    from .config import MicrospecConfig
+
+    base = found[0] if found else MicrospecConfig()
+    weight = found[0].weight if found else head_weight(module, min_vocab_size)
+    return vocab_for_weight(weight, base.capacity if capacity is None else capacity,
+                            base.pinned_ids if pinned_ids is None else pinned_ids)

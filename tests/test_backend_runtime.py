@@ -80,11 +80,45 @@ def test_model_without_head_falls_back_with_one_warning():
     assert counters["microspec"]["fallback_no_head"] == 1
 
 
-def test_empty_vocabulary_is_an_error_not_nan():
+def test_head_alone_usable_from_first_call_dense_while_empty():
+    # A head compiled on its own has no embedding to observe: before any id is observed
+    # it scores the full vocabulary (exact, one warning), then the sparse path takes over.
+    from microspec_compile.backend import warn_empty_vocabulary
+
+    warn_empty_vocabulary.cache_clear()
     head = nn.Linear(H, V, bias=False)
     compiled = torch.compile(head, backend="microspec")
+    x = torch.randn(2, H)
+    with pytest.warns(UserWarning, match="active vocabulary is empty") as record:
+        out = compiled(x)
+    assert len([w for w in record if "vocabulary is empty" in str(w.message)]) == 1
+    torch.testing.assert_close(out, head(x))  # dense: no -inf anywhere
+    assert counters["microspec"]["dense_fallback_calls"] == 1
+    vocab = mc.vocab_of(compiled)
+    vocab.observe(torch.tensor([3, 7]))
+    sparse = compiled(x)
+    assert counters["microspec"]["sparse_calls"] == 1
+    assert torch.isfinite(sparse[:, [3, 7]]).all() and torch.isinf(sparse).sum() == 2 * (V - 2)
+
+
+def test_empty_vocabulary_op_is_an_error_not_nan():
+    head = nn.Linear(H, V, bias=False)
+    vocab = mc.vocab.vocab_for_weight(head.weight, 64, ())
     with pytest.raises(ValueError, match="active vocabulary is empty"):
-        compiled(torch.randn(2, H))
+        torch.ops.microspec.sparse_full(torch.randn(2, H), vocab.rows, vocab.ids, vocab.count,
+                                        None, V, "none")
+
+
+def test_vocab_of_before_first_call_observes_into_the_backend_vocabulary():
+    head = nn.Linear(H, V, bias=False)
+    vocab = mc.vocab_of(head, capacity=64)  # before compiling: created with the backend's size
+    vocab.observe(torch.tensor([1, 2, 3]))
+    compiled = torch.compile(head, backend=mc.backend(capacity=64))
+    out = compiled(torch.randn(1, H))
+    assert mc.vocab_of(compiled) is vocab and torch.isfinite(out).sum() == 3
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="capacity 64; capacity=128"):  # Dynamo wraps it
+        torch.compile(head, backend=mc.backend(capacity=128))(torch.randn(1, H))
 
 
 def test_bad_config_and_hidden_dtype():
@@ -102,8 +136,8 @@ def test_bad_config_and_hidden_dtype():
                                         vocab.count, None, 3, "none")
 
 
-def test_vocab_of_before_compilation_is_a_clear_error():
-    with pytest.raises(LookupError, match="compile it with backend='microspec'"):
+def test_vocab_of_a_module_without_head_is_a_clear_error():
+    with pytest.raises(LookupError, match="no LM-head weight"):
         mc.vocab_of(nn.Linear(4, 4))
 
 
@@ -170,14 +204,15 @@ def test_kernel_paths_agree(path):
     assert torch.equal(top, ref_top)
 
 
-def test_inductor_path_fuses_and_rejects_empty_vocabulary():
+def test_inductor_path_fuses_and_is_dense_while_empty():
     from torch._inductor.utils import run_and_get_code
 
     head = nn.Linear(H, V, bias=False)
     compiled = torch.compile(head, backend=mc.backend(path="inductor", capacity=64))
     vocab = mc.vocab.vocab_for_weight(head.weight, 64, ())
-    with torch.no_grad(), pytest.raises(RuntimeError, match="empty"):
-        compiled(torch.randn(2, H))
+    x = torch.randn(2, H)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), head(x))  # empty: the dense graph
     vocab.observe(torch.arange(10))
     torch._dynamo.reset()
     with torch.no_grad():

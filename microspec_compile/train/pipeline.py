@@ -92,9 +92,11 @@ def _features(target, name: str, seqs: list[Sequence], work: Path, log) -> Featu
 
 
 def run_pipeline(target, tokenizer, work_dir: str | Path, out_dir: str | Path, *,
-                 config: PipelineConfig = PipelineConfig(), train_config: TrainConfig = TrainConfig(),
+                 config: PipelineConfig = PipelineConfig(),
+                 train_config: TrainConfig | None = None,
                  log=print, progress=None) -> dict:
     """Run (or resume) every stage; returns the report that the model card records."""
+    train_config = train_config or TrainConfig()
     t_start = time.perf_counter()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
