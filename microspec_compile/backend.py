@@ -107,7 +107,7 @@ def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: Micr
     return run
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def warn_empty_vocabulary() -> None:
     warnings.warn(
         "microspec: the active vocabulary is empty (no id observed, no pinned id), so this call "

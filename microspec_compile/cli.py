@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .config import DEMO_SMALL_BATCH_LINEAR, check_small_batch_linear
+from .spec.eagle import TreeConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -18,18 +19,31 @@ def build_parser() -> argparse.ArgumentParser:
                     "draft a sparse LM head over a live active vocabulary.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="target alone vs dense draft vs microspec draft on real prompts",
-        description="Decode real prompts (MT-bench, HumanEval; or --prompt) with SmolLM2-135M-"
-                    "Instruct three ways: the target alone, with an early-exit draft compiled by "
-                    "Inductor, and with the same draft compiled by the microspec backend. Prints a "
+        "demo", help="target alone vs EAGLE-2 with a dense / FR-Spec / microspec head",
+        description="Decode held-out prompts (MT-bench, HumanEval; or --prompt) with SmolLM2-135M-"
+                    "Instruct: the target alone, and EAGLE-2 tree speculative decoding with the "
+                    "shipped EAGLE head whose LM head is dense (Inductor), a fixed frequent "
+                    "quarter of the vocabulary (FR-Spec), or compiled by the microspec backend. "
+                    "--draft early-exit runs the older chain demo (an early-exit draft). Prints a "
                     "table, writes a JSON file and a PNG chart.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--prompt", action="append", default=None,
                       help="user message (repeat for several); none: MT-bench + HumanEval prompts")
-    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--draft", choices=("eagle", "early-exit"), default="eagle",
+                      help="EAGLE-2 tree drafting with the shipped head, or an early-exit chain")
+    demo.add_argument("--max-new-tokens", type=int, default=None,
+                      help="new tokens per prompt (default: 96 eagle, 64 early-exit)")
+    demo.add_argument("--head", default=None,
+                      help="EAGLE head directory (default: the one shipped for SmolLM2)")
+    tree = TreeConfig()
+    demo.add_argument("--depth", type=int, default=tree.depth, help="EAGLE-2 tree expansions")
+    demo.add_argument("--top-k", type=int, default=tree.top_k, help="EAGLE-2 children per node")
+    demo.add_argument("--total-tokens", type=int, default=tree.total_tokens,
+                      help="EAGLE-2 tree tokens verified per round (root included)")
     demo.add_argument("--draft-layers", type=int, default=4,
-                      help="decoder layers of the early-exit draft (shares the target's weights)")
-    demo.add_argument("--gamma", type=int, default=4, help="tokens drafted per target step")
+                      help="early-exit only: decoder layers of the draft (shares the target's)")
+    demo.add_argument("--gamma", type=int, default=4,
+                      help="early-exit only: tokens drafted per target step")
     demo.add_argument("--runs", type=int, default=3, help="timed runs (medians are reported)")
     demo.add_argument("--sample", action="store_true", help="sampling instead of greedy")
     demo.add_argument("--temperature", type=float, default=1.0, help="with --sample")
@@ -38,15 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None,
                       help="local HF checkpoint dir or .gguf; none: SmolLM2-135M-Instruct")
     demo.add_argument("--target-layers", type=int, default=None,
-                      help="use only the first layers of the model as target (smoke runs)")
+                      help="early-exit only: the first layers of the model as target (smoke runs)")
     demo.add_argument("--target-inductor", action="store_true",
-                      help="compile the target with Inductor too (minutes per graph on CPU)")
+                      help="early-exit only: compile the target with Inductor (minutes per graph)")
     demo.add_argument("--target-topk", type=int, default=3,
                       help="target top-k added to the draft's vocabulary per scored position "
                            "(the paper's signal); 0: off, to measure what it adds")
     demo.add_argument("--small-batch-linear", type=int, default=DEMO_SMALL_BATCH_LINEAR,
-                      help="the target's LM head computes 2..N rows as W @ x^T (its "
-                           "verification of gamma+1 tokens, about 2x faster on CPU); 0: off")
+                      help="early-exit only: the target's LM head computes 2..N rows as W @ x^T "
+                           "(its verification of gamma+1 tokens, about 2x faster on CPU); 0: off")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch threads; 1 is robust on a shared 2-core machine (multi-threaded "
                            "kernels stall when another process competes for the cores); 0: torch's "
@@ -64,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``microspec`` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        for name in ("max_new_tokens", "draft_layers", "gamma", "runs", "capacity"):
+        if args.max_new_tokens is None:
+            args.max_new_tokens = 96 if args.draft == "eagle" else 64
+        for name in ("max_new_tokens", "draft_layers", "gamma", "runs", "capacity", "depth",
+                     "top_k", "total_tokens"):
             if getattr(args, name) < 1:
                 raise SystemExit(f"microspec demo: --{name.replace('_', '-')} must be >= 1")
         if args.target_topk < 0:
@@ -75,10 +92,20 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("microspec demo: --small-batch-linear must be 0 (off) or >= 2") from None
         import torch
 
-        from .demo import run_demo
-
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.draft == "eagle":
+            from .eagle_demo import run_eagle_demo
+
+            tree = TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens)
+            run_eagle_demo(args.prompt, max_new_tokens=args.max_new_tokens, tree=tree,
+                           runs=args.runs, sample=args.sample, temperature=args.temperature,
+                           seed=args.seed, capacity=args.capacity, target_topk=args.target_topk,
+                           model=args.model, head_dir=args.head, out=args.out,
+                           chart=not args.no_chart, progress=not args.no_progress)
+            return 0
+        from .demo import run_demo
+
         run_demo(args.prompt, max_new_tokens=args.max_new_tokens, draft_layers=args.draft_layers,
                  gamma=args.gamma, runs=args.runs, sample=args.sample,
                  temperature=args.temperature, seed=args.seed, capacity=args.capacity,

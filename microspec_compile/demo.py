@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from .analysis.plotting import bar_panel, pyplot, save_figure
 from .analysis.results import machine_info
 from .config import DEMO_SMALL_BATCH_LINEAR
 from .data import default_prompts, encode
+from .measure import measure_ways, summarize
 from .models import early_exit_draft, load_causal_lm
 from .spec import autoregressive_generate, speculative_generate
 
@@ -98,73 +98,6 @@ def _generate(models, ids, args: dict, seed: int):
         return autoregressive_generate(target, ids, args["max_new_tokens"], **kw)
     return speculative_generate(target, draft, ids, args["max_new_tokens"], args["gamma"],
                                 vocab=vocab, **kw)
-
-
-def _median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def _summarize(records: list) -> dict:
-    """Medians over runs of per-run aggregates (all prompts of a run pooled)."""
-    per_run = {}
-    for r in records:
-        per_run.setdefault(r["run"], []).append(r)
-    rows = []
-    for recs in per_run.values():
-        tokens = sum(r["new_tokens"] for r in recs)
-        seconds = sum(r["seconds"] for r in recs)
-        accepted = [a for r in recs for a in r["accepted"]]
-        checked = sum(r["checked"] for r in recs)
-        sizes = [s for r in recs for s in r["vocab_sizes"]]
-        draft_ms = [t for r in recs for t in r["draft_ms"]]
-        target_ms = [t for r in recs for t in r["target_ms"]]
-        rows.append({
-            "tokens_per_s": tokens / seconds,
-            "mean_accepted": statistics.mean(accepted) if accepted else None,
-            "tokens_per_target_step": statistics.mean(accepted) + 1 if accepted else 1.0,
-            "coverage": sum(r["covered"] for r in recs) / checked if checked else None,
-            "mean_vocab_size": statistics.mean(sizes) if sizes else None,
-            "draft_step_ms": _median(draft_ms),
-            "target_step_ms": _median(target_ms),
-        })
-    out = {k: _median([row[k] for row in rows]) for k in rows[0]}
-    out["tokens_per_s_runs"] = [row["tokens_per_s"] for row in rows]
-    return out
-
-
-def _measure(ways: dict, items: list, inputs: list, warm: list, args: dict, runs: int,
-             seed: int, progress: bool) -> dict:
-    """Warm every way up, then time ``runs`` rounds of all prompts, ways interleaved."""
-    from tqdm.auto import tqdm
-
-    counters = torch._dynamo.utils.counters
-    res = {"warmup_s": {}, "records": {w: [] for w in WAYS}, "outputs": {w: {} for w in WAYS}}
-    with torch.inference_mode():
-        for way in tqdm(WAYS, desc="warm-up (compile)", disable=not progress):
-            t = time.perf_counter()
-            for ids in warm:  # two prompt lengths: any shape-driven recompile happens here
-                _generate(ways[way], ids, args, seed)
-            res["warmup_s"][way] = time.perf_counter() - t
-        graphs_before = counters["stats"]["unique_graphs"]
-        bar = tqdm(total=runs * len(items) * len(WAYS), desc="generating", disable=not progress)
-        for run in range(runs):
-            for item, ids in zip(items, inputs):
-                for way in WAYS:
-                    tokens, st = _generate(ways[way], ids, args, seed + run)
-                    res["records"][way].append({
-                        "run": run, "prompt": item["name"], "new_tokens": st.new_tokens,
-                        "seconds": st.total_time, "prefill_s": st.prefill_time,
-                        "accepted": st.accepted, "covered": st.covered, "checked": st.checked,
-                        "vocab_sizes": st.vocab_sizes,
-                        "draft_ms": [1e3 * t for t in st.draft_times],
-                        "target_ms": [1e3 * t for t in st.target_times]})
-                    if run == 0:
-                        res["outputs"][way][item["name"]] = tokens[ids.shape[1]:].tolist()
-                    bar.update()
-        bar.close()
-    res["recompiles"] = counters["stats"]["unique_graphs"] - graphs_before
-    return res
 
 
 def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draft_layers: int = 4,
@@ -235,9 +168,11 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
     with torch._dynamo.config.patch(recompile_limit=limit):
         ways, notes = _build(target, draft_layers, capacity, pinned, target_inductor,
                              target_topk, small_batch_linear)
-        res = _measure(ways, items, inputs, warm, args, runs, seed, progress)
+        generators = {w: (lambda ids, seed, m=ways[w]: _generate(m, ids, args, seed)) for w in WAYS}
+        res = measure_ways(generators, [p["name"] for p in items], inputs, warm, runs, seed,
+                           progress)
 
-    summary = {w: _summarize(res["records"][w]) for w in WAYS}
+    summary = {w: summarize(res["records"][w]) for w in WAYS}
     ref = res["outputs"]["target"]
     identical = {w: all(res["outputs"][w][k] == ref[k] for k in ref) for w in ("dense", "microspec")}
     vocab = ways["microspec"][2]

@@ -10,6 +10,8 @@ from microspec_compile.cli import build_parser, main
     (["--gamma", "0"], "--gamma must be >= 1"),
     (["--target-topk", "-1"], "--target-topk must be >= 0"),
     (["--small-batch-linear", "1"], "--small-batch-linear must be 0 (off) or >= 2"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--total-tokens", "0"], "--total-tokens must be >= 1"),
 ])
 def test_bad_settings_exit_with_a_clear_message(argv, message):
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -21,5 +23,33 @@ def test_help_lists_the_options(capsys):
         build_parser().parse_args(["demo", "--help"])
     text = capsys.readouterr().out
     for option in ("--prompt", "--max-new-tokens", "--draft-layers", "--target-topk",
-                   "--small-batch-linear", "--threads"):
+                   "--small-batch-linear", "--threads", "--draft", "--head", "--depth",
+                   "--top-k", "--total-tokens"):
         assert option in text
+
+
+def test_train_eagle_help_and_required_out(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train-eagle", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--out", "--work-dir", "--generate-minutes", "--train-minutes", "--seed"):
+        assert option in text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train-eagle"])  # --out is required
+    assert "--out" in capsys.readouterr().err
+
+
+def test_demo_fails_loudly_without_head_weights(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from microspec_compile.eagle_demo import run_eagle_demo
+    from microspec_compile.heads import EagleHead
+
+    target = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=1))
+    with pytest.raises(FileNotFoundError, match="no EAGLE head at .* is missing"):
+        run_eagle_demo(["hi"], model=(target, None), head_dir=tmp_path, out=None)
+    EagleHead.for_target(target).save(tmp_path)
+    with pytest.raises(FileNotFoundError, match="frequency subset"):
+        run_eagle_demo(["hi"], model=(target, None), head_dir=tmp_path, out=None)

@@ -3,13 +3,15 @@
 * :mod:`.chain`  gpt-fast-style chain speculative decoding with a causal-LM draft;
 * :mod:`.eagle`  EAGLE-2 tree drafting with an EAGLE head, verified in one target forward;
 * :mod:`.tree`   the tree layout, masks and greedy / sampling acceptance;
-* :mod:`.verify` the target's tree forward and KV-cache upkeep.
+* :mod:`.verify` the target's tree forward and KV-cache upkeep;
+* :mod:`.scorers` the LM-head calls (full, microspec-compiled, fixed subset).
 """
 from .chain import autoregressive_generate, speculative_generate, vocabulary_of
-from .eagle import EagleDrafter, TopkScorer, TreeConfig, eagle_generate
+from .eagle import EagleDrafter, TreeConfig, eagle_generate
+from .scorers import SubsetTopkScorer, TopkScorer
 from .stats import SpecStats
 from .tree import DraftTree, accept_greedy, accept_sampling, select_tree
 
 __all__ = ["SpecStats", "autoregressive_generate", "speculative_generate", "vocabulary_of",
-           "EagleDrafter", "TopkScorer", "TreeConfig", "eagle_generate", "DraftTree",
+           "EagleDrafter", "TopkScorer", "SubsetTopkScorer", "TreeConfig", "eagle_generate", "DraftTree",
            "accept_greedy", "accept_sampling", "select_tree"]

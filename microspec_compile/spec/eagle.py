@@ -36,7 +36,7 @@ from .stats import SpecStats, finish
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask, select_tree
 from .verify import crop_cache, keep_cache_rows, prefill, verify_tree
 
-__all__ = ["TreeConfig", "TopkScorer", "EagleDrafter", "eagle_generate"]
+__all__ = ["TreeConfig", "EagleDrafter", "eagle_generate"]
 
 
 @dataclass(frozen=True)
@@ -58,22 +58,6 @@ class TreeConfig:
         for name in ("depth", "top_k", "total_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-class TopkScorer(torch.nn.Module):
-    """``log_softmax(lm_head(hidden)).topk(k)``: what EAGLE-2 asks of the LM head.
-
-    Compile it with ``backend="microspec"`` to score only the active vocabulary
-    (the graph is a lone head: the loop observes token ids itself).
-    """
-
-    def __init__(self, lm_head: torch.nn.Module, k: int):
-        super().__init__()
-        self.lm_head = lm_head
-        self.k = k
-
-    def forward(self, hidden: torch.Tensor):
-        return torch.log_softmax(self.lm_head(hidden), dim=-1).topk(self.k, dim=-1)
 
 
 class EagleDrafter:
@@ -149,9 +133,9 @@ class EagleDrafter:
 
 
 def _observe_verified(vocab, tree: DraftTree, logits: torch.Tensor, emitted, target_topk: int):
-    vocab.observe(tree.tokens)
-    vocab.observe(torch.tensor(emitted))
-    vocab.observe(logits.topk(max(target_topk, 1), dim=-1).indices)  # argmax and top-k
+    """MicroSpec's update: tree tokens, emitted tokens, the target's argmax and top-k."""
+    top = logits.topk(max(target_topk, 1), dim=-1).indices  # argmax included
+    vocab.observe(torch.cat([tree.tokens, torch.tensor(emitted), top.reshape(-1)]))
 
 
 @torch.inference_mode()

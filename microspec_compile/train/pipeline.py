@@ -26,7 +26,9 @@ from .evaluate import evaluation_prompts, head_agreement, held_out_continuations
 from .features import FeatureSet, compute_features
 from .trainer import TrainConfig, train
 
-__all__ = ["PipelineConfig", "run_pipeline"]
+__all__ = ["FREQUENT_FILE", "PipelineConfig", "frequent_ids", "run_pipeline"]
+
+FREQUENT_FILE = "frequent_ids.json"
 
 
 @dataclass(frozen=True)
@@ -135,4 +137,16 @@ def run_pipeline(target, tokenizer, work_dir: str | Path, out_dir: str | Path, *
         "wall_seconds_this_run": time.perf_counter() - t_start,
     }
     head.save(out_dir, metadata=report)
+    frequent = frequent_ids(data.ids, head.config.vocab_size, 0.25)
+    (Path(out_dir) / FREQUENT_FILE).write_text(json.dumps(
+        {"counted_on": f"the {int(data.starts[-1])} training tokens (prompts and answers)",
+         "fraction": 0.25, "ids": frequent.tolist()}) + "\n")
     return report
+
+
+def frequent_ids(tokens: torch.Tensor, vocab_size: int, fraction: float) -> torch.Tensor:
+    """The most frequent ``fraction`` of the vocabulary in ``tokens``, most frequent first
+    (FR-Spec's fixed sub-vocabulary; ties broken by id)."""
+    counts = torch.bincount(tokens.long(), minlength=vocab_size).double()
+    order = torch.argsort(-counts - torch.arange(vocab_size) / (2.0 * vocab_size))
+    return order[: max(1, int(vocab_size * fraction))]

