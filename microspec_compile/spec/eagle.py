@@ -78,10 +78,10 @@ class EagleDrafter:
 
         Returns ``(hidden [H], log-probs [k], ids [k])`` of the root's children.
         """
-        m, n = tokens.numel(), self.committed
-        positions = torch.arange(n, n + m).view(1, -1)
-        hidden = self.head.hidden(tokens.view(1, -1), features.view(1, m, -1), positions,
-                                  causal_mask(n, m, features.dtype), self.cache)[0]
+        m, n, dev = tokens.numel(), self.committed, features.device
+        positions = torch.arange(n, n + m, device=dev).view(1, -1)
+        hidden = self.head.hidden(tokens.view(1, -1).to(dev), features.view(1, m, -1), positions,
+                                  causal_mask(n, m, features.dtype).to(dev), self.cache)[0]
         self.committed += m
         logp, ids = self.scorer(hidden[-1:])
         return hidden[-1], logp[0], ids[0]
@@ -89,20 +89,20 @@ class EagleDrafter:
     def draft(self, root_token: int, root_hidden: torch.Tensor, logp: torch.Tensor,
               ids: torch.Tensor) -> DraftTree:
         """Grow the dynamic tree from the root's children (module docstring, steps 2-3)."""
-        k, n, dtype = ids.numel(), self.committed, root_hidden.dtype
-        tokens, parents, scores, depths = [ids], [torch.full((k,), -1)], [logp.float()], [
-            torch.ones(k, dtype=torch.int64)]
-        frontier = torch.arange(k)            # candidate index of each frontier node
+        k, n, dtype, dev = ids.numel(), self.committed, root_hidden.dtype, root_hidden.device
+        tokens, parents, scores, depths = [ids], [torch.full((k,), -1, device=dev)], [
+            logp.float()], [torch.ones(k, dtype=torch.int64, device=dev)]
+        eye = torch.eye(k, dtype=torch.bool, device=dev)
+        frontier = torch.arange(k, device=dev)  # candidate index of each frontier node
         frontier_tokens, frontier_scores = ids, logp.float()
         parent_hidden = root_hidden.expand(k, -1)
-        ancestors = torch.zeros(k, 0, dtype=torch.bool)  # frontier x tree columns of the cache
+        ancestors = torch.zeros(k, 0, dtype=torch.bool, device=dev)  # frontier x tree columns
         total = k
         for d in range(1, self.tree.depth + 1):
-            allowed = torch.cat([torch.ones(k, n, dtype=torch.bool), ancestors,
-                                 torch.eye(k, dtype=torch.bool)], 1)
+            allowed = torch.cat([torch.ones(k, n, dtype=torch.bool, device=dev), ancestors, eye], 1)
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(
                 ~allowed, torch.finfo(dtype).min)[None, None]
-            positions = torch.full((1, k), n + d - 1)
+            positions = torch.full((1, k), n + d - 1, device=dev)
             hidden = self.head.hidden(frontier_tokens.view(1, -1), parent_hidden[None],
                                       positions, mask, self.cache)[0]
             child_logp, child_ids = self.scorer(hidden)                 # [k, k]
@@ -110,7 +110,7 @@ class EagleDrafter:
             tokens.append(child_ids.reshape(-1))
             parents.append(frontier.repeat_interleave(k))
             scores.append(child_scores.reshape(-1))
-            depths.append(torch.full((k * k,), d + 1))
+            depths.append(torch.full((k * k,), d + 1, device=dev))
             if d == self.tree.depth:
                 break
             best = child_scores.reshape(-1).topk(k).indices
@@ -118,11 +118,12 @@ class EagleDrafter:
             frontier = total + best
             frontier_tokens, frontier_scores = child_ids.reshape(-1)[best], child_scores.reshape(-1)[best]
             parent_hidden = hidden[rows]
-            ancestors = torch.cat([ancestors[rows], torch.eye(k, dtype=torch.bool)[rows]], 1)
+            ancestors = torch.cat([ancestors[rows], eye[rows]], 1)
             total += k * k
         crop_cache(self.cache, n)
-        tokens, parents = torch.cat(tokens), torch.cat(parents)
-        scores, depths = torch.cat(scores), torch.cat(depths)
+        # one transfer per round: the tree is chosen on the host
+        tokens, parents = torch.cat(tokens).cpu(), torch.cat(parents).cpu()
+        scores, depths = torch.cat(scores).cpu(), torch.cat(depths).cpu()
         vocab_size = self.head.config.vocab_size
         # An active vocabulary smaller than k pads with -inf scores: never propose those.
         scores = torch.where((tokens < vocab_size) & torch.isfinite(scores), scores,
@@ -135,7 +136,9 @@ class EagleDrafter:
 def _observe_verified(vocab, tree: DraftTree, logits: torch.Tensor, emitted, target_topk: int):
     """MicroSpec's update: tree tokens, emitted tokens, the target's argmax and top-k."""
     top = logits.topk(max(target_topk, 1), dim=-1).indices  # argmax included
-    vocab.observe(torch.cat([tree.tokens, torch.tensor(emitted), top.reshape(-1)]))
+    dev = vocab.rows.device
+    vocab.observe(torch.cat([tree.tokens.to(dev), torch.tensor(emitted, device=dev),
+                             top.reshape(-1).to(dev)]))
 
 
 @torch.inference_mode()
@@ -167,7 +170,8 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         raise ValueError(f"input_ids must be [1, P] (batch 1), got {list(input_ids.shape)}")
     if sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    input_ids = input_ids.clone()
+    dev = head.fc.weight.device
+    input_ids = input_ids.to(dev).clone()
     stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
     dtype = head.fc.weight.dtype
     cache = DynamicCache(config=target.config)
@@ -188,7 +192,7 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
             vocab.observe(logits.topk(target_topk, dim=-1).indices)
     stats.prefill_time = time.perf_counter() - t0
     n, tokens = input_ids.shape[1], [root]
-    pair_tokens = torch.cat([input_ids[0, 1:], torch.tensor([root])])
+    pair_tokens = torch.cat([input_ids[0, 1:], torch.tensor([root], device=dev)])
     pair_features = features
 
     while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
@@ -201,24 +205,25 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         features, logits = verify_tree(target, draft_tree, cache, n, dtype)
         stats.target_times.append(time.perf_counter() - t)
         if sample:
-            probs = torch.softmax(logits.double() / temperature, -1)
+            probs = torch.softmax(logits.double() / temperature, -1).cpu()
             path, bonus = accept_sampling(draft_tree, probs, generator)
         else:
-            path, bonus = accept_greedy(draft_tree, logits.argmax(-1))
+            path, bonus = accept_greedy(draft_tree, logits.argmax(-1).cpu())
         emitted = draft_tree.tokens[path[1:]].tolist() + [bonus]
         if vocab is not None:
             t = time.perf_counter()
             stats.vocab_sizes.append(vocab.size)
-            stats.covered += int(vocab.contains(torch.tensor(emitted)).sum())
+            stats.covered += int(vocab.contains(torch.tensor(emitted, device=dev)).sum())
             stats.checked += len(emitted)
             t_stats += time.perf_counter() - t
             _observe_verified(vocab, draft_tree, logits, emitted, target_topk)
         stats.accepted.append(len(path) - 1)
         stats.tree_sizes.append(len(draft_tree))
-        keep_cache_rows(cache, torch.cat([torch.arange(n), n + torch.tensor(path)]))
+        keep = torch.cat([torch.arange(n), n + torch.tensor(path)]).to(dev)
+        keep_cache_rows(cache, keep)
         n += len(path)
         tokens.extend(emitted)
         root = bonus
-        pair_tokens = torch.tensor(emitted)
-        pair_features = features[path]
-    return finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)
+        pair_tokens = torch.tensor(emitted, device=dev)
+        pair_features = features[torch.tensor(path, device=dev)]
+    return finish(input_ids.cpu(), tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)

@@ -111,19 +111,19 @@ def select_tree(root_token: int, tokens: torch.Tensor, parents: torch.Tensor,
     if total_tokens < 1:
         raise ValueError(f"total_tokens must be >= 1, got {total_tokens}")
     keep_n = min(total_tokens - 1, tokens.numel())
-    order = sorted(range(tokens.numel()), key=lambda c: (-float(scores[c]), int(depths[c]), c))
+    tok, par, sc, dep = tokens.tolist(), parents.tolist(), scores.tolist(), depths.tolist()
+    order = sorted(range(len(tok)), key=lambda c: (-sc[c], dep[c], c))
     kept = set(order[:keep_n])
     for c in list(kept):  # a parent outside the kept set cannot happen, but never emit an orphan
-        p = int(parents[c])
+        p = par[c]
         while p >= 0 and p not in kept:
             kept.add(p)
-            p = int(parents[p])
-    nodes = sorted(kept, key=lambda c: (int(depths[c]), -float(scores[c]), c))
+            p = par[p]
+    nodes = sorted(kept, key=lambda c: (dep[c], -sc[c], c))
     index = {c: i + 1 for i, c in enumerate(nodes)}
-    node_parents = [-1] + [index.get(int(parents[c]), 0) for c in nodes]
-    return DraftTree(torch.tensor([root_token] + [int(tokens[c]) for c in nodes]),
-                     torch.tensor(node_parents),
-                     torch.tensor([0] + [int(depths[c]) for c in nodes]))
+    return DraftTree(torch.tensor([root_token] + [tok[c] for c in nodes]),
+                     torch.tensor([-1] + [index.get(par[c], 0) for c in nodes]),
+                     torch.tensor([0] + [dep[c] for c in nodes]))
 
 
 def accept_greedy(tree: DraftTree, target_ids: torch.Tensor) -> tuple[list[int], int]:

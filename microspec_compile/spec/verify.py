@@ -20,8 +20,9 @@ def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features [T, H], logits [T, V])`` of ``ids [1, T]`` after the cached prefix."""
     base = getattr(target, target.base_model_prefix)
-    out = base(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-               cache=cache, use_cache=True)
+    dev = target.get_output_embeddings().weight.device
+    out = base(input_ids=ids.to(dev), attention_mask=attention_mask.to(dev),
+               position_ids=position_ids.to(dev), cache=cache, use_cache=True)
     features = out.last_hidden_state[0]
     return features, target.get_output_embeddings()(features)
 
