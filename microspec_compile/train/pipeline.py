@@ -148,5 +148,5 @@ def frequent_ids(tokens: torch.Tensor, vocab_size: int, fraction: float) -> torc
     """The most frequent ``fraction`` of the vocabulary in ``tokens``, most frequent first
     (FR-Spec's fixed sub-vocabulary; ties broken by id)."""
     counts = torch.bincount(tokens.long(), minlength=vocab_size).double()
-    order = torch.argsort(-counts - torch.arange(vocab_size) / (2.0 * vocab_size))
+    order = torch.argsort(-counts + torch.arange(vocab_size) / (2.0 * vocab_size))
     return order[: max(1, int(vocab_size * fraction))]

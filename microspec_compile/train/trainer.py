@@ -123,18 +123,21 @@ def _save(path: Path, state: dict) -> None:
 
 
 def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: float,
-          config: TrainConfig = TrainConfig(), progress=None) -> dict:
-    """Train ``head`` for ``seconds`` of compute (summed over resumed runs).
+          config: TrainConfig | None = None, steps: int | None = None, progress=None) -> dict:
+    """Train ``head`` for ``seconds`` of compute (summed over resumed runs), or ``steps``.
 
-    The step count of the cosine schedule is fixed once, from the speed of the
-    first 20 steps, and stored in the checkpoint, so a resumed run follows the
-    same schedule.  ``progress(step, total, loss, agreement)`` is called per step.
+    Without ``steps``, the step count of the cosine schedule is fixed once, from
+    the speed of steps 10-30, and stored in the checkpoint, so a resumed run
+    follows the same schedule.  Batches (per epoch) and input noise (per step) are
+    seeded, so a resumed run continues exactly where the interrupted one stopped.
+    ``progress(step, total, loss, agreement)`` is called per step.
 
     Returns
     -------
     dict: ``steps``, ``epochs`` (fractional), ``seconds``, ``tokens`` (loss rows seen),
     ``last_loss``, ``last_agreement`` (mean of the last 50 steps)
     """
+    config = config or TrainConfig()
     torch.manual_seed(config.seed)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +149,7 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
         p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
                             weight_decay=config.weight_decay)
-    state = {"step": 0, "total_steps": None, "elapsed": 0.0, "tokens": 0, "history": []}
+    state = {"step": 0, "total_steps": steps, "elapsed": 0.0, "tokens": 0, "history": []}
     if ckpt_path.is_file():
         saved = torch.load(ckpt_path, weights_only=False)
         if saved["config"] != asdict(config):
@@ -156,7 +159,6 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
     lengths = data.lengths()
-    noise_gen = torch.Generator().manual_seed(config.seed + state["step"])
     head.train()
     last_save = time.perf_counter()
     epoch_batches: dict[int, list] = {}
@@ -171,6 +173,7 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
         total = state["total_steps"] or max(config.warmup_steps * 2, 1000)
         for group in opt.param_groups:
             group["lr"] = config.lr * _lr_factor(state["step"], total, config.warmup_steps)
+        noise_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + state["step"])
         loss, agree, rows = eagle_loss(head, *batch_tensors(data, epoch_batches[epoch][index]),
                                        noise=config.noise, ce_weight=config.ce_weight,
                                        generator=noise_gen, autocast=config.autocast)
