@@ -51,6 +51,11 @@ def _torch_version() -> str:
         return "not installed"
 
 
+#: The CPU flags that decide which kernels run (recorded with every detailed result).
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+              "amx_tile", "amx_bf16", "amx_int8")
+
+
 def machine_info(detail: bool = False) -> dict:
     """Describe this machine and software stack.
 
@@ -65,7 +70,8 @@ def machine_info(detail: bool = False) -> dict:
         ``machine`` (CPU model from /proc/cpuinfo, else ``platform.processor()``),
         ``cpus`` (int, logical cores), ``torch`` (version str), ``python`` (version
         str) and ``platform`` (OS string). With ``detail``: also ``cpu_model`` (=
-        ``machine``), ``torch_threads``, ``cpu_avx512`` (bool), ``memory_gb``,
+        ``machine``), ``torch_threads``, ``cpu_avx512`` (bool), ``cpu_flags`` (the
+        :data:`SIMD_FLAGS` present), ``memory_gb``,
         ``load_average`` and ``transformers`` (version, when installed).
     """
     info = {
@@ -94,6 +100,7 @@ def _details(cpu_model: str) -> dict:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("flags")), "")
         info["cpu_avx512"] = "avx512f" in flags
+        info["cpu_flags"] = " ".join(f for f in flags.split() if f in SIMD_FLAGS)
         mem = next(line for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal"))
         info["memory_gb"] = round(int(mem.split()[1]) / 2**20, 1)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.results import machine_info
 from ..heads import EagleHead
 from .corpus import Sequence, chat_prompt_ids, original_sequences, regenerate, training_prompts
 from .evaluate import evaluation_prompts, head_agreement, held_out_continuations
@@ -135,13 +136,60 @@ def run_pipeline(target, tokenizer, work_dir: str | Path, out_dir: str | Path, *
         "pipeline": asdict(config), "training": {**asdict(train_config), **summary},
         "held_out": {"prompts": [p["name"] for p in prompts], **quality},
         "wall_seconds_this_run": time.perf_counter() - t_start,
+        "hardware": machine_info(detail=True),
     }
     head.save(out_dir, metadata=report)
+    write_model_card(Path(out_dir) / "MODEL_CARD.md", report)
     frequent = frequent_ids(data.ids, head.config.vocab_size, 0.25)
     (Path(out_dir) / FREQUENT_FILE).write_text(json.dumps(
         {"counted_on": f"the {int(data.starts[-1])} training tokens (prompts and answers)",
          "fraction": 0.25, "ids": frequent.tolist()}) + "\n")
     return report
+
+
+def write_model_card(path: Path, report: dict) -> None:
+    """A short model card from the pipeline's report (data, tokens, epochs, time, quality)."""
+    d, t, h, hw = report["data"], report["training"], report["held_out"], report["hardware"]
+    p = report["pipeline"]
+    lines = [
+        "# EAGLE-2 draft head for SmolLM2-135M-Instruct",
+        "",
+        "An EAGLE-1/2 head (fc `Linear(2H, H)` + one Llama decoder layer without its input norm) "
+        "that reads the target's post-norm last hidden state and the next token and predicts the "
+        "next feature; the target's own LM head scores it (shared, not stored here). "
+        "fp16 safetensors, made by `microspec train-eagle` on this project's machine.",
+        "",
+        "## Data (evaluation prompts held out: all MT-bench turns, all HumanEval prompts)",
+        f"- {d['regenerated_answers']} ShareGPT first turns answered by the target itself "
+        f"(batched greedy, up to {p['max_new_tokens']} tokens, {p['generate_minutes']} min budget): "
+        f"{d['regenerated_answer_tokens']} answer tokens;",
+        f"- {d['original_answers']} more first turns with ShareGPT's own answers: "
+        f"{d['original_answer_tokens']} answer tokens;",
+        f"- {d['sequence_tokens']} tokens in all (prompts included), chat template, at most "
+        f"{p['max_len']} tokens per sequence; teacher-forced target features cached in fp16.",
+        "",
+        "## Training",
+        f"- loss: SmoothL1(feature) + {t['ce_weight']} x soft cross-entropy against the target's "
+        f"distribution over the full vocabulary; uniform feature noise {t['noise']} x 512 / T;",
+        f"- AdamW lr {t['lr']} (warm-up {t['warmup_steps']} steps, cosine to 10%), betas "
+        f"{tuple(t['betas'])}, grad clip {t['grad_clip']}, bf16 autocast, seed {t['seed']};",
+        f"- {t['steps']} steps of <= {t['token_budget']} padded tokens, {t['epochs']:.2f} epochs, "
+        f"{t['tokens']} loss positions, {t['seconds'] / 60:.1f} min of training compute;",
+        f"- final training loss {t['last_loss']:.3f}, training top-1 agreement "
+        f"{t['last_agreement']:.3f} (mean of the last 50 steps).",
+        "",
+        "## Held-out quality",
+        f"- teacher-forced top-1 agreement with the target's argmax on the target's own greedy "
+        f"continuations of {len(h['prompts'])} held-out prompts ({h['positions']} positions): "
+        f"**{h['agreement']:.3f}**.",
+        "",
+        "## Hardware",
+        f"- {hw.get('cpu_model')}, {hw.get('cpus')} cores, torch {hw.get('torch')}; "
+        f"flags: {hw.get('cpu_flags', '-')}.",
+        "",
+        "Reproduce: `microspec train-eagle --out DIR` (every stage resumes from its work directory).",
+    ]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def frequent_ids(tokens: torch.Tensor, vocab_size: int, fraction: float) -> torch.Tensor:

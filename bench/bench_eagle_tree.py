@@ -1,0 +1,140 @@
+"""Tune the EAGLE-2 tree on this CPU: tokens/s of the microspec way per (depth, top_k, total).
+
+EAGLE auto-tunes ``total_tokens`` by timing the target on trees of several sizes;
+here the whole loop is timed instead (target, draft and acceptance together), which
+also catches the draft's cost and the acceptance a shape buys.  Two parts:
+
+1. the target's forward over T tree tokens after a 300-token cache, relative to a
+   one-token step (what verification costs per size);
+2. every tree shape of the grid decodes the *tuning* prompts (held-out MT-bench and
+   HumanEval prompts that are not the demo's) with the shipped head, the
+   microspec-compiled LM head and the demo's settings; shapes interleaved, median
+   tokens/s over ``--runs`` runs.  The best shape is printed: it is the demo default.
+
+Rows go to ``bench/results/eagle_tree.csv``.
+Usage: python bench/bench_eagle_tree.py [--quick] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+from common import append_rows, loadavg
+
+import microspec_compile as ms
+from microspec_compile.data import encode, humaneval_problems, mtbench_questions
+from microspec_compile.eagle_demo import default_head_dir
+from microspec_compile.heads import EagleHead
+from microspec_compile.models import load_causal_lm
+from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate
+from microspec_compile.spec.tree import causal_mask
+from microspec_compile.spec.verify import crop_cache, target_forward
+
+DEMO_CATEGORIES = ("writing", "extraction", "coding")  # the demo uses their first questions
+
+
+def tuning_prompts(n_chat: int, n_code: int) -> list[dict]:
+    """Held-out prompts disjoint from the demo's (the demo takes the first of 3 categories
+    and HumanEval/0-1)."""
+    seen, chat = set(), []
+    for q in mtbench_questions():
+        if q["category"] in DEMO_CATEGORIES and q["category"] not in seen:
+            seen.add(q["category"])  # that one is the demo's
+            continue
+        if len(chat) < n_chat and q["category"] not in {c["cat"] for c in chat}:
+            chat.append({"name": f"mtbench/{q['question_id']}", "text": q["turns"][0],
+                         "chat": True, "cat": q["category"]})
+    code = [{"name": p["task_id"], "text": p["prompt"], "chat": False}
+            for p in humaneval_problems()[10:10 + n_code]]
+    return chat + code
+
+
+@torch.inference_mode()
+def verify_cost(target, sizes, past: int = 300, repeats: int = 5) -> dict:
+    """Median seconds of one target forward over T tokens after ``past`` cached ones."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=target.config)
+    ids = torch.randint(0, target.config.vocab_size, (1, past))
+    target_forward(target, ids, cache, torch.arange(past).view(1, -1), causal_mask(0, past))
+    out = {}
+    for t in [1, *sizes]:
+        times = []
+        for _ in range(repeats):
+            x = torch.randint(0, target.config.vocab_size, (1, t))
+            start = time.perf_counter()
+            target_forward(target, x, cache, torch.arange(past, past + t).view(1, -1),
+                           causal_mask(past, t))
+            times.append(time.perf_counter() - start)
+            crop_cache(cache, past)
+        out[t] = statistics.median(times)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller grid and fewer prompts")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    target, tokenizer = load_causal_lm()
+    head = EagleHead.load(default_head_dir(), target)
+    eos = tokenizer.eos_token_id
+
+    sizes = [4, 8, 12, 16, 24, 32]
+    cost = verify_cost(target, sizes)
+    print("verification cost (T tokens after 300 cached, relative to one token): " + ", ".join(
+        f"{t}: {cost[t] / cost[1]:.2f}x" for t in sizes) + f"  (1 token: {1e3 * cost[1]:.1f} ms)")
+    rows = [{"bench": "verify_cost", "tokens": t, "ms": 1e3 * cost[t],
+             "relative": cost[t] / cost[1], "threads": args.threads, "load": loadavg()}
+            for t in sizes]
+
+    grid = (list(itertools.product([3, 5], [4, 8], [8, 12, 16])) if args.quick else
+            list(itertools.product([3, 4, 6], [4, 8], [8, 12, 16, 24])))
+    prompts = tuning_prompts(2, 2) if args.quick else tuning_prompts(3, 3)
+    inputs = [encode(tokenizer, p) for p in prompts]
+    scorers = {}
+    lm_head = target.get_output_embeddings()
+    vocab = None
+    for k in sorted({k for _, k, _ in grid}):
+        module = TopkScorer(lm_head, k)
+        vocab = ms.vocab_of(module, pinned_ids=(eos,))
+        scorers[k] = torch.compile(module, backend=ms.backend(pinned_ids=(eos,)), dynamic=True)
+    results = {shape: [] for shape in grid}
+    accepted = {shape: [] for shape in grid}
+    for shape in grid:  # warm-up: compile each row count once
+        eagle_generate(target, head, scorers[shape[1]], inputs[0], 8, TreeConfig(*shape),
+                       vocab=vocab, eos_token_id=eos)
+    for run in range(args.runs):
+        for shape in grid:
+            tokens = seconds = 0.0
+            for ids in inputs:
+                _, st = eagle_generate(target, head, scorers[shape[1]], ids, args.max_new_tokens,
+                                       TreeConfig(*shape), vocab=vocab, eos_token_id=eos)
+                tokens += st.new_tokens
+                seconds += st.total_time
+                accepted[shape].append(st.tokens_per_verification())
+            results[shape].append(tokens / seconds)
+        print(f"run {run + 1}/{args.runs} done")
+    print(f"{'depth':>5} {'top_k':>5} {'total':>5} {'tok/s':>7} {'tok/verif':>9}")
+    best = max(grid, key=lambda s: statistics.median(results[s]))
+    for shape in grid:
+        tps = statistics.median(results[shape])
+        tpv = statistics.mean(accepted[shape])
+        print(f"{shape[0]:>5} {shape[1]:>5} {shape[2]:>5} {tps:7.2f} {tpv:9.2f}"
+              + ("  <- best" if shape == best else ""))
+        rows.append({"bench": "tree_shape", "depth": shape[0], "top_k": shape[1],
+                     "total_tokens": shape[2], "tokens_per_s": tps, "tokens_per_verification": tpv,
+                     "runs": args.runs, "prompts": len(prompts), "threads": args.threads,
+                     "load": loadavg()})
+    print(f"best tree on this machine: depth={best[0]} top_k={best[1]} total_tokens={best[2]}")
+    print(f"rows appended to {append_rows('eagle_tree.csv', rows)}")
+
+
+if __name__ == "__main__":
+    main()
