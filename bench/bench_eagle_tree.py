@@ -22,7 +22,6 @@ import statistics
 import time
 
 import torch
-from common import append_rows, loadavg
 
 import microspec_compile as ms
 from microspec_compile.data import encode, humaneval_problems, mtbench_questions
@@ -32,6 +31,8 @@ from microspec_compile.models import load_causal_lm
 from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate
 from microspec_compile.spec.tree import causal_mask
 from microspec_compile.spec.verify import crop_cache, target_forward
+
+from common import append_rows, loadavg
 
 DEMO_CATEGORIES = ("writing", "extraction", "coding")  # the demo uses their first questions
 
