@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="target top-k added to the draft's vocabulary per scored position "
                            "(the paper's signal); 0: off, to measure what it adds")
     demo.add_argument("--small-batch-linear", type=int, default=DEMO_SMALL_BATCH_LINEAR,
-                      help="early-exit only: the target's LM head computes 2..N rows as W @ x^T "
-                           "(its verification of gamma+1 tokens, about 2x faster on CPU); 0: off")
+                      help="the target's LM head computes 2..N rows as W @ x^T (its "
+                           "verification of a tree / of gamma+1 tokens, faster on CPU); 0: off")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch threads; 1 is robust on a shared 2-core machine (multi-threaded "
                            "kernels stall when another process competes for the cores); 0: torch's "
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             run_eagle_demo(args.prompt, max_new_tokens=args.max_new_tokens, tree=tree,
                            runs=args.runs, sample=args.sample, temperature=args.temperature,
                            seed=args.seed, capacity=args.capacity, target_topk=args.target_topk,
+                           small_batch_linear=args.small_batch_linear,
                            model=args.model, head_dir=args.head, out=args.out,
                            chart=not args.no_chart, progress=not args.no_progress)
             return 0

@@ -28,6 +28,7 @@ import torch
 
 from .analysis.plotting import bar_panel, pyplot, save_figure
 from .analysis.results import machine_info
+from .config import DEMO_SMALL_BATCH_LINEAR
 from .data import default_prompts, encode
 from .heads import EagleHead
 from .measure import measure_ways, summarize
@@ -76,7 +77,7 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
         def generate(ids, seed):
             return eagle_generate(target, head, scorer, ids, kw["max_new_tokens"], tree, vocab=v,
                                   target_topk=kw["target_topk"], eos_token_id=kw["eos_token_id"],
-                                  **_sampling(kw, seed))
+                                  verify_head_rows=kw["small_batch_linear"], **_sampling(kw, seed))
         return generate
 
     return {"target": target_alone, "dense": eagle(dense, None), "frspec": eagle(fixed, None),
@@ -93,7 +94,8 @@ def _sampling(kw: dict, seed: int) -> dict:
 def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 96,
                    tree: TreeConfig | None = None, runs: int = 3, sample: bool = False,
                    temperature: float = 1.0, seed: int = 0, capacity: int = 4096,
-                   target_topk: int = 3, model=None, head_dir=None,
+                   target_topk: int = 3, small_batch_linear: int = DEMO_SMALL_BATCH_LINEAR,
+                   model=None, head_dir=None,
                    out: str | os.PathLike | None = "demo_results.json", chart: bool = True,
                    progress: bool = True, verbose: bool = True) -> dict:
     """Run the four ways on held-out prompts; write the JSON report and chart.
@@ -106,6 +108,8 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 96
     sample, temperature, seed : sampling mode (default greedy)
     capacity : the microspec vocabulary's capacity
     target_topk : the target's top-k per scored position fed to the vocabulary (0: off)
+    small_batch_linear : the target's LM head scores trees of 2..this many tokens as
+        ``W @ x^T`` (faster verification on CPU, in every EAGLE way alike); 0: off
     model : a local checkpoint / .gguf, or a loaded ``(model, tokenizer)``; default SmolLM2
     head_dir : the EAGLE head (default: the one shipped for SmolLM2)
     """
@@ -124,7 +128,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 96
     eos = tokenizer.eos_token_id
     pinned = (eos,) if eos is not None else ()
     kw = dict(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-              eos_token_id=eos, target_topk=target_topk)
+              eos_token_id=eos, target_topk=target_topk, small_batch_linear=small_batch_linear)
     ways, vocab = _ways(target, head, tree, frequent, capacity, pinned, kw)
     res = measure_ways(ways, [p["name"] for p in items], inputs, warm, runs, seed, progress)
 
@@ -149,6 +153,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 96
                      "head": str(head_dir), "tree": tree.__dict__, "max_new_tokens": max_new_tokens,
                      "runs": runs, "sample": sample, "temperature": temperature if sample else None,
                      "seed": seed, "capacity": capacity, "target_topk": target_topk,
+                     "verify_small_batch_linear": small_batch_linear,
                      "frspec_subset": int(frequent.numel()),
                      "prompts": [p["name"] for p in items],
                      "prompt_tokens": [int(i.shape[1]) for i in inputs],

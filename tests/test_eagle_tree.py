@@ -198,3 +198,15 @@ def test_head_save_load_roundtrip(tmp_path):
         EagleHead.load(tmp_path, other)
     with pytest.raises(FileNotFoundError, match="train-eagle"):
         EagleHead.load(tmp_path / "missing", target)
+
+
+def test_transposed_verification_head_same_greedy_output():
+    # verify_head_rows computes the target's head over the tree as W @ x^T (CPU speed);
+    # it only changes rounding, so the greedy output stays the target's
+    target = tiny_target(bigram=True)
+    shape = TreeConfig(depth=3, top_k=4, total_tokens=10)
+    ids = prompt()
+    out, stats = eagle_generate(target, oracle_head(target), TopkScorer(target.lm_head, 4), ids,
+                                24, shape, verify_head_rows=16)
+    assert torch.equal(out, autoregressive_generate(target, ids, 24)[0])
+    assert stats.tokens_per_verification() > 2.0

@@ -145,7 +145,7 @@ def _observe_verified(vocab, tree: DraftTree, logits: torch.Tensor, emitted, tar
 def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                    max_new_tokens: int, tree: TreeConfig = TreeConfig(), *, vocab=None,
                    target_topk: int = 3, sample: bool = False, temperature: float = 1.0,
-                   eos_token_id: int | None = None, generator=None):
+                   eos_token_id: int | None = None, generator=None, verify_head_rows: int = 0):
     """EAGLE-2 speculative decoding of one sequence.
 
     Parameters
@@ -157,6 +157,8 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     vocab : the microspec vocabulary the scorer reads (reset here), or None (dense)
     target_topk : target tokens per position added to ``vocab`` (0: argmax only)
     sample, temperature, generator : sampling mode (default greedy)
+    verify_head_rows : >= 2: the target's LM head scores trees of up to this many tokens
+        as ``W @ x^T`` (faster on CPU, other rounding; ``spec.verify.target_forward``)
 
     Returns
     -------
@@ -202,7 +204,7 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         stats.draft_times.append(time.perf_counter() - t)
 
         t = time.perf_counter()
-        features, logits = verify_tree(target, draft_tree, cache, n, dtype)
+        features, logits = verify_tree(target, draft_tree, cache, n, dtype, verify_head_rows)
         stats.target_times.append(time.perf_counter() - t)
         if sample:
             probs = torch.softmax(logits.double() / temperature, -1).cpu()
