@@ -26,7 +26,6 @@ a run pooled; every reported number is the median over ``runs`` runs.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from .analysis.plotting import bar_panel, pyplot, save_figure
 from .analysis.results import machine_info
 from .config import DEMO_SMALL_BATCH_LINEAR
 from .data import default_prompts, encode
-from .measure import measure_ways, summarize
+from .measure import fmt, measure_ways, run_fields, summarize, write_report
 from .models import early_exit_draft, load_causal_lm
 from .spec import autoregressive_generate, speculative_generate
 
@@ -202,26 +201,9 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
         "draft_step_ratio_microspec_vs_dense": (summary["microspec"]["draft_step_ms"] /
                                                 summary["dense"]["draft_step_ms"]),
         "identical_to_target": identical if not sample else None,
-        "model_load_s": load_s,
-        "warmup_s": res["warmup_s"],
-        "recompiles_during_timing": res["recompiles"],
-        "microspec_counters": dict(torch._dynamo.utils.counters["microspec"]),
-        "vocab_stats_last_request": vocab.stats() if vocab is not None else None,
-        "outputs": res["outputs"],
-        "records": res["records"],
+        **run_fields(res, vocab, load_s),
     }
-    if out is not None:
-        out = Path(out)
-        if chart:
-            report["chart"] = str(plot(report, out.with_suffix(".png")))
-        out.write_text(json.dumps(report, indent=1))
-    if verbose:
-        print(format_table(report))
-    return report
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    return write_report(report, out, plot, format_table, chart, verbose)
 
 
 def format_table(report: dict) -> str:
@@ -231,10 +213,10 @@ def format_table(report: dict) -> str:
     lines = [head, "-" * len(head)]
     for way in WAYS:
         s = report["summary"][way]
-        lines.append(f"{way:<10} {_fmt(s['tokens_per_s'], '7.2f')} {_fmt(s['mean_accepted'], '13.2f')} "
-                     f"{_fmt(s['tokens_per_target_step'], '8.2f')} {_fmt(s['coverage'], '8.3f')} "
-                     f"{_fmt(s['mean_vocab_size'], '8.0f')} {_fmt(s['draft_step_ms'], '8.2f')} "
-                     f"{_fmt(s['target_step_ms'], '9.2f')} {report['warmup_s'][way]:9.1f}")
+        lines.append(f"{way:<10} {fmt(s['tokens_per_s'], '7.2f')} {fmt(s['mean_accepted'], '13.2f')} "
+                     f"{fmt(s['tokens_per_target_step'], '8.2f')} {fmt(s['coverage'], '8.3f')} "
+                     f"{fmt(s['mean_vocab_size'], '8.0f')} {fmt(s['draft_step_ms'], '8.2f')} "
+                     f"{fmt(s['target_step_ms'], '9.2f')} {report['warmup_s'][way]:9.1f}")
     lines.append("target ms: one-token step (target) / verification of gamma+1 tokens "
                  "(dense, microspec); draft ms: one-token draft step; medians")
     lines.append(f"microspec vs dense draft: {report['speedup_microspec_vs_dense']:.2f}x tokens/s, "

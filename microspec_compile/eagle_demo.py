@@ -31,7 +31,7 @@ from .analysis.results import machine_info
 from .config import DEMO_SMALL_BATCH_LINEAR
 from .data import default_prompts, encode
 from .heads import EagleHead
-from .measure import measure_ways, summarize
+from .measure import fmt, measure_ways, run_fields, summarize, write_report
 from .models import load_causal_lm
 from .spec import SubsetTopkScorer, TopkScorer, TreeConfig, autoregressive_generate, eagle_generate
 
@@ -164,26 +164,9 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 96
         "speedup_microspec_vs_dense": summary["microspec"]["speedup_vs_dense"],
         "speedup_microspec_vs_target": summary["microspec"]["speedup_vs_target"],
         "identical_to_target": identical if not sample else None,
-        "model_load_s": load_s,
-        "warmup_s": res["warmup_s"],
-        "recompiles_during_timing": res["recompiles"],
-        "microspec_counters": dict(torch._dynamo.utils.counters["microspec"]),
-        "vocab_stats_last_request": vocab.stats(),
-        "outputs": res["outputs"],
-        "records": res["records"],
+        **run_fields(res, vocab, load_s),
     }
-    if out is not None:
-        out = Path(out)
-        if chart:
-            report["chart"] = str(plot_eagle(report, out.with_suffix(".png")))
-        out.write_text(json.dumps(report, indent=1))
-    if verbose:
-        print(format_eagle_table(report))
-    return report
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    return write_report(report, out, plot_eagle, format_eagle_table, chart, verbose)
 
 
 def format_eagle_table(report: dict) -> str:
@@ -194,10 +177,10 @@ def format_eagle_table(report: dict) -> str:
     for way in EAGLE_WAYS:
         s = report["summary"][way]
         tok_verif = s["tokens_per_target_step"] if way != "target" else None
-        lines.append(f"{way:<10} {_fmt(s['tokens_per_s'], '7.2f')} "
-                     f"{_fmt(s['speedup_vs_target'], '8.2f')}x {_fmt(tok_verif, '9.2f')} "
-                     f"{_fmt(s['coverage'], '8.3f')} {_fmt(s['mean_vocab_size'], '8.0f')} "
-                     f"{_fmt(s['draft_step_ms'], '8.2f')} {_fmt(s['target_step_ms'], '9.2f')} "
+        lines.append(f"{way:<10} {fmt(s['tokens_per_s'], '7.2f')} "
+                     f"{fmt(s['speedup_vs_target'], '8.2f')}x {fmt(tok_verif, '9.2f')} "
+                     f"{fmt(s['coverage'], '8.3f')} {fmt(s['mean_vocab_size'], '8.0f')} "
+                     f"{fmt(s['draft_step_ms'], '8.2f')} {fmt(s['target_step_ms'], '9.2f')} "
                      f"{report['warmup_s'][way]:9.1f}")
     t = report["settings"]["tree"]
     lines.append(f"draft ms: drafting one tree (root + {t['depth']} expansions, top_k "

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-__all__ = ["median", "measure_ways", "summarize"]
+__all__ = ["median", "measure_ways", "summarize", "run_fields", "write_report", "fmt"]
 
 
 def median(values):
@@ -94,3 +94,37 @@ def measure_ways(ways: dict, names: list, inputs: list, warm: list, runs: int, s
         bar.close()
     res["recompiles"] = counters["stats"]["unique_graphs"] - graphs_before
     return res
+
+
+def fmt(value, spec: str) -> str:
+    """``format(value, spec)``, or ``-`` for a missing value (tables)."""
+    return "-" if value is None else format(value, spec)
+
+
+def run_fields(res: dict, vocab, load_s: float) -> dict:
+    """The report fields every demo records about a :func:`measure_ways` run."""
+    return {
+        "model_load_s": load_s,
+        "warmup_s": res["warmup_s"],
+        "recompiles_during_timing": res["recompiles"],
+        "microspec_counters": dict(torch._dynamo.utils.counters["microspec"]),
+        "vocab_stats_last_request": vocab.stats() if vocab is not None else None,
+        "outputs": res["outputs"],
+        "records": res["records"],
+    }
+
+
+def write_report(report: dict, out, plot, table, chart: bool, verbose: bool) -> dict:
+    """Write ``report`` as JSON at ``out`` (None: nowhere), its ``plot`` beside it as PNG, and
+    print ``table(report)``."""
+    import json
+    from pathlib import Path
+
+    if out is not None:
+        out = Path(out)
+        if chart:
+            report["chart"] = str(plot(report, out.with_suffix(".png")))
+        out.write_text(json.dumps(report, indent=1))
+    if verbose:
+        print(table(report))
+    return report

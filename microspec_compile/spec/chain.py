@@ -38,6 +38,7 @@ import time
 import torch
 
 from .stats import SpecStats, finish
+from .verify import crop_cache
 
 __all__ = ["autoregressive_generate", "speculative_generate", "vocabulary_of"]
 
@@ -66,24 +67,6 @@ def _forward(model, ids: torch.Tensor, cache, last_only: bool = False) -> torch.
     return out.logits[0]
 
 
-def _rollback(cache, length: int) -> None:
-    """Drop cached positions past ``length``, keeping the cache contiguous.
-
-    A compiled model guards on the strides of its inputs.  ``DynamicCache``
-    keeps the prefill's keys as a transposed view and ``crop`` leaves strided
-    views behind: each layout would be a recompile (measured: one per crop
-    amount, one for the first decode step).  Copying the kept part costs about
-    as much as reading it once, well under a millisecond here.
-    """
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and not layer.keys.is_contiguous():
-            layer.keys = layer.keys.contiguous()
-            layer.values = layer.values.contiguous()
-
-
 @torch.inference_mode()
 def autoregressive_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
                             sample: bool = False, temperature: float = 1.0,
@@ -101,7 +84,7 @@ def autoregressive_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     # cost in every way (an observer-compiled target scores every prompt position).
     logits = _forward(model, input_ids, cache)
     tok, _ = _choose(logits[-1:], sample, temperature, generator)
-    _rollback(cache, input_ids.shape[1])
+    crop_cache(cache, input_ids.shape[1])
     stats.prefill_time = time.perf_counter() - t0
     tokens = [int(tok)]
     while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
@@ -161,7 +144,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
     cur, _ = _choose(logits[-1:], sample, temperature, generator)
     _forward(draft, input_ids, d_cache, last_only=True)
     for cache in (t_cache, d_cache):
-        _rollback(cache, input_ids.shape[1])  # contiguous layout from the first step on
+        crop_cache(cache, input_ids.shape[1])  # contiguous layout from the first step on
     stats.prefill_time = time.perf_counter() - t0
     if auto and vocab is None:  # the backend creates the vocabulary on the first call
         vocab = vocabulary_of(draft)
@@ -220,11 +203,11 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
 
         # 4. Roll back both caches to prompt + emitted tokens minus the last one.
         length = input_ids.shape[1] + len(tokens) - 1
-        _rollback(t_cache, length)
+        crop_cache(t_cache, length)
         if n == gamma:  # the draft has not seen x_gamma yet
             t = time.perf_counter()
             _forward(draft, drafted[-1:].view(1, 1), d_cache)
             stats.draft_times.append(time.perf_counter() - t)
-        _rollback(d_cache, length)
+        crop_cache(d_cache, length)
         cur = bonus.view(1)
     return finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)

@@ -19,7 +19,16 @@ import torch
 
 from .corpus import Sequence
 
-__all__ = ["FeatureSet", "target_features", "compute_features"]
+__all__ = ["FeatureSet", "atomic_save", "target_features", "compute_features"]
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save`` through a temporary file: a killed run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -46,11 +55,7 @@ class FeatureSet:
         return int((self.lengths() - self.prompt_lens).sum())
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.__dict__, tmp)
-        os.replace(tmp, path)  # never a half-written cache
+        atomic_save(self.__dict__, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureSet":

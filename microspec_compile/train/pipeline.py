@@ -24,7 +24,7 @@ from ..analysis.results import machine_info
 from ..heads import EagleHead
 from .corpus import Sequence, chat_prompt_ids, original_sequences, regenerate, training_prompts
 from .evaluate import evaluation_prompts, head_agreement, held_out_continuations
-from .features import FeatureSet, compute_features
+from .features import FeatureSet, atomic_save, compute_features
 from .trainer import TrainConfig, train
 
 __all__ = ["FREQUENT_FILE", "PipelineConfig", "frequent_ids", "run_pipeline"]
@@ -51,9 +51,7 @@ def _load_sequences(path: Path) -> list[Sequence]:
 
 
 def _save_sequences(path: Path, seqs: list[Sequence]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save([(s.ids, s.prompt_len) for s in seqs], tmp)
-    tmp.replace(path)
+    atomic_save([(s.ids, s.prompt_len) for s in seqs], path)
 
 
 def _regenerated(target, tokenizer, work: Path, cfg: PipelineConfig, log) -> list[Sequence]:

@@ -17,7 +17,6 @@ resumes from its last checkpoint with the same batch order (seeded per epoch).
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..heads import EagleHead
-from .features import FeatureSet
+from .features import FeatureSet, atomic_save
 
 __all__ = ["TrainConfig", "make_batches", "batch_tensors", "eagle_loss", "train"]
 
@@ -116,12 +115,6 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: float,
           config: TrainConfig | None = None, steps: int | None = None, progress=None) -> dict:
     """Train ``head`` for ``seconds`` of compute (summed over resumed runs), or ``steps``.
@@ -159,6 +152,11 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
     lengths = data.lengths()
+
+    def checkpoint() -> dict:
+        return {"head": head.trainable_state(), "optimizer": opt.state_dict(), "state": state,
+                "config": asdict(config)}
+
     head.train()
     last_save = time.perf_counter()
     epoch_batches: dict[int, list] = {}
@@ -193,11 +191,9 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
         if progress is not None:
             progress(state["step"], state["total_steps"], state["history"][-1][0], agree)
         if time.perf_counter() - last_save > config.save_every_s:
-            _save(ckpt_path, {"head": head.trainable_state(), "optimizer": opt.state_dict(),
-                              "state": state, "config": asdict(config)})
+            atomic_save(checkpoint(), ckpt_path)
             last_save = time.perf_counter()
-    _save(ckpt_path, {"head": head.trainable_state(), "optimizer": opt.state_dict(),
-                      "state": state, "config": asdict(config)})
+    atomic_save(checkpoint(), ckpt_path)
     head.eval()
     recent = state["history"][-50:] or [(float("nan"), float("nan"))]
     return {"steps": state["step"], "epochs": state["step"] / steps_per_epoch,
