@@ -169,6 +169,11 @@ def lookup(weight: torch.Tensor) -> "ActiveVocab | None":
     return getattr(weight, _ATTR, None)
 
 
+def find_vocab(module: torch.nn.Module) -> "ActiveVocab | None":
+    """The vocabulary registered on one of ``module``'s parameters, or None (never creates one)."""
+    return next((v for v in map(lookup, module.parameters()) if v is not None), None)
+
+
 def head_weight(module: torch.nn.Module, min_vocab_size: int = 1000) -> torch.Tensor:
     """A module's LM-head weight ``[V, H]``: HF's output embeddings, else the widest 2-D parameter.
 
@@ -204,12 +209,12 @@ def vocab_of(module: torch.nn.Module, *, capacity: int | None = None,
     LookupError : the module has no LM-head-sized weight
     ValueError : ``capacity`` / ``pinned_ids`` differ from the existing vocabulary's
     """
-    found = [v for v in map(lookup, module.parameters()) if v is not None]
-    if found and capacity is None and pinned_ids is None:
-        return found[0]
+    found = find_vocab(module)
+    if found is not None and capacity is None and pinned_ids is None:
+        return found
     from .config import MicrospecConfig
 
-    base = found[0] if found else MicrospecConfig()
-    weight = found[0].weight if found else head_weight(module, min_vocab_size)
+    base = found if found is not None else MicrospecConfig()
+    weight = found.weight if found is not None else head_weight(module, min_vocab_size)
     return vocab_for_weight(weight, base.capacity if capacity is None else capacity,
                             base.pinned_ids if pinned_ids is None else pinned_ids)

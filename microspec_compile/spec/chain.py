@@ -44,13 +44,10 @@ __all__ = ["autoregressive_generate", "speculative_generate", "vocabulary_of"]
 
 
 def vocabulary_of(model):
-    """The model's microspec vocabulary, or ``None`` (a dense model, or not called yet)."""
-    from microspec_compile import vocab_of
+    """The model's microspec vocabulary, or ``None`` (a dense model, or not compiled yet)."""
+    from microspec_compile.vocab import find_vocab
 
-    try:
-        return vocab_of(model)
-    except LookupError:
-        return None
+    return find_vocab(model)
 
 
 def _choose(logits: torch.Tensor, sample: bool, temperature: float, generator):
