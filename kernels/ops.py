@@ -33,7 +33,8 @@ from .state import VocabState
 _LIB = "microspec"
 
 
-def _check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
+def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
+    """Raise ValueError unless ``tokens`` is an integer tensor (ids in ``[0, vocab_size)`` on CPU)."""
     if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"token ids must be an integer tensor, got dtype {tokens.dtype}")
     if tokens.numel() and tokens.device.type == "cpu":
@@ -59,7 +60,7 @@ def observe_op(
     impl: str = "auto",
 ) -> None:
     """Add unseen ``tokens`` to the vocabulary state in place (see ``observe_reference``)."""
-    _check_tokens(tokens, weight.shape[0])
+    check_tokens(tokens, weight.shape[0])
     if tokens.device != rows.device:
         tokens = tokens.to(rows.device, non_blocking=True)
     state = VocabState(rows, ids, member, last_seen, count, step)
@@ -183,3 +184,8 @@ def sparse_full(hidden: torch.Tensor, state: VocabState, bias: Optional[torch.Te
     """``microspec::sparse_full`` on a state: ``hidden [..., H]`` -> ``[..., vocab_size]``."""
     return torch.ops.microspec.sparse_full(hidden, state.rows, state.ids, state.count, bias,
                                            vocab_size, normalize, impl)
+
+
+# The asynchronous gather's ops (``observe_start`` / ``observe_wait``) live in their own
+# module; importing it here registers every ``torch.ops.microspec`` op at once.
+from . import async_gather  # noqa: E402, F401

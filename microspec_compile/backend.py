@@ -8,28 +8,41 @@
 2. clones the graph (Dynamo keeps using the original) and appends the vocabulary
    state tensors as extra placeholders;
 3. rewrites the head into ``microspec::sparse_topk`` / ``sparse_full`` and inserts
-   ``microspec::observe`` on the ids feeding the embedding (``passes.sparse_head``);
+   ``microspec::observe_start`` on the ids feeding the embedding and
+   ``microspec::observe_wait`` immediately before the head (``async_gather``, the
+   default: on CUDA the gather overlaps the decoder layers), or the synchronous
+   ``microspec::observe`` (``async_gather=False``) (``passes.sparse_head``);
 4. hands the graph to Inductor and returns a wrapper that appends the state tensors
    to every call. The state is updated in place, never reallocated, so the
    compiled code sees a changing vocabulary with no guards and no recompiles.
+
+CUDA graphs (``torch.compile(..., mode="reduce-overhead")``): the state placeholders
+are static inputs (captured at their own addresses, mutation allowed) and the
+gather's fork / join is by events, which capture accepts.  Before the first such
+graph on a device the backend captures the asynchronous gather once on a tiny state
+(``kernels.async_gather.capture_problem``); if that fails it warns once, naming the
+failure, and those graphs use the synchronous observe instead.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from .config import MicrospecConfig
 from .graph import clone_graph, compile_graph, fake_tensor, real_values, warn_no_head
+from .kernels.async_gather import capture_problem
 from .kernels.dispatch import decomposes, op_impl
 from .passes.match_head import find_embedding_ids, find_heads
 from .passes.sparse_head import (
     add_state_placeholders,
     insert_observe,
+    insert_wait,
     remove_replaced,
     rewrite_head,
 )
@@ -42,7 +55,33 @@ def compile_config(gm: fx.GraphModule, example_inputs: list, config: MicrospecCo
     """``graph.compile_graph`` with the settings of ``config`` (its kernel path included)."""
     return compile_graph(gm, example_inputs, inductor=config.inductor,
                          decompose=decomposes(config.path),
-                         small_batch_linear=config.small_batch_linear)
+                         small_batch_linear=config.small_batch_linear, mode=config.mode)
+
+
+def use_async_gather(config: MicrospecConfig, device) -> bool:
+    """Whether graphs with a vocabulary on ``device`` get ``observe_start`` / ``observe_wait``.
+
+    ``config.async_gather``, unless the mode captures CUDA graphs and the capture of
+    the asynchronous gather fails on this device (one warning per device and cause).
+    """
+    if not config.async_gather:
+        return False
+    if not config.cuda_graphs:
+        return True
+    problem = capture_problem(device, op_impl(config.path))
+    if problem is None:
+        return True
+    warn_capture_fallback(str(device), problem)
+    counters["microspec"]["async_gather_capture_fallbacks"] += 1
+    return False
+
+
+@functools.cache
+def warn_capture_fallback(device: str, problem: str) -> None:
+    warnings.warn(
+        f"microspec: the asynchronous gather (side-stream fork / join by events) could not be "
+        f"captured in a CUDA graph on {device} ({problem}); graphs compiled with CUDA graphs "
+        "use the synchronous observe instead (as async_gather=False)", stacklevel=3)
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MicrospecConfig):
@@ -57,7 +96,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
     if not heads:
         return None
     graph = clone.graph
-    states, vocabs, observes_inputs = {}, [], False
+    states, starts, vocabs, observes_inputs = {}, {}, [], False
     impl = op_impl(config.path)
     for head in heads:
         weight = values[head.weight]
@@ -66,12 +105,21 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
             fakes = [fake_tensor(t) for t in vocab.state()]
             states[id(vocab)] = add_state_placeholders(graph, f"microspec{len(vocabs)}", fakes)
             vocabs.append(vocab)
+            starts[id(vocab)] = []
             if config.observe_inputs:
+                asynchronous = use_async_gather(config, weight.device)
                 for ids, embedding in find_embedding_ids(clone, values, weight.shape[0]):
-                    insert_observe(graph, ids, embedding, states[id(vocab)], head.weight, impl)
+                    node = insert_observe(graph, ids, embedding, states[id(vocab)], head.weight,
+                                          impl, asynchronous)
                     counters["microspec"]["observe_inserted"] += 1
+                    if asynchronous:
+                        starts[id(vocab)].append(node)
+                        counters["microspec"]["observe_start_inserted"] += 1
                     observes_inputs = True
-        rewrite_head(graph, head, states[id(vocab)], weight.shape[0], impl)
+        op = rewrite_head(graph, head, states[id(vocab)], weight.shape[0], impl)
+        for start in starts[id(vocab)]:  # the head reads the rows only after the gather
+            insert_wait(graph, op, start, states[id(vocab)])
+            counters["microspec"]["observe_wait_inserted"] += 1
         remove_replaced(graph, head)
         counters["microspec"]["heads_rewritten"] += 1
         counters["microspec"][f"heads_{head.kind}_{head.normalize}"] += 1
@@ -80,8 +128,18 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
     return clone, vocabs, observes_inputs
 
 
-def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: MicrospecConfig):
-    """Compile one Dynamo graph (the body of the backend)."""
+def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: MicrospecConfig,
+                      mode: Optional[str] = None, options: Optional[dict] = None):
+    """Compile one Dynamo graph (the body of the backend).
+
+    ``mode`` / ``options`` are what ``torch.compile(..., mode=..., options=...)`` passes
+    to a backend: ``mode`` replaces ``config.mode``; ``options`` is not supported.
+    """
+    if options:
+        raise ValueError("microspec: torch.compile(options=...) is not supported by this "
+                         "backend; give mode=... (or MicrospecConfig settings) instead")
+    if mode is not None:
+        config = dataclasses.replace(config, mode=mode)
     rewritten = rewrite_graph(gm, example_inputs, config)
     if rewritten is None:
         warn_no_head(config.min_vocab_size, config)
@@ -104,6 +162,7 @@ def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: Micr
         return compiled(*args, *extra)
 
     run._microspec_vocabs = vocabs
+    run.rewritten = clone  # the rewritten FX graph module (tests inspect it)
     return run
 
 
@@ -116,9 +175,10 @@ def warn_empty_vocabulary() -> None:
         stacklevel=3)
 
 
-def microspec(gm: fx.GraphModule, example_inputs: Sequence, **config) -> Callable:
-    """The ``backend="microspec"`` entry point, default configuration."""
-    return compile_microspec(gm, example_inputs, MicrospecConfig(**config))
+def microspec(gm: fx.GraphModule, example_inputs: Sequence, options: Optional[dict] = None,
+              **config) -> Callable:
+    """The ``backend="microspec"`` entry point, default configuration (``mode`` accepted)."""
+    return compile_microspec(gm, example_inputs, MicrospecConfig(**config), options=options)
 
 
 def backend(**config) -> Callable:

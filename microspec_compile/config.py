@@ -11,6 +11,11 @@ from typing import Optional
 
 from .kernels.dispatch import check_path
 
+# torch.compile's modes (``torch._inductor.list_mode_options``); the two that capture
+# CUDA graphs are CUDA_GRAPH_MODES.
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 # Opt-in in the backend (the transposed product rounds differently); the demo turns
 # it on for the target's verification with DEMO_SMALL_BATCH_LINEAR rows.
 DEMO_SMALL_BATCH_LINEAR = 16
@@ -42,6 +47,13 @@ class MicrospecConfig:
         ``microspec::small_batch_linear``: ``W @ x^T`` for 2..this many fp32 CPU
         rows, about 2x faster for a target verifying drafted tokens; rounds
         differently, so 0 (off) by default (``kernels/small_batch_linear.py``)
+    async_gather : with ``observe_inputs``, observe through ``microspec::observe_start``
+        / ``observe_wait``: on CUDA the new rows are gathered on a side stream while
+        the decoder layers run, and the head waits on an event just before it reads
+        them (``kernels/async_gather.py``); on CPU it is the same synchronous observe.
+        False inserts the plain ``microspec::observe`` (for measurement)
+    mode : torch.compile's mode (``MODES``); ``torch.compile(..., mode=...)`` sets it.
+        ``"reduce-overhead"`` / ``"max-autotune"`` capture CUDA graphs on CUDA
     """
 
     capacity: int = 4096
@@ -52,10 +64,23 @@ class MicrospecConfig:
     path: str = "auto"
     inductor: bool = True
     small_batch_linear: int = 0
+    async_gather: bool = True
+    mode: str = "default"
 
     def __post_init__(self):
+        if not isinstance(self.async_gather, bool):
+            raise ValueError(f"async_gather must be True or False, got {self.async_gather!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {' / '.join(MODES)}, got {self.mode!r}")
+        if self.mode != "default" and not self.inductor:
+            raise ValueError(f"mode={self.mode!r} needs inductor=True (it sets Inductor options)")
         object.__setattr__(self, "pinned_ids", tuple(int(i) for i in self.pinned_ids))
         if self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
         check_small_batch_linear(self.small_batch_linear)
         check_path(self.path)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the mode captures CUDA graphs (on CUDA devices)."""
+        return self.mode in CUDA_GRAPH_MODES

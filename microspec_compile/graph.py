@@ -66,7 +66,8 @@ def fake_tensor(tensor: torch.Tensor):
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, *, inductor: bool = True,
-                  decompose: bool = False, small_batch_linear: int = 0) -> Callable:
+                  decompose: bool = False, small_batch_linear: int = 0,
+                  mode: str = "default") -> Callable:
     """Compile a (rewritten) graph: optional small-batch Linears, then Inductor or eager.
 
     Parameters
@@ -77,6 +78,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, *, inductor: bool = 
     decompose : compile the head ops through ``kernels.inductor_head.decompositions``
         (the ``"inductor"`` kernel path)
     small_batch_linear : ``>= 2`` routes tall Linears through ``microspec::small_batch_linear``
+    mode : torch.compile's mode; its Inductor options (``torch._inductor.list_mode_options``,
+        e.g. ``triton.cudagraphs`` for ``"reduce-overhead"``) apply while compiling
 
     Returns
     -------
@@ -88,13 +91,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, *, inductor: bool = 
         rewrite_small_batch_linears(gm, real_values(gm, example_inputs), small_batch_linear)
     if not inductor:
         return gm.forward
-    if decompose:
-        from .kernels.inductor_head import compile_with_decompositions
+    from torch._inductor import config as inductor_config
+    from torch._inductor import list_mode_options
 
-        return compile_with_decompositions(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
+    with inductor_config.patch(list_mode_options(mode)):
+        if decompose:
+            from .kernels.inductor_head import compile_with_decompositions
 
-    return compile_fx(gm, example_inputs)
+            return compile_with_decompositions(gm, example_inputs)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
 
 
 @functools.cache

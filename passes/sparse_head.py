@@ -10,6 +10,10 @@ Each rewrite is a plain function over a cloned Dynamo graph:
   stays in the graph in order) on the ids that feed the draft's embedding, before
   the head runs: prompt, accepted and drafted tokens enter the vocabulary with no
   user code, and the whole step stays one graph (capturable by CUDA graphs).
+  With ``asynchronous=True`` it is ``microspec::observe_start`` instead, and
+  ``insert_wait`` puts the matching ``microspec::observe_wait`` immediately before
+  the sparse head, after the decoder layers (``kernels/async_gather.py`` explains
+  the dependencies that keep that order through Inductor).
 """
 from __future__ import annotations
 
@@ -39,6 +43,11 @@ def add_placeholders(graph: fx.Graph, names, fake_values) -> list[fx.Node]:
 def add_state_placeholders(graph: fx.Graph, prefix: str, fake_values) -> VocabState:
     """One placeholder per vocabulary state tensor; returns a ``VocabState`` of ``fx.Node``.
 
+    The placeholders are marked as static inputs (what ``torch._dynamo.mark_static_address``
+    records for a Dynamo input): the state is allocated once and updated in place, so
+    CUDA graphs (``mode="reduce-overhead"``) read it at its own address instead of
+    copying it into the graph's memory before every replay, and accept its mutation.
+
     Parameters
     ----------
     graph : the graph to extend
@@ -46,7 +55,10 @@ def add_state_placeholders(graph: fx.Graph, prefix: str, fake_values) -> VocabSt
     fake_values : a ``VocabState`` of fake tensors (the placeholders' metadata)
     """
     names = [f"{prefix}_{name}" for name in VocabState._fields]
-    return VocabState(*add_placeholders(graph, names, fake_values))
+    nodes = add_placeholders(graph, names, fake_values)
+    for node in nodes:
+        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    return VocabState(*nodes)
 
 
 def _call(graph: fx.Graph, target, *args) -> fx.Node:
@@ -94,11 +106,35 @@ def rewrite_head(graph: fx.Graph, match: HeadMatch, state: VocabState, vocab_siz
 
 
 def insert_observe(graph: fx.Graph, ids: fx.Node, before: fx.Node, state: VocabState,
-                   weight: fx.Node, impl: str = "auto") -> fx.Node:
-    """Observe ``ids`` into the vocabulary right before ``before`` (the embedding)."""
+                   weight: fx.Node, impl: str = "auto", asynchronous: bool = False) -> fx.Node:
+    """Observe ``ids`` into the vocabulary right before ``before`` (the embedding).
+
+    ``asynchronous`` inserts ``microspec::observe_start`` (same arguments; on CUDA
+    the gather runs on a side stream): pair it with :func:`insert_wait`.
+    """
+    ops = torch.ops.microspec
+    target = ops.observe_start.default if asynchronous else ops.observe.default
     with graph.inserting_before(before):
-        return graph.call_function(
-            torch.ops.microspec.observe.default, (*state, weight, ids, False, impl))
+        return graph.call_function(target, (*state, weight, ids, False, impl))
+
+
+def insert_wait(graph: fx.Graph, head: fx.Node, start: fx.Node, state: VocabState) -> fx.Node:
+    """``microspec::observe_wait`` immediately before the sparse ``head`` node, for ``start``.
+
+    Parameters
+    ----------
+    graph : the graph to edit in place
+    head : the ``sparse_topk`` / ``sparse_full`` node (``rewrite_head``'s result); its
+        first argument, the hidden states after the decoder layers, is the wait's
+        ordering input
+    start : the ``observe_start`` node whose gather the head must see (its ids
+        argument is read by the wait, which keeps it alive until then)
+    state : the vocabulary state placeholders
+    """
+    hidden, tokens = head.args[0], start.args[len(VocabState._fields) + 1]
+    with graph.inserting_before(head):
+        return graph.call_function(torch.ops.microspec.observe_wait.default,
+                                   (hidden, tokens, state.rows, state.ids, state.count))
 
 
 def remove_replaced(graph: fx.Graph, match: HeadMatch) -> None:

@@ -1,0 +1,321 @@
+"""The asynchronous gather in the compiled graph: ``observe_start`` / ``observe_wait``.
+
+On CPU the start op is the synchronous observe and the wait does nothing, so these
+tests check what does not need a GPU: where the backend puts the two ops, that the
+outputs and the state equal the synchronous path bit for bit, that Inductor keeps
+the ops in place (no copy of the state) and treats the state as static CUDA-graph
+inputs, the config switch, opcheck, the counters and the capture fallback warning.
+The tests marked ``cuda`` run on a GPU only (``bench/gpu_check.sh``).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.utils import counters
+
+import microspec_compile as mc
+from microspec_compile.kernels import async_gather, ops
+from microspec_compile.kernels.state import VocabState
+
+V, H, CAP = 1200, 32, 256
+OPS = torch.ops.microspec
+backend_module = importlib.import_module("microspec_compile.backend")  # the package exports
+# a function of the same name
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class TinyDraft(nn.Module):
+    """Embedding -> two Linear layers -> LM head -> log-softmax top-k (EAGLE-like)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, H)
+        self.mlp = nn.Sequential(nn.Linear(H, 4 * H), nn.SiLU(), nn.Linear(4 * H, H))
+        self.lm_head = nn.Linear(H, V, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.mlp(h)
+        return self.lm_head(h)[:, -1, :].log_softmax(-1).topk(4)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+class LlamaLogits(nn.Module):
+    """A HF Llama returning its full-vocabulary logits (the ``sparse_full`` rewrite)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_llama()
+
+    def forward(self, ids):
+        return self.model(ids, use_cache=False).logits
+
+
+MODELS = {"tiny": TinyDraft, "llama": LlamaLogits}
+
+
+def compile_capturing(model, **config):
+    """``torch.compile`` with the microspec backend; returns (compiled, rewritten graph modules)."""
+    inner, graphs = mc.backend(capacity=CAP, **config), []
+
+    def capture(gm, example_inputs, **kwargs):
+        run = inner(gm, example_inputs, **kwargs)
+        graphs.append(run)
+        return run
+
+    mode = config.pop("mode", None)  # torch.compile passes it to the backend
+    return torch.compile(model, backend=capture, mode=mode), graphs
+
+
+def node_index(graph, predicate):
+    return [i for i, n in enumerate(graph.nodes) if predicate(n)]
+
+
+def call_to(target):
+    return lambda n: n.op == "call_function" and n.target == target
+
+
+def step_inputs(n=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (1, 6), generator=gen) for _ in range(n)]
+
+
+# ----------------------------------------------------------------- graph structure
+
+# tiny: the minimal draft (one embedding, one MLP, top-k head: sparse_topk);
+# llama: a HF decoder (two real decoder layers, logits returned: sparse_full, and the
+#        embedding reached through HF's module structure).
+@pytest.mark.parametrize("name", list(MODELS))
+def test_wait_sits_after_the_layers_immediately_before_the_head(name):
+    torch.manual_seed(0)
+    compiled, graphs = compile_capturing(MODELS[name](), inductor=False)
+    counters.clear()
+    with torch.no_grad():
+        compiled(step_inputs(1)[0])
+    (run,) = graphs
+    graph = run.rewritten.graph
+    nodes = list(graph.nodes)
+    starts = node_index(graph, call_to(OPS.observe_start.default))
+    waits = node_index(graph, call_to(OPS.observe_wait.default))
+    heads = node_index(graph, lambda n: n.op == "call_function" and n.target in (
+        OPS.sparse_topk.default, OPS.sparse_full.default))
+    embeds = node_index(graph, lambda n: "embedding" in str(n.target))
+    layers = node_index(graph, lambda n: n.op == "call_function" and n.target is torch._C._nn.linear)
+    assert len(starts) == len(waits) == len(heads) == 1
+    assert not node_index(graph, call_to(OPS.observe.default)), "the synchronous observe remains"
+    assert layers, "the draft's layers should still be Linears in the Dynamo graph"
+    assert starts[0] < min(embeds), "the gather must start before the embedding"
+    assert waits[0] == heads[0] - 1, "the wait must come immediately before the head"
+    assert waits[0] > max(layers), "the wait must come after the decoder layers"
+    wait, head = nodes[waits[0]], nodes[heads[0]]
+    assert wait.args[0] is head.args[0], "the wait reads the head's own hidden states"
+    assert wait.args[1] is nodes[starts[0]].args[7], "the wait reads the gathered ids"
+    assert counters["microspec"]["observe_start_inserted"] == 1
+    assert counters["microspec"]["observe_wait_inserted"] == 1
+    assert counters["microspec"]["observe_inserted"] == 1
+
+
+def test_switch_off_restores_the_synchronous_observe():
+    compiled, graphs = compile_capturing(TinyDraft(), inductor=False, async_gather=False)
+    counters.clear()
+    with torch.no_grad():
+        compiled(step_inputs(1)[0])
+    graph = graphs[0].rewritten.graph
+    assert len(node_index(graph, call_to(OPS.observe.default))) == 1
+    assert not node_index(graph, call_to(OPS.observe_start.default))
+    assert not node_index(graph, call_to(OPS.observe_wait.default))
+    assert counters["microspec"]["observe_inserted"] == 1
+    assert counters["microspec"]["observe_start_inserted"] == 0
+    assert counters["microspec"]["observe_wait_inserted"] == 0
+
+
+# ----------------------------------------------------------------- same numbers
+
+# auto: the CPU kernels behind opaque head ops; inductor: the head decomposed into an
+# mm over the rows (ordered after the wait only through its declared mutation);
+# reduce-overhead: the CUDA-graph mode plumbed through (Inductor skips graphs on CPU).
+@pytest.mark.parametrize("path,mode", [("auto", None), ("inductor", None),
+                                       ("auto", "reduce-overhead")])
+def test_async_outputs_equal_the_synchronous_path_bit_for_bit(path, mode):
+    torch.manual_seed(0)
+    model = TinyDraft().eval()
+    twin = copy.deepcopy(model)  # its own head weight, so its own vocabulary
+    extra = {} if mode is None else {"mode": mode}
+    fast, graphs = compile_capturing(model, path=path, **extra)
+    slow, _ = compile_capturing(twin, path=path, async_gather=False, **extra)
+    with torch.no_grad():
+        for ids in step_inputs(5):
+            got, want = fast(ids), slow(ids)
+            assert torch.equal(got.values, want.values) and torch.equal(got.indices, want.indices)
+    for a, b in zip(mc.vocab_of(model).state(), mc.vocab_of(twin).state()):
+        assert torch.equal(a, b)
+
+
+def test_state_placeholders_are_static_cuda_graph_inputs(capfd):
+    """AOTAutograd must list the state among the static inputs, else CUDA graphs copy
+    it before every replay and refuse its mutation (``skipping cudagraphs due to
+    mutated inputs``). Read from its own log: there is no public query."""
+    torch._logging.set_logs(cudagraph_static_inputs=True)
+    try:
+        compiled, graphs = compile_capturing(TinyDraft().eval(), mode="reduce-overhead")
+        with torch.no_grad():
+            compiled(step_inputs(1)[0])
+    finally:
+        torch._logging.set_logs()
+    log = capfd.readouterr().err
+    placeholders = [n for n in graphs[0].rewritten.graph.nodes if n.op == "placeholder"]
+    for pos in range(len(placeholders) - len(VocabState._fields), len(placeholders)):
+        assert f"Adding static input pos {pos} for source None" in log
+    assert "Non-static input pos 1 for source L['ids']" in log  # the check can fail
+
+
+def test_inductor_keeps_both_ops_in_place():
+    """Reinplacing must hold: a copy of the [CAP + 1, H] buffer per step would cost more
+    than the sparse head itself (and would break the asynchronous update)."""
+    from torch._inductor.utils import run_and_get_code
+
+    compiled, _ = compile_capturing(TinyDraft().eval())
+    with torch.no_grad():
+        _, (code,) = run_and_get_code(compiled, step_inputs(1)[0])
+    calls = [line for line in code.splitlines() if "torch.ops.microspec.observe" in line]
+    assert len(calls) == 2 and "observe_start" in calls[0] and "observe_wait" in calls[1]
+    body = code.split("def call")[1].split("def get_args")[0]
+    allocations = [line for line in body.splitlines() if "empty_strided" in line]
+    assert allocations, "the check must see the graph's allocations"
+    assert not [line for line in allocations if f"({CAP + 1}, {H})" in line], \
+        "Inductor allocated a copy of the state's rows"
+    assert "copy_" not in body
+
+
+# ----------------------------------------------------------------- config, ops, fallback
+
+# Each invalid value names its setting; options= is torch.compile's other backend argument.
+@pytest.mark.parametrize("config,match", [({"async_gather": "yes"}, "async_gather"),
+                                          ({"mode": "fast"}, "mode must be one of"),
+                                          ({"mode": "reduce-overhead", "inductor": False},
+                                           "needs inductor")])
+def test_config_is_validated(config, match):
+    with pytest.raises(ValueError, match=match):
+        mc.MicrospecConfig(**config)
+
+
+def test_torch_compile_options_are_refused():
+    compiled = torch.compile(TinyDraft(), backend="microspec", options={"max_autotune": True})
+    with pytest.raises(Exception, match="options"):
+        compiled(step_inputs(1)[0])
+
+
+# torch: the CPU kernels; triton: the same ops through the Triton interpreter.
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_opcheck(impl):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(111, 16, generator=gen)
+    state = VocabState.empty(111, 16, 24)
+    tokens = torch.tensor([[1, 2], [2, 90]])
+    torch.library.opcheck(OPS.observe_start.default, (*state, weight, tokens, False, impl))
+    torch.library.opcheck(OPS.observe_wait.default,
+                          (torch.randn(3, 16, generator=gen), tokens, state.rows, state.ids,
+                           state.count))
+
+
+def test_cpu_start_is_the_synchronous_observe_and_wait_a_no_op():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(111, 16, generator=gen)
+    state, reference = VocabState.empty(111, 16, 4), VocabState.empty(111, 16, 4)
+    for tokens in ([5, 9, 5], [1, 2, 3], [9, 60, 61, 62]):  # the last one evicts
+        tokens = torch.tensor(tokens)
+        async_gather.observe_start(state, weight, tokens)
+        ops.observe(reference, weight, tokens)
+        before = state.clone()
+        async_gather.observe_wait(torch.randn(2, 16), tokens, state)
+        for got, unchanged, want in zip(state, before, reference):
+            assert torch.equal(got, unchanged) and torch.equal(got, want)
+
+
+def test_capture_failure_falls_back_with_one_warning(monkeypatch):
+    """A failed capture probe (faked here: CPU has no CUDA graphs) gives the synchronous
+    observe in every CUDA-graph compile, and exactly one warning naming the failure."""
+    calls = []
+
+    def failing_probe(device, impl="auto"):
+        calls.append(device)
+        return "RuntimeError: operation not permitted when stream is capturing (test)"
+
+    monkeypatch.setattr(backend_module, "capture_problem", failing_probe)
+    backend_module.warn_capture_fallback.cache_clear()
+    counters.clear()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):  # two models, two graphs: one warning
+            compiled, graphs = compile_capturing(TinyDraft().eval(), inductor=False)
+            compiled_cg, graphs_cg = compile_capturing(TinyDraft().eval(), mode="reduce-overhead")
+            with torch.no_grad():
+                compiled(step_inputs(1)[0])
+                compiled_cg(step_inputs(1)[0])
+            graph = graphs_cg[0].rewritten.graph
+            assert len(node_index(graph, call_to(OPS.observe.default))) == 1
+            assert not node_index(graph, call_to(OPS.observe_wait.default))
+            assert node_index(graphs[0].rewritten.graph, call_to(OPS.observe_wait.default)), \
+                "without CUDA graphs the probe must not matter"
+    ours = [w for w in record if "could not be captured" in str(w.message)]
+    assert len(ours) == 1 and "stream is capturing (test)" in str(ours[0].message)
+    assert len(calls) == 2, "the probe runs for CUDA-graph compiles only"
+    assert counters["microspec"]["async_gather_capture_fallbacks"] == 2
+
+
+def test_capture_probe_is_none_off_cuda():
+    assert async_gather.capture_problem(torch.device("cpu")) is None
+
+
+# ----------------------------------------------------------------- CUDA only (gpu_check.sh)
+
+@cuda
+def test_cuda_async_start_wait_equals_synchronous_observe():
+    dev = torch.device("cuda")
+    weight = torch.randn(V, H, device=dev)
+    fast, slow = VocabState.empty(V, H, CAP, device=dev), VocabState.empty(V, H, CAP, device=dev)
+    x = torch.randn(3, H, device=dev)
+    for ids in step_inputs(6):
+        ids = ids.to(dev)
+        async_gather.observe_start(fast, weight, ids)
+        async_gather.observe_wait(x, ids, fast)
+        ops.observe(slow, weight, ids)
+        got = ops.sparse_topk(x, fast, None, 4, "log_softmax")
+        want = ops.sparse_topk(x, slow, None, 4, "log_softmax")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert async_gather.capture_problem(dev) is None
+
+
+@cuda
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])  # plain, then CUDA graphs
+def test_cuda_compiled_step_has_no_host_sync_and_matches_eager(mode):
+    torch.manual_seed(0)
+    model = TinyDraft().cuda().eval()
+    twin = copy.deepcopy(model)
+    fast, _ = compile_capturing(model, **({} if mode is None else {"mode": mode}))
+    slow, _ = compile_capturing(twin, async_gather=False)
+    inputs = [ids.cuda() for ids in step_inputs(6)]
+    with torch.no_grad():
+        for ids in inputs[:3]:  # compile, warm up, record the CUDA graph
+            fast(ids), slow(ids)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = [(fast(ids), slow(ids)) for ids in inputs[3:]]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for got, want in outs:
+        assert torch.equal(got.indices, want.indices)
