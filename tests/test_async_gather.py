@@ -26,6 +26,7 @@ V, H, CAP = 1200, 32, 256
 OPS = torch.ops.microspec
 backend_module = importlib.import_module("microspec_compile.backend")  # the package exports
 # a function of the same name
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -218,17 +219,18 @@ def test_torch_compile_options_are_refused():
         compiled(step_inputs(1)[0])
 
 
-# torch: the CPU kernels; triton: the same ops through the Triton interpreter.
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_opcheck(impl):
+# torch on CPU: the CPU kernels; triton: the Triton kernels, natively on a GPU (there
+# on the side stream) or through the interpreter on CPU tensors (conftest.py).
+@pytest.mark.parametrize("impl,device", [("torch", "cpu"), ("triton", TRITON_DEVICE)])
+def test_opcheck(impl, device):
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(111, 16, generator=gen)
-    state = VocabState.empty(111, 16, 24)
-    tokens = torch.tensor([[1, 2], [2, 90]])
+    weight = torch.randn(111, 16, generator=gen).to(device)
+    state = VocabState.empty(111, 16, 24, device=device)
+    tokens = torch.tensor([[1, 2], [2, 90]], device=device)
     torch.library.opcheck(OPS.observe_start.default, (*state, weight, tokens, False, impl))
     torch.library.opcheck(OPS.observe_wait.default,
-                          (torch.randn(3, 16, generator=gen), tokens, state.rows, state.ids,
-                           state.count))
+                          (torch.randn(3, 16, generator=gen).to(device), tokens, state.rows,
+                           state.ids, state.count))
 
 
 def test_cpu_start_is_the_synchronous_observe_and_wait_a_no_op():
