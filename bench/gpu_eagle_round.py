@@ -56,6 +56,9 @@ def build_models(args):
 
 
 def run(args) -> list[str]:
+    for name in ("recompile_limit", "cache_size_limit"):  # two scorers on one forward
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
     target, head = build_models(args)
     vocab_size = target.config.vocab_size
     tree = TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens)

@@ -286,6 +286,7 @@ def test_capture_probe_is_none_off_cuda():
 
 @cuda
 def test_cuda_async_start_wait_equals_synchronous_observe():
+    """Same ids as the synchronous observe (rows may be in another order: atomics)."""
     dev = torch.device("cuda")
     weight = torch.randn(V, H, device=dev)
     fast, slow = VocabState.empty(V, H, CAP, device=dev), VocabState.empty(V, H, CAP, device=dev)
@@ -297,27 +298,36 @@ def test_cuda_async_start_wait_equals_synchronous_observe():
         ops.observe(slow, weight, ids)
         got = ops.sparse_topk(x, fast, None, 4, "log_softmax")
         want = ops.sparse_topk(x, slow, None, 4, "log_softmax")
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[0], want[0])
+    assert sorted(fast.live_ids().tolist()) == sorted(slow.live_ids().tolist())
     assert async_gather.capture_problem(dev) is None
 
 
 @cuda
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])  # plain, then CUDA graphs
-def test_cuda_compiled_step_has_no_host_sync_and_matches_eager(mode):
+def test_cuda_compiled_step_has_no_host_sync_and_matches_sync(mode):
     torch.manual_seed(0)
     model = TinyDraft().cuda().eval()
     twin = copy.deepcopy(model)
     fast, _ = compile_capturing(model, **({} if mode is None else {"mode": mode}))
     slow, _ = compile_capturing(twin, async_gather=False)
     inputs = [ids.cuda() for ids in step_inputs(6)]
+
+    def both(ids):
+        torch.compiler.cudagraph_mark_step_begin()
+        got = fast(ids).indices.clone()  # a CUDA-graph output is overwritten by the next replay
+        return got, slow(ids).indices.clone()
+
     with torch.no_grad():
         for ids in inputs[:3]:  # compile, warm up, record the CUDA graph
-            fast(ids), slow(ids)
+            both(ids)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            outs = [(fast(ids), slow(ids)) for ids in inputs[3:]]
+            outs = [both(ids) for ids in inputs[3:]]
         finally:
             torch.cuda.set_sync_debug_mode(0)
     for got, want in outs:
-        assert torch.equal(got.indices, want.indices)
+        assert torch.equal(got, want)
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0
