@@ -177,6 +177,10 @@ def test_bad_inputs_raise_clearly():
     scorer = TopkScorer(target.lm_head, 2)
     with pytest.raises(ValueError, match="batch 1"):
         eagle_generate(target, head, scorer, torch.zeros(2, 4, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match=r"ids in \[0, 1024\)"):
+        eagle_generate(target, head, scorer, torch.tensor([[5, VOCAB]]), 4)
+    with pytest.raises(TypeError, match="integer"):
+        eagle_generate(target, head, scorer, torch.zeros(1, 4), 4)
     with pytest.raises(ValueError, match="top_k"):
         TreeConfig(top_k=0)
     with pytest.raises(TypeError, match="integer"):

@@ -170,6 +170,11 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, P] (batch 1), got {list(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    vocab_size = head.config.vocab_size
+    if input_ids.numel() == 0 or int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
+        raise ValueError(f"input_ids must be a non-empty prompt of ids in [0, {vocab_size})")
     if sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     dev = head.fc.weight.device
