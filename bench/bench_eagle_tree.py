@@ -95,7 +95,7 @@ def main() -> None:
              "relative": cost[t] / cost[1], "threads": args.threads, "load": loadavg()}
             for t in sizes]
 
-    grid = (list(itertools.product([3, 5], [4, 8], [8, 12, 16])) if args.quick else
+    grid = (list(itertools.product([3, 5], [4, 8], [8, 16])) if args.quick else
             list(itertools.product([3, 4, 6], [4, 8], [8, 12, 16, 24])))
     prompts = tuning_prompts(2, 2) if args.quick else tuning_prompts(3, 3)
     inputs = [encode(tokenizer, p) for p in prompts]
