@@ -91,7 +91,7 @@ def _sampling(kw: dict, seed: int) -> dict:
             "generator": torch.Generator().manual_seed(seed)}
 
 
-def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 96,
+def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64,
                    tree: TreeConfig | None = None, runs: int = 3, sample: bool = False,
                    temperature: float = 1.0, seed: int = 0, capacity: int = 4096,
                    target_topk: int = 3, small_batch_linear: int = DEMO_SMALL_BATCH_LINEAR,

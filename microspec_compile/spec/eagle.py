@@ -41,7 +41,8 @@ __all__ = ["TreeConfig", "EagleDrafter", "eagle_generate"]
 
 @dataclass(frozen=True)
 class TreeConfig:
-    """Shape of the dynamic tree (defaults tuned on this CPU, see the README).
+    """Shape of the dynamic tree (defaults: the best of ``bench/bench_eagle_tree.py --quick`` on
+    this project's 2-core CPU, see the README).
 
     Parameters
     ----------
@@ -50,9 +51,9 @@ class TreeConfig:
     total_tokens : nodes the target verifies, root included
     """
 
-    depth: int = 4
+    depth: int = 3
     top_k: int = 8
-    total_tokens: int = 16
+    total_tokens: int = 8
 
     def __post_init__(self):
         for name in ("depth", "top_k", "total_tokens"):
