@@ -31,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="user message (repeat for several); none: MT-bench + HumanEval prompts")
     demo.add_argument("--draft", choices=("eagle", "early-exit"), default="eagle",
                       help="EAGLE-2 tree drafting with the shipped head, or an early-exit chain")
-    demo.add_argument("--max-new-tokens", type=int, default=None,
-                      help="new tokens per prompt (default 64)")
+    demo.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt")
     demo.add_argument("--head", default=None,
                       help="EAGLE head directory (default: the one shipped for SmolLM2)")
     tree = TreeConfig()
@@ -78,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``microspec`` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        if args.max_new_tokens is None:
-            args.max_new_tokens = 64
         for name in ("max_new_tokens", "draft_layers", "gamma", "runs", "capacity", "depth",
                      "top_k", "total_tokens"):
             if getattr(args, name) < 1:
