@@ -5,14 +5,15 @@ here the whole loop is timed instead (target, draft and acceptance together), wh
 also catches the draft's cost and the acceptance a shape buys.  Two parts:
 
 1. the target's forward over T tree tokens after a 300-token cache, relative to a
-   one-token step (what verification costs per size);
+   one-token step (what verification costs per size), with plain ``F.linear`` and
+   with the target's linears prepacked for T rows (``PackedLinears``, the demo's);
 2. every tree shape of the grid decodes the *tuning* prompts (held-out MT-bench and
    HumanEval prompts that are not the demo's) with the shipped head, the
    microspec-compiled LM head and the demo's settings; shapes interleaved, median
    tokens/s over ``--runs`` runs.  The best shape is printed: it is the demo default.
 
 Rows go to ``bench/results/eagle_tree.csv``.
-Usage: python bench/bench_eagle_tree.py [--quick] [--threads N]
+Usage: python bench/bench_eagle_tree.py [--quick] [--threads N] [--head DIR]
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import microspec_compile as ms
 from microspec_compile.data import encode, humaneval_problems, mtbench_questions
 from microspec_compile.eagle_demo import default_head_dir
 from microspec_compile.heads import EagleHead
+from microspec_compile.kernels.packed_linear import PackedLinears
 from microspec_compile.models import load_causal_lm
 from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate
 from microspec_compile.spec.tree import causal_mask
@@ -54,8 +56,11 @@ def tuning_prompts(n_chat: int, n_code: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def verify_cost(target, sizes, past: int = 300, repeats: int = 5) -> dict:
-    """Median seconds of one target forward over T tokens after ``past`` cached ones."""
+def verify_cost(target, sizes, past: int = 300, repeats: int = 5, packed: bool = False) -> dict:
+    """Median seconds of one target forward over T tokens after ``past`` cached ones
+    (``packed``: the target's linears prepacked for T rows)."""
+    import contextlib
+
     from transformers import DynamicCache
 
     cache = DynamicCache(config=target.config)
@@ -64,11 +69,13 @@ def verify_cost(target, sizes, past: int = 300, repeats: int = 5) -> dict:
     out = {}
     for t in [1, *sizes]:
         times = []
+        linears = PackedLinears(target, t) if packed and t > 1 else contextlib.nullcontext()
         for _ in range(repeats):
             x = torch.randint(0, target.config.vocab_size, (1, t))
             start = time.perf_counter()
-            target_forward(target, x, cache, torch.arange(past, past + t).view(1, -1),
-                           causal_mask(past, t))
+            with linears:
+                target_forward(target, x, cache, torch.arange(past, past + t).view(1, -1),
+                               causal_mask(past, t))
             times.append(time.perf_counter() - start)
             crop_cache(cache, past)
         out[t] = statistics.median(times)
@@ -81,19 +88,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--head", default=None, help="EAGLE head dir (default: the shipped one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target, tokenizer = load_causal_lm()
-    head = EagleHead.load(default_head_dir(), target)
+    head = EagleHead.load(args.head or default_head_dir(), target)
     eos = tokenizer.eos_token_id
 
     sizes = [4, 8, 12, 16, 24, 32]
-    cost = verify_cost(target, sizes)
-    print("verification cost (T tokens after 300 cached, relative to one token): " + ", ".join(
-        f"{t}: {cost[t] / cost[1]:.2f}x" for t in sizes) + f"  (1 token: {1e3 * cost[1]:.1f} ms)")
-    rows = [{"bench": "verify_cost", "tokens": t, "ms": 1e3 * cost[t],
-             "relative": cost[t] / cost[1], "threads": args.threads, "load": loadavg()}
-            for t in sizes]
+    rows = []
+    for packed in (False, True):
+        cost = verify_cost(target, sizes, packed=packed)
+        print(f"verification cost, {'packed' if packed else 'F.linear'} (T tokens after 300 "
+              "cached, relative to one token): " + ", ".join(
+                  f"{t}: {cost[t] / cost[1]:.2f}x" for t in sizes)
+              + f"  (1 token: {1e3 * cost[1]:.1f} ms)")
+        rows += [{"bench": "verify_cost", "tokens": t, "ms": 1e3 * cost[t], "packed": packed,
+                  "relative": cost[t] / cost[1], "threads": args.threads, "load": loadavg()}
+                 for t in sizes]
 
     grid = (list(itertools.product([3, 5], [4, 8], [8, 16])) if args.quick else
             list(itertools.product([3, 4, 6], [4, 8], [8, 12, 16, 24])))
@@ -106,17 +118,19 @@ def main() -> None:
         module = TopkScorer(lm_head, k)
         vocab = ms.vocab_of(module, pinned_ids=(eos,))
         scorers[k] = torch.compile(module, backend=ms.backend(pinned_ids=(eos,)), dynamic=True)
+    packs = {t: PackedLinears(target, t) for t in sorted({t for _, _, t in grid})}
     results = {shape: [] for shape in grid}
     accepted = {shape: [] for shape in grid}
     for shape in grid:  # warm-up: compile each row count once
         eagle_generate(target, head, scorers[shape[1]], inputs[0], 8, TreeConfig(*shape),
-                       vocab=vocab, eos_token_id=eos)
+                       vocab=vocab, eos_token_id=eos, verify_linears=packs[shape[2]])
     for run in range(args.runs):
         for shape in grid:
             tokens = seconds = 0.0
             for ids in inputs:
                 _, st = eagle_generate(target, head, scorers[shape[1]], ids, args.max_new_tokens,
-                                       TreeConfig(*shape), vocab=vocab, eos_token_id=eos)
+                                       TreeConfig(*shape), vocab=vocab, eos_token_id=eos,
+                                       verify_linears=packs[shape[2]])
                 tokens += st.new_tokens
                 seconds += st.total_time
                 accepted[shape].append(st.tokens_per_verification())

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--small-batch-linear", type=int, default=DEMO_SMALL_BATCH_LINEAR,
                       help="the target's LM head computes 2..N rows as W @ x^T (its "
                            "verification of a tree / of gamma+1 tokens, faster on CPU); 0: off")
+    demo.add_argument("--no-packed-verify", action="store_true",
+                      help="EAGLE only: verify with plain F.linear instead of MKL-prepacked fp32 "
+                           "linears packed for the tree's size")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch threads; 1 is robust on a shared 2-core machine (multi-threaded "
                            "kernels stall when another process competes for the cores); 0: torch's "
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                            runs=args.runs, sample=args.sample, temperature=args.temperature,
                            seed=args.seed, capacity=args.capacity, target_topk=args.target_topk,
                            small_batch_linear=args.small_batch_linear,
+                           packed_verify=not args.no_packed_verify,
                            model=args.model, head_dir=args.head, out=args.out,
                            chart=not args.no_chart, progress=not args.no_progress)
             return 0

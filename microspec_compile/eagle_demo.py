@@ -31,6 +31,7 @@ from .analysis.results import machine_info
 from .config import DEMO_SMALL_BATCH_LINEAR
 from .data import default_prompts, encode
 from .heads import EagleHead
+from .kernels.packed_linear import PackedLinears
 from .measure import fmt, measure_ways, run_fields, summarize, write_report
 from .models import load_causal_lm
 from .spec import SubsetTopkScorer, TopkScorer, TreeConfig, autoregressive_generate, eagle_generate
@@ -68,6 +69,9 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
     vocab = ms.vocab_of(sparse_module, capacity=capacity, pinned_ids=pinned)
     sparse = torch.compile(sparse_module, backend=ms.backend(capacity=capacity, pinned_ids=pinned),
                            dynamic=True)
+    # one packing of the target for the tree's size, shared by every EAGLE way
+    packed = PackedLinears(target, tree.total_tokens) if kw["packed_verify"] else None
+    head_rows = 0 if packed is not None and packed.count else kw["small_batch_linear"]
 
     def target_alone(ids, seed):
         return autoregressive_generate(target, ids, kw["max_new_tokens"],
@@ -77,7 +81,8 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
         def generate(ids, seed):
             return eagle_generate(target, head, scorer, ids, kw["max_new_tokens"], tree, vocab=v,
                                   target_topk=kw["target_topk"], eos_token_id=kw["eos_token_id"],
-                                  verify_head_rows=kw["small_batch_linear"], **_sampling(kw, seed))
+                                  verify_head_rows=head_rows, verify_linears=packed,
+                                  **_sampling(kw, seed))
         return generate
 
     return {"target": target_alone, "dense": eagle(dense, None), "frspec": eagle(fixed, None),
@@ -95,7 +100,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                    tree: TreeConfig | None = None, runs: int = 3, sample: bool = False,
                    temperature: float = 1.0, seed: int = 0, capacity: int = 4096,
                    target_topk: int = 3, small_batch_linear: int = DEMO_SMALL_BATCH_LINEAR,
-                   model=None, head_dir=None,
+                   packed_verify: bool = True, model=None, head_dir=None,
                    out: str | os.PathLike | None = "demo_results.json", chart: bool = True,
                    progress: bool = True, verbose: bool = True) -> dict:
     """Run the four ways on held-out prompts; write the JSON report and chart.
@@ -109,7 +114,11 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     capacity : the microspec vocabulary's capacity
     target_topk : the target's top-k per scored position fed to the vocabulary (0: off)
     small_batch_linear : the target's LM head scores trees of 2..this many tokens as
-        ``W @ x^T`` (faster verification on CPU, in every EAGLE way alike); 0: off
+        ``W @ x^T`` (faster verification on CPU, in every EAGLE way alike); 0: off.
+        Not used where ``packed_verify`` packs the LM head.
+    packed_verify : the EAGLE ways verify through MKL-prepacked fp32 linears of the target
+        for the tree's size (``kernels.PackedLinears``; the target alone keeps ``F.linear``,
+        which is already the fastest for one row)
     model : a local checkpoint / .gguf, or a loaded ``(model, tokenizer)``; default SmolLM2
     head_dir : the EAGLE head (default: the one shipped for SmolLM2)
     """
@@ -128,7 +137,8 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     eos = tokenizer.eos_token_id
     pinned = (eos,) if eos is not None else ()
     kw = dict(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-              eos_token_id=eos, target_topk=target_topk, small_batch_linear=small_batch_linear)
+              eos_token_id=eos, target_topk=target_topk, small_batch_linear=small_batch_linear,
+              packed_verify=packed_verify)
     ways, vocab = _ways(target, head, tree, frequent, capacity, pinned, kw)
     res = measure_ways(ways, [p["name"] for p in items], inputs, warm, runs, seed, progress)
 
@@ -154,6 +164,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                      "runs": runs, "sample": sample, "temperature": temperature if sample else None,
                      "seed": seed, "capacity": capacity, "target_topk": target_topk,
                      "verify_small_batch_linear": small_batch_linear,
+                     "verify_packed_linears": packed_verify,
                      "frspec_subset": int(frequent.numel()),
                      "prompts": [p["name"] for p in items],
                      "prompt_tokens": [int(i.shape[1]) for i in inputs],

@@ -5,6 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import microspec_compile as ms
 from microspec_compile.heads import EagleHead
+from microspec_compile.kernels.packed_linear import PackedLinears, mkl_packing_available
 from microspec_compile.spec import (
     DraftTree,
     TopkScorer,
@@ -214,3 +215,19 @@ def test_transposed_verification_head_same_greedy_output():
                                 24, shape, verify_head_rows=16)
     assert torch.equal(out, autoregressive_generate(target, ids, 24)[0])
     assert stats.tokens_per_verification() > 2.0
+
+
+@pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL")
+def test_packed_verification_same_greedy_output():
+    # verify_linears runs the tree's forward through linears prepacked for its size (CPU
+    # speed); it only changes rounding, so the greedy output stays the target's
+    target = tiny_target(bigram=True)
+    shape = TreeConfig(depth=3, top_k=4, total_tokens=10)
+    ids = prompt()
+    packed = PackedLinears(target, shape.total_tokens)
+    assert packed.count == sum(isinstance(m, torch.nn.Linear) for m in target.modules())
+    out, stats = eagle_generate(target, oracle_head(target), TopkScorer(target.lm_head, 4), ids,
+                                24, shape, verify_linears=packed)
+    assert torch.equal(out, autoregressive_generate(target, ids, 24)[0])
+    assert stats.tokens_per_verification() > 2.0
+    assert all("forward" not in m.__dict__ for m in target.modules())  # restored after use

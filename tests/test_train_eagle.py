@@ -118,3 +118,72 @@ def test_evaluation_prompts_are_held_out_of_training():
     pairs = training_prompts(30)
     assert len(pairs) == 30
     assert not any(" ".join(user.split()).lower() in held for user, _ in pairs)
+
+
+LIBRARY_MODULE = '''import os
+import re
+
+
+def documented(path, limit=3):
+    """Return the first lines of path."""
+    with open(path) as f:
+        return f.readlines()[:limit]
+
+
+class Box:
+    def size(self):
+        """The box's size."""
+        width = self.width
+        return width * self.height
+
+    def undocumented(self):
+        return 1
+
+
+def only_docstring():
+    """Nothing after the docstring: no body to learn from."""
+'''
+
+
+def test_stdlib_functions_cut_after_the_docstring(tmp_path):
+    from microspec_compile.train.code_corpus import stdlib_functions
+
+    (tmp_path / "mod.py").write_text(LIBRARY_MODULE)
+    (tmp_path / "broken.py").write_text("def f(:\n")  # unparsable files are skipped
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "test_mod.py").write_text(LIBRARY_MODULE)  # test suites left out
+    functions = dict(stdlib_functions(10, root=tmp_path))
+    assert len(functions) == 2  # documented() and Box.size; the others lack a doc or a body
+    header = next(h for h in functions if "def size" in h)
+    assert header.startswith("import os\nimport re\n\n\ndef size(self):")  # method dedented
+    assert header.endswith('"""The box\'s size."""\n')
+    assert functions[header] == "    width = self.width\n    return width * self.height\n"
+    first, rest = stdlib_functions(1, root=tmp_path), stdlib_functions(5, skip=1, root=tmp_path)
+    assert len(rest) == 1 and first[0] != rest[0]  # disjoint slices
+
+
+class CharTokenizer:
+    """One token per character: enough to check where sequences are cut."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_code_sequences_loss_starts_after_the_header():
+    from microspec_compile.train.code_corpus import code_sequences
+
+    header, body = "def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "    return a + b\n"
+    long_header = "#" * 300 + "\n" + header
+    seqs = code_sequences(CharTokenizer(), [(header, body), (long_header, body)], max_len=40)
+    assert len(seqs) == 1  # a header over max_prompt (256) tokens is skipped
+    (seq,) = seqs
+    assert seq.prompt_len == len(header) and len(seq.ids) == 40  # cut to max_len
+    assert "".join(map(chr, seq.ids.tolist())) == (header + body)[:40]
+
+
+def test_agreement_by_group_weights_by_positions():
+    from microspec_compile.train.evaluate import agreement_by_group
+
+    quality = {"per_sequence": [1.0, 0.0, 0.5], "per_sequence_positions": [3, 1, 4]}
+    groups = agreement_by_group(["mtbench/1", "mtbench/2", "HumanEval/0"], quality)
+    assert groups == {"mtbench": 0.75, "HumanEval": 0.5}

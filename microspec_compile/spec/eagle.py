@@ -26,6 +26,7 @@ and the target's argmax and top-3 at every tree position.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -146,7 +147,8 @@ def _observe_verified(vocab, tree: DraftTree, logits: torch.Tensor, emitted, tar
 def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                    max_new_tokens: int, tree: TreeConfig = TreeConfig(), *, vocab=None,
                    target_topk: int = 3, sample: bool = False, temperature: float = 1.0,
-                   eos_token_id: int | None = None, generator=None, verify_head_rows: int = 0):
+                   eos_token_id: int | None = None, generator=None, verify_head_rows: int = 0,
+                   verify_linears=None):
     """EAGLE-2 speculative decoding of one sequence.
 
     Parameters
@@ -160,6 +162,9 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     sample, temperature, generator : sampling mode (default greedy)
     verify_head_rows : >= 2: the target's LM head scores trees of up to this many tokens
         as ``W @ x^T`` (faster on CPU, other rounding; ``spec.verify.target_forward``)
+    verify_linears : a ``kernels.PackedLinears`` of ``target`` for ``tree.total_tokens``
+        rows, entered around each verification (CPU: the tree's product costs about
+        one token's; other rounding), or None
 
     Returns
     -------
@@ -210,7 +215,8 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         stats.draft_times.append(time.perf_counter() - t)
 
         t = time.perf_counter()
-        features, logits = verify_tree(target, draft_tree, cache, n, dtype, verify_head_rows)
+        with verify_linears or contextlib.nullcontext():
+            features, logits = verify_tree(target, draft_tree, cache, n, dtype, verify_head_rows)
         stats.target_times.append(time.perf_counter() - t)
         if sample:
             probs = torch.softmax(logits.double() / temperature, -1).cpu()

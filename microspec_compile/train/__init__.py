@@ -28,6 +28,13 @@ def add_parser(sub) -> None:
     p.add_argument("--generate-minutes", type=float, default=d.generate_minutes)
     p.add_argument("--train-minutes", type=float, default=d.train_minutes)
     p.add_argument("--chunk", type=int, default=d.chunk, help="prompts per regeneration chunk")
+    p.add_argument("--code-regen-prompts", type=int, default=d.code_regen_prompts,
+                   help="standard-library functions the target continues from their docstring")
+    p.add_argument("--code-original", type=int, default=d.code_original,
+                   help="standard-library functions trained on with their own bodies")
+    p.add_argument("--code-generate-minutes", type=float, default=d.code_generate_minutes)
+    p.add_argument("--init-head", default=None,
+                   help="a saved head to start from (fine-tune it on this data); none: fresh")
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
@@ -54,7 +61,10 @@ def main(args) -> int:
                               original_prompts=args.original_prompts,
                               max_new_tokens=args.max_new_tokens,
                               generate_minutes=args.generate_minutes,
-                              train_minutes=args.train_minutes, chunk=args.chunk)
+                              train_minutes=args.train_minutes, chunk=args.chunk,
+                              code_regen_prompts=args.code_regen_prompts,
+                              code_original=args.code_original,
+                              code_generate_minutes=args.code_generate_minutes)
     tcfg = dataclasses.replace(TrainConfig(), lr=args.lr, seed=args.seed)
     bar = tqdm(desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
 
@@ -66,10 +76,11 @@ def main(args) -> int:
         bar.refresh() if step % 10 == 0 else None
 
     report = run_pipeline(target, tokenizer, work, args.out, config=cfg, train_config=tcfg,
-                          log=tqdm.write, progress=progress)
+                          init_head=args.init_head, log=tqdm.write, progress=progress)
     bar.close()
     minutes = (time.perf_counter() - t0) / 60
-    print(f"budget: generate {cfg.generate_minutes} min + train {cfg.train_minutes} min; "
+    print(f"budget: generate {cfg.generate_minutes} + {cfg.code_generate_minutes} min (chat, "
+          f"code) + train {cfg.train_minutes} min; "
           f"this run took {minutes:.1f} min; held-out top-1 agreement "
           f"{report['held_out']['agreement']:.3f}; head saved to {args.out}")
     return 0

@@ -16,7 +16,8 @@ from ..heads import EagleHead
 from .corpus import Sequence, chat_prompt_ids, regenerate
 from .features import target_features
 
-__all__ = ["evaluation_prompts", "held_out_continuations", "head_agreement", "prompt_ids"]
+__all__ = ["evaluation_prompts", "held_out_continuations", "head_agreement", "agreement_by_group",
+           "prompt_ids"]
 
 
 def evaluation_prompts(mtbench: int = 10, humaneval: int = 10) -> list[dict]:
@@ -48,10 +49,10 @@ def head_agreement(target, head: EagleHead, sequences: list[Sequence]) -> dict:
     Returns
     -------
     dict: ``agreement`` in [0, 1] over all answer positions, ``positions`` scored,
-    ``per_sequence`` list of agreements
+    ``per_sequence`` list of agreements, ``per_sequence_positions`` their position counts
     """
     hits = total = 0
-    per_sequence = []
+    per_sequence, counts = [], []
     for seq in sequences:
         ids = seq.ids.view(1, -1)
         feats = target_features(target, ids)
@@ -64,7 +65,21 @@ def head_agreement(target, head: EagleHead, sequences: list[Sequence]) -> dict:
         hits += int(agree.sum())
         total += agree.numel()
         per_sequence.append(float(agree.float().mean()) if agree.numel() else float("nan"))
-    return {"agreement": hits / max(total, 1), "positions": total, "per_sequence": per_sequence}
+        counts.append(agree.numel())
+    return {"agreement": hits / max(total, 1), "positions": total, "per_sequence": per_sequence,
+            "per_sequence_positions": counts}
+
+
+def agreement_by_group(names: list[str], quality: dict) -> dict[str, float]:
+    """Position-weighted agreement per prompt family (``mtbench/12`` -> ``mtbench``)."""
+    hits: dict[str, float] = {}
+    total: dict[str, int] = {}
+    for name, rate, n in zip(names, quality["per_sequence"], quality["per_sequence_positions"]):
+        group = name.split("/")[0]
+        if n:
+            hits[group] = hits.get(group, 0.0) + rate * n
+            total[group] = total.get(group, 0) + n
+    return {g: hits[g] / total[g] for g in total}
 
 
 def prompt_ids(tokenizer, prompt: dict) -> torch.Tensor:

@@ -6,9 +6,14 @@ interrupted run resumes where it stopped:
 1. ``regen-NNN.pt``: ShareGPT prompts answered by the target (batched greedy, in
    chunks of ``chunk`` prompts, within ``generate_minutes``);
 2. ``original.pt``: more prompts with ShareGPT's own answers (a disjoint slice);
-3. ``features-*.pt``: the target's teacher-forced features of both (fp16);
-4. ``checkpoint.pt``: the training loop (``train_minutes`` of compute);
-5. the head, its config and a model card in ``out_dir``, with the held-out
+3. ``code-regen-NNN.pt`` and ``code-original.pt``: documented standard-library
+   functions (raw text, HumanEval's shape), continued by the target from their
+   docstring within ``code_generate_minutes``, and a disjoint slice with their
+   own bodies;
+4. ``features-*.pt``: the target's teacher-forced features of all of them (fp16);
+5. ``checkpoint.pt``: the training loop (``train_minutes`` of compute), from a
+   fresh head or from ``init_head`` (fine-tuning an earlier head on more data);
+6. the head, its config and a model card in ``out_dir``, with the held-out
    top-1 agreement measured on the target's greedy continuations.
 """
 from __future__ import annotations
@@ -22,8 +27,9 @@ import torch
 
 from ..analysis.results import machine_info
 from ..heads import EagleHead
+from .code_corpus import code_sequences, stdlib_functions
 from .corpus import Sequence, chat_prompt_ids, original_sequences, regenerate, training_prompts
-from .evaluate import evaluation_prompts, head_agreement, held_out_continuations
+from .evaluate import agreement_by_group, evaluation_prompts, head_agreement, held_out_continuations
 from .features import FeatureSet, atomic_save, compute_features
 from .trainer import TrainConfig, train
 
@@ -44,6 +50,10 @@ class PipelineConfig:
     train_minutes: float = 50.0
     chunk: int = 128
     batch_size: int = 32
+    code_regen_prompts: int = 1024
+    code_original: int = 2500
+    code_max_new_tokens: int = 128
+    code_generate_minutes: float = 8.0
 
 
 def _load_sequences(path: Path) -> list[Sequence]:
@@ -54,13 +64,14 @@ def _save_sequences(path: Path, seqs: list[Sequence]) -> None:
     atomic_save([(s.ids, s.prompt_len) for s in seqs], path)
 
 
-def _regenerated(target, tokenizer, work: Path, cfg: PipelineConfig, log) -> list[Sequence]:
-    prompts = [chat_prompt_ids(tokenizer, u) for u, _ in training_prompts(cfg.regen_prompts)]
+def _regenerated(target, tokenizer, work: Path, prompts: list[list[int]], prefix: str,
+                 minutes: float, max_new_tokens: int, cfg: PipelineConfig, log) -> list[Sequence]:
+    """The target's greedy answers to ``prompts``, in resumable chunks ``{prefix}-NNN.pt``."""
     seqs, start = [], time.perf_counter()
-    budget = cfg.generate_minutes * 60
-    done_s = sum(json.loads(p.read_text())["seconds"] for p in work.glob("regen-*.json"))
+    budget = minutes * 60
+    done_s = sum(json.loads(p.read_text())["seconds"] for p in work.glob(f"{prefix}-*.json"))
     for k, first in enumerate(range(0, len(prompts), cfg.chunk)):
-        path = work / f"regen-{k:03d}.pt"
+        path = work / f"{prefix}-{k:03d}.pt"
         if path.is_file():
             seqs += _load_sequences(path)
             continue
@@ -69,14 +80,22 @@ def _regenerated(target, tokenizer, work: Path, cfg: PipelineConfig, log) -> lis
             break
         t0 = time.perf_counter()
         chunk = regenerate(target, tokenizer, prompts[first:first + cfg.chunk],
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                           max_new_tokens=max_new_tokens, batch_size=cfg.batch_size,
                            seconds=budget - spent)
         _save_sequences(path, chunk)
         path.with_suffix(".json").write_text(json.dumps({"seconds": time.perf_counter() - t0}))
         seqs += chunk
         answers = sum(len(s.ids) - s.prompt_len for s in seqs)
-        log(f"regenerate: {len(seqs)} answers, {answers} tokens, "
+        log(f"{prefix}: {len(seqs)} answers, {answers} tokens, "
             f"{done_s + time.perf_counter() - start:.0f}/{budget:.0f} s")
+    return seqs
+
+
+def _cached_sequences(path: Path, make) -> list[Sequence]:
+    if path.is_file():
+        return _load_sequences(path)
+    seqs = make()
+    _save_sequences(path, seqs)
     return seqs
 
 
@@ -94,29 +113,46 @@ def _features(target, name: str, seqs: list[Sequence], work: Path, log) -> Featu
 
 def run_pipeline(target, tokenizer, work_dir: str | Path, out_dir: str | Path, *,
                  config: PipelineConfig = PipelineConfig(),
-                 train_config: TrainConfig | None = None,
+                 train_config: TrainConfig | None = None, init_head: str | Path | None = None,
                  log=print, progress=None) -> dict:
-    """Run (or resume) every stage; returns the report that the model card records."""
+    """Run (or resume) every stage; returns the report that the model card records.
+
+    ``init_head``: a saved head to start training from (its own report is kept in
+    this one under ``"initialised_from"``); none: a fresh head.
+    """
     train_config = train_config or TrainConfig()
     t_start = time.perf_counter()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    regen = _regenerated(target, tokenizer, work, config, log)
-    orig_path = work / "original.pt"
-    if orig_path.is_file():
-        orig = _load_sequences(orig_path)
-    else:
-        pairs = training_prompts(config.original_prompts, skip=config.regen_prompts + 500)
-        orig = original_sequences(tokenizer, pairs, max_len=config.max_len)
-        _save_sequences(orig_path, orig)
+    chat = [chat_prompt_ids(tokenizer, u) for u, _ in training_prompts(config.regen_prompts)]
+    regen = _regenerated(target, tokenizer, work, chat, "regen", config.generate_minutes,
+                         config.max_new_tokens, config, log)
+    orig = _cached_sequences(work / "original.pt", lambda: original_sequences(
+        tokenizer, training_prompts(config.original_prompts, skip=config.regen_prompts + 500),
+        max_len=config.max_len))
+    code_prompts = [tokenizer(h, add_special_tokens=False)["input_ids"]
+                    for h, _ in stdlib_functions(config.code_regen_prompts)]
+    code_regen = _regenerated(target, tokenizer, work, code_prompts, "code-regen",
+                              config.code_generate_minutes, config.code_max_new_tokens,
+                              config, log) if config.code_regen_prompts else []
+    code_orig = _cached_sequences(work / "code-original.pt", lambda: code_sequences(
+        tokenizer, stdlib_functions(config.code_original, skip=config.code_regen_prompts),
+        max_len=config.max_len))
     regen = [Sequence(s.ids[: config.max_len], s.prompt_len) for s in regen]
-    data = FeatureSet.concat([_features(target, "regenerated", regen, work, log),
-                              _features(target, "original", orig, work, log)])
+    parts = {"regenerated": regen, "original": orig, "code-regenerated": code_regen,
+             "code-original": code_orig}
+    data = FeatureSet.concat([_features(target, name, seqs, work, log)
+                              for name, seqs in parts.items() if seqs])
     log(f"training data: {len(data)} sequences, {int(data.starts[-1])} tokens, "
         f"{data.answer_tokens()} answer tokens")
 
     torch.manual_seed(train_config.seed)
     head = EagleHead.for_target(target)
+    initialised_from = None
+    if init_head is not None:
+        start = EagleHead.load(init_head, target, dtype=torch.float32)
+        head.load_state_dict(start.trainable_state(), strict=False)
+        initialised_from = {"path": str(init_head), **_saved_report(init_head)}
     summary = train(head, data, work, seconds=config.train_minutes * 60, config=train_config,
                     progress=progress)
     log(f"trained: {summary}")
@@ -124,13 +160,16 @@ def run_pipeline(target, tokenizer, work_dir: str | Path, out_dir: str | Path, *
     prompts = evaluation_prompts()
     held = held_out_continuations(target, tokenizer, prompts)
     quality = head_agreement(target, head, held)
-    log(f"held-out top-1 agreement: {quality['agreement']:.3f} over {quality['positions']} positions")
+    names = [p["name"] for p in prompts]
+    quality["by_group"] = agreement_by_group(names, quality)
+    log(f"held-out top-1 agreement: {quality['agreement']:.3f} over {quality['positions']} "
+        f"positions ({quality['by_group']})")
     report = {
-        "data": {"regenerated_answers": len(regen),
-                 "regenerated_answer_tokens": sum(len(s.ids) - s.prompt_len for s in regen),
-                 "original_answers": len(orig),
-                 "original_answer_tokens": sum(len(s.ids) - s.prompt_len for s in orig),
+        "data": {**{f"{name}_answers": len(seqs) for name, seqs in parts.items()},
+                 **{f"{name}_answer_tokens": sum(len(s.ids) - s.prompt_len for s in seqs)
+                    for name, seqs in parts.items()},
                  "sequence_tokens": int(data.starts[-1])},
+        "initialised_from": initialised_from,
         "pipeline": asdict(config), "training": {**asdict(train_config), **summary},
         "held_out": {"prompts": [p["name"] for p in prompts], **quality},
         "wall_seconds_this_run": time.perf_counter() - t_start,
@@ -145,10 +184,42 @@ def run_pipeline(target, tokenizer, work_dir: str | Path, out_dir: str | Path, *
     return report
 
 
+def _saved_report(directory) -> dict:
+    """The data, training and held-out quality recorded with a saved head."""
+    meta = json.loads((Path(directory) / "eagle_config.json").read_text()).get("metadata", {})
+    return {k: meta[k] for k in ("data", "training", "held_out", "initialised_from") if k in meta}
+
+
+def _data_lines(d: dict, p: dict) -> list[str]:
+    lines = [
+        f"- {d['regenerated_answers']} ShareGPT first turns answered by the target itself "
+        f"(batched greedy, up to {p['max_new_tokens']} tokens): "
+        f"{d['regenerated_answer_tokens']} answer tokens;",
+        f"- {d['original_answers']} more first turns with ShareGPT's own answers: "
+        f"{d['original_answer_tokens']} answer tokens;"]
+    if d.get("code-original_answers"):
+        lines += [
+            f"- {d['code-regenerated_answers']} documented Python standard-library functions "
+            f"(raw text, no template) continued by the target from their docstring (up to "
+            f"{p['code_max_new_tokens']} tokens): {d['code-regenerated_answer_tokens']} tokens;",
+            f"- {d['code-original_answers']} more such functions with their own bodies: "
+            f"{d['code-original_answer_tokens']} tokens;"]
+    return lines + [
+        f"- {d['sequence_tokens']} tokens in all (prompts included), at most "
+        f"{p['max_len']} tokens per sequence; teacher-forced target features cached in fp16."]
+
+
+def _training_line(t: dict) -> str:
+    return (f"{t['steps']} steps of <= {t['token_budget']} padded tokens, {t['epochs']:.2f} "
+            f"epochs, {t['tokens']} loss positions, {t['seconds'] / 60:.1f} min of training "
+            f"compute, lr {t['lr']}; final training top-1 agreement {t['last_agreement']:.3f} "
+            f"(mean of the last 50 steps)")
+
+
 def write_model_card(path: Path, report: dict) -> None:
     """A short model card from the pipeline's report (data, tokens, epochs, time, quality)."""
     d, t, h, hw = report["data"], report["training"], report["held_out"], report["hardware"]
-    p = report["pipeline"]
+    p, init = report["pipeline"], report.get("initialised_from")
     lines = [
         "# EAGLE-2 draft head for SmolLM2-135M-Instruct",
         "",
@@ -158,28 +229,24 @@ def write_model_card(path: Path, report: dict) -> None:
         "fp16 safetensors, made by `microspec train-eagle` on this project's machine.",
         "",
         "## Data (evaluation prompts held out: all MT-bench turns, all HumanEval prompts)",
-        f"- {d['regenerated_answers']} ShareGPT first turns answered by the target itself "
-        f"(batched greedy, up to {p['max_new_tokens']} tokens, {p['generate_minutes']} min budget): "
-        f"{d['regenerated_answer_tokens']} answer tokens;",
-        f"- {d['original_answers']} more first turns with ShareGPT's own answers: "
-        f"{d['original_answer_tokens']} answer tokens;",
-        f"- {d['sequence_tokens']} tokens in all (prompts included), chat template, at most "
-        f"{p['max_len']} tokens per sequence; teacher-forced target features cached in fp16.",
+        *_data_lines(d, p),
         "",
         "## Training",
         f"- loss: SmoothL1(feature) + {t['ce_weight']} x soft cross-entropy against the target's "
         f"distribution over the full vocabulary; uniform feature noise {t['noise']} x 512 / T;",
-        f"- AdamW lr {t['lr']} (warm-up {t['warmup_steps']} steps, cosine to 10%), betas "
+        f"- AdamW (warm-up {t['warmup_steps']} steps, cosine to 10%), betas "
         f"{tuple(t['betas'])}, grad clip {t['grad_clip']}, bf16 autocast, seed {t['seed']};",
-        f"- {t['steps']} steps of <= {t['token_budget']} padded tokens, {t['epochs']:.2f} epochs, "
-        f"{t['tokens']} loss positions, {t['seconds'] / 60:.1f} min of training compute;",
-        f"- final training loss {t['last_loss']:.3f}, training top-1 agreement "
-        f"{t['last_agreement']:.3f} (mean of the last 50 steps).",
+        f"- {_training_line(t)}.",
+        *([f"- started from an earlier head ({init['held_out']['agreement']:.3f} held-out "
+           f"agreement), itself trained {_training_line(init['training'])}, on "
+           f"{init['data']['sequence_tokens']} tokens of the ShareGPT data above."]
+          if init else []),
         "",
         "## Held-out quality",
         f"- teacher-forced top-1 agreement with the target's argmax on the target's own greedy "
         f"continuations of {len(h['prompts'])} held-out prompts ({h['positions']} positions): "
-        f"**{h['agreement']:.3f}**.",
+        f"**{h['agreement']:.3f}**"
+        + "".join(f"; {g}: {a:.3f}" for g, a in h.get("by_group", {}).items()) + ".",
         "",
         "## Hardware",
         f"- {hw.get('cpu_model')}, {hw.get('cpus')} cores, torch {hw.get('torch')}; "

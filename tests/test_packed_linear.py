@@ -1,0 +1,80 @@
+"""PackedLinears: MKL-prepacked fp32 linears for the tree verification's row count."""
+import pytest
+import torch
+from torch import nn
+
+from microspec_compile.kernels import packed_linear
+from microspec_compile.kernels.packed_linear import PackedLinears, mkl_packing_available
+
+needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL")
+
+
+def small_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.SiLU(), nn.Linear(40, 16, bias=False)).to(dtype)
+    return model.requires_grad_(False)  # inference, as in verification
+
+
+@needs_mkl
+@pytest.mark.parametrize("shape", [
+    (8, 24),      # the packed row count: MKL's packed product
+    (1, 8, 24),   # the same rows behind a batch dim, as HF passes [1, T, H]
+])
+def test_packed_rows_match_linear(shape):
+    model = small_model()
+    x = torch.randn(shape)
+    ref = model(x)
+    packed = PackedLinears(model, 8)
+    assert packed.count == 2
+    with packed, torch.profiler.profile() as prof:
+        out = model(x)
+    assert "mkl::_mkl_linear" in {e.key for e in prof.key_averages()}  # the packed op ran
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+@pytest.mark.parametrize("rows", [1, 5, 200])  # a step, a smaller tree, a prefill
+def test_other_row_counts_are_plain_linear(rows):
+    model = small_model()
+    x = torch.randn(rows, 24)
+    ref = model(x)
+    with PackedLinears(model, 8):
+        out = model(x)
+    assert torch.equal(out, ref)  # MKL falls back to the ordinary product, bit for bit
+
+
+@needs_mkl
+def test_exit_restores_modules_and_bf16_is_left_alone():
+    model = small_model()
+    packed = PackedLinears(model, 4)
+    with packed:
+        assert all("forward" in m.__dict__ for m in model if isinstance(m, nn.Linear))
+    assert all("forward" not in m.__dict__ for m in model)
+    assert PackedLinears(small_model(torch.bfloat16), 4).count == 0  # only fp32 is packed
+
+
+@needs_mkl
+def test_autograd_calls_take_the_plain_product():
+    # MKL's packed op has no gradient: a call autograd records must still work
+    model = small_model().requires_grad_(True)
+    x = torch.randn(8, 24, requires_grad=True)
+    with PackedLinears(model, 8):
+        model(x).sum().backward()
+    assert x.grad is not None and model[0].weight.grad is not None
+
+
+def test_without_mkl_nothing_is_packed(monkeypatch):
+    # a build without MKL (e.g. ARM) keeps every module as it is
+    monkeypatch.setattr(packed_linear, "mkl_packing_available", lambda: False)
+    model = small_model()
+    x = torch.randn(8, 24)
+    packed = PackedLinears(model, 8)
+    assert packed.count == 0
+    with packed:
+        assert torch.equal(model(x), small_model()(x))
+
+
+@pytest.mark.parametrize("rows", [0, -1, 2.5])
+def test_bad_row_count_is_a_clear_error(rows):
+    with pytest.raises(ValueError, match="rows must be a positive int"):
+        PackedLinears(small_model(), rows)
