@@ -234,3 +234,69 @@ def test_demo_json_has_every_field(smollm, tmp_path, capsys):
     assert (tmp_path / "demo_results.png").stat().st_size > 0
     table = capsys.readouterr().out
     assert "tok/s" in table and "identical" in table
+
+
+def test_shipped_eagle_head_with_microspec_is_the_targets_greedy_output(smollm):
+    """The shipped EAGLE-2 head, its LM head compiled by microspec and packed verification:
+    the output is the target's own greedy output, and the head drafts tokens the target
+    accepts (a random head would emit about 1 token per verification)."""
+    from microspec_compile.eagle_demo import default_head_dir
+    from microspec_compile.heads import EagleHead
+    from microspec_compile.kernels.packed_linear import PackedLinears
+    from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate
+
+    model, tokenizer, prompts, refs = smollm
+    eos = tokenizer.eos_token_id
+    head = EagleHead.load(default_head_dir(), model)
+    tree = TreeConfig()
+    module = TopkScorer(model.get_output_embeddings(), tree.top_k)
+    vocab = vocab_of(module, pinned_ids=(eos,))
+    scorer = torch.compile(module, backend=microspec_backend(pinned_ids=(eos,)), dynamic=True)
+    packed = PackedLinears(model, tree.total_tokens)
+    emitted = verifications = 0
+    for ids, ref in zip(prompts[:3], refs[:3]):
+        out, stats = eagle_generate(model, head, scorer, ids, NEW_TOKENS, tree, vocab=vocab,
+                                    eos_token_id=eos, verify_linears=packed)
+        assert out.tolist() == ref.tolist()
+        assert all(0 < size <= vocab.capacity for size in stats.vocab_sizes)
+        emitted += sum(a + 1 for a in stats.accepted)  # accepted drafts + the bonus token
+        verifications += len(stats.accepted)
+    assert emitted / verifications > 1.2
+
+
+def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
+    """A tiny EAGLE-2 demo run (one prompt, a few tokens) writes every field it claims."""
+    from microspec_compile.eagle_demo import EAGLE_WAYS, run_eagle_demo
+
+    model, tokenizer = smollm[:2]
+    out = tmp_path / "demo_results.json"
+    report = run_eagle_demo(["Say hello."], max_new_tokens=6, runs=1, model=(model, tokenizer),
+                            out=out, progress=False)
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    for key in ("date", "hardware", "settings", "summary", "speedup_microspec_vs_dense",
+                "speedup_microspec_vs_target", "identical_to_target", "warmup_s",
+                "recompiles_during_timing", "microspec_counters", "outputs", "records", "chart"):
+        assert key in data, key
+    assert data["hardware"]["torch"] == torch.__version__ and data["hardware"].get("cpu_model")
+    for key in ("tree", "max_new_tokens", "runs", "prompts", "verify_packed_linears",
+                "head_held_out_agreement", "frspec_subset"):
+        assert key in data["settings"], key
+    for way in EAGLE_WAYS:
+        row = data["summary"][way]
+        assert row["tokens_per_s"] > 0 and row["speedup_vs_target"] > 0, way
+        for key in ("tokens_per_target_step", "coverage", "mean_vocab_size", "draft_step_ms",
+                    "target_step_ms"):
+            assert key in row, (way, key)
+        assert way in data["warmup_s"]
+    for way in EAGLE_WAYS[1:]:
+        assert data["summary"][way]["tokens_per_target_step"] >= 1.0
+        assert data["summary"][way]["draft_step_ms"] > 0
+        assert data["identical_to_target"][way] is True
+    assert data["summary"]["microspec"]["speedup_vs_dense"] > 0
+    assert 0 < data["summary"]["microspec"]["mean_vocab_size"] < model.config.vocab_size
+    assert data["summary"]["frspec"]["mean_vocab_size"] == data["settings"]["frspec_subset"]
+    assert data["microspec_counters"]["heads_rewritten"] > 0
+    assert (tmp_path / "demo_results.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "tok/s" in table and "identical" in table

@@ -43,6 +43,12 @@ def test_feature_set_save_load_concat(tmp_path):
     loaded = FeatureSet.load(tmp_path / "f.pt")
     assert len(loaded) == 5 and torch.equal(loaded.sequence(3)[0], b.sequence(0)[0])
     assert loaded.answer_tokens() == a.answer_tokens() + b.answer_tokens()
+    picked = loaded.select([4, 0])
+    assert len(picked) == 2 and picked.answer_tokens() == sum(
+        int(loaded.lengths()[s] - loaded.prompt_lens[s]) for s in (4, 0))
+    for new, old in ((0, 4), (1, 0)):
+        for x, y in zip(picked.sequence(new), loaded.sequence(old)):
+            assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
 
 
 def test_batches_cover_every_sequence_within_budget():

@@ -54,6 +54,15 @@ class FeatureSet:
     def answer_tokens(self) -> int:
         return int((self.lengths() - self.prompt_lens).sum())
 
+    def select(self, indices: list[int]) -> "FeatureSet":
+        """The sequences ``indices`` (in that order) as a new set."""
+        parts = [self.sequence(s) for s in indices]
+        lengths = torch.tensor([len(ids) for ids, _, _ in parts], dtype=torch.int64)
+        return FeatureSet(torch.cat([ids for ids, _, _ in parts]).to(torch.int32),
+                          torch.cat([f for _, f, _ in parts]),
+                          torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
+                          torch.tensor([p for _, _, p in parts], dtype=torch.int64))
+
     def save(self, path: str | Path) -> None:
         atomic_save(self.__dict__, path)
 

@@ -1,0 +1,103 @@
+"""The vocabulary policy on the real EAGLE-2 head: what each signal adds (issue 11, point 6).
+
+Three policies of the microspec way, with the shipped SmolLM2 head, the demo's tree
+and packed verification, on the tuning prompts of ``bench_eagle_tree`` (held out,
+not the demo's), interleaved prompt by prompt:
+
+* ``paper``        prompt ids + the target's top-3 at every prompt position, then tree
+                   tokens, emitted tokens and the target's argmax + top-3 per tree node;
+* ``no-topk``      the same without the target's top-3 (argmax only);
+* ``paper+core``   the paper's policy plus a frequency core pinned for the whole
+                   request: the ``--core`` most frequent tokens of the training text.
+
+Each policy gets its own copy of the LM-head weight (a vocabulary belongs to one
+weight).  Reported per policy: tokens per verification, coverage of the emitted
+tokens, mean active vocabulary, draft ms per round and tokens/s (medians over runs).
+Rows go to ``bench/results/eagle_policy.csv``.
+Usage: python bench/bench_eagle_policy.py [--runs N] [--core N] [--head DIR]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+import microspec_compile as ms
+from microspec_compile.data import encode
+from microspec_compile.eagle_demo import WARMUP_PROMPTS, default_head_dir, load_frequent_ids
+from microspec_compile.heads import EagleHead
+from microspec_compile.kernels.packed_linear import PackedLinears
+from microspec_compile.measure import measure_ways, summarize
+from microspec_compile.models import load_causal_lm
+from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate
+
+from bench_eagle_tree import tuning_prompts
+from common import append_rows, loadavg
+
+POLICIES = ("paper", "no-topk", "paper+core")
+
+
+def copied_head(lm_head: nn.Linear) -> nn.Linear:
+    """The same LM head on a weight of its own (so it gets a vocabulary of its own)."""
+    copy = nn.Linear(lm_head.in_features, lm_head.out_features, bias=lm_head.bias is not None)
+    copy.load_state_dict(lm_head.state_dict())
+    return copy.requires_grad_(False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--core", type=int, default=512, help="frequency-core size")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--head", default=None, help="EAGLE head dir (default: the shipped one)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    target, tokenizer = load_causal_lm()
+    head_dir = args.head or default_head_dir()
+    head = EagleHead.load(head_dir, target)
+    eos, tree, capacity = tokenizer.eos_token_id, TreeConfig(), 4096
+    core = tuple(int(i) for i in load_frequent_ids(head_dir)[: args.core])
+    settings = {"paper": (3, (eos,)), "no-topk": (0, (eos,)),
+                "paper+core": (3, tuple(dict.fromkeys((eos, *core))))}
+    packed = PackedLinears(target, tree.total_tokens)
+
+    def way(topk: int, pinned: tuple):
+        module = TopkScorer(copied_head(target.get_output_embeddings()), tree.top_k)
+        vocab = ms.vocab_of(module, capacity=capacity, pinned_ids=pinned)
+        scorer = torch.compile(module, backend=ms.backend(capacity=capacity, pinned_ids=pinned),
+                               dynamic=True)
+
+        def generate(ids, seed):
+            return eagle_generate(target, head, scorer, ids, args.max_new_tokens, tree,
+                                  vocab=vocab, target_topk=topk, eos_token_id=eos,
+                                  verify_linears=packed)
+        return generate
+
+    ways = {name: way(*settings[name]) for name in POLICIES}
+    prompts = tuning_prompts(3, 3)
+    inputs = [encode(tokenizer, p) for p in prompts]
+    warm = [encode(tokenizer, {"text": t, "chat": True}) for t in WARMUP_PROMPTS]
+    res = measure_ways(ways, [p["name"] for p in prompts], inputs, warm, args.runs, 0, True)
+    ref = res["outputs"]["paper"]
+    print(f"{'policy':<11} {'tok/verif':>9} {'coverage':>8} {'|S| mean':>8} {'draft ms':>8} "
+          f"{'tok/s':>7} {'same output':>11}")
+    rows = []
+    for name in POLICIES:
+        s = summarize(res["records"][name])
+        same = res["outputs"][name] == ref
+        print(f"{name:<11} {s['tokens_per_target_step']:9.3f} {s['coverage']:8.3f} "
+              f"{s['mean_vocab_size']:8.0f} {s['draft_step_ms']:8.2f} {s['tokens_per_s']:7.2f} "
+              f"{'yes' if same else 'no':>11}")
+        rows.append({"bench": "eagle_policy", "policy": name, "core": args.core,
+                     "tokens_per_verification": s["tokens_per_target_step"],
+                     "coverage": s["coverage"], "mean_vocab_size": s["mean_vocab_size"],
+                     "draft_ms": s["draft_step_ms"], "tokens_per_s": s["tokens_per_s"],
+                     "runs": args.runs, "prompts": len(prompts), "threads": args.threads,
+                     "head": str(head_dir), "load": loadavg()})
+    print(f"rows appended to {append_rows('eagle_policy.csv', rows)}")
+
+
+if __name__ == "__main__":
+    main()
