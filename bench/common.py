@@ -24,7 +24,7 @@ from microspec_compile.analysis.results import (
 )
 
 __all__ = ["append_rows", "loadavg", "machine_info", "percentiles", "results_dir", "Flusher",
-           "interleaved_rounds", "mode_parser"]
+           "interleaved_rounds", "mode_parser", "emit_table"]
 
 
 def mode_parser(doc: str, modes: dict[str, str]) -> argparse.ArgumentParser:
@@ -97,3 +97,18 @@ def interleaved_rounds(fns: dict[str, Callable[[], object]], *, min_rounds: int,
         if on_round is not None:
             on_round(rounds)
     return samples
+
+
+def emit_table(lines: list[str], out=None) -> bool:
+    """Print a GPU script's table, append it to ``out`` (a path, or None) and say whether
+    every line passed (no line mentions a failure)."""
+    from pathlib import Path
+
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return not any("failed" in line.lower() for line in lines)

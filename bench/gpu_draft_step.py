@@ -40,6 +40,7 @@ from gpu_head_latency import Timer, bandwidth_gbs  # noqa: E402
 
 import microspec_compile as mc  # noqa: E402
 
+from common import emit_table  # noqa: E402
 from draft_model import DEPTHS, KV_LEN, Body  # noqa: E402
 from heads import TOP_K, DenseHead  # noqa: E402
 from shapes import DTYPES, SHAPES, Shape  # noqa: E402
@@ -206,13 +207,7 @@ def main(argv=None):
     if args.sync_check and args.device != "cuda":
         sys.exit("--sync-check needs a CUDA device")
     lines = sync_check(args) if args.sync_check else run_table(args)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
-    if any("failed" in line.lower() for line in lines):
+    if not emit_table(lines, args.out):
         sys.exit(1)
 
 

@@ -34,6 +34,8 @@ import microspec_compile as mc
 from microspec_compile.heads import EagleHead
 from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate
 
+from common import emit_table
+
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                  num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
                  max_position_embeddings=8192)
@@ -141,13 +143,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --cpu-smoke")
     lines = run(args)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
-    if any("failed" in line.lower() for line in lines):
+    if not emit_table(lines, args.out):
         sys.exit(1)
 
 

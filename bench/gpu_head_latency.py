@@ -47,6 +47,8 @@ from microspec_compile.kernels.reference import observe_reference  # noqa: E402
 from microspec_compile.kernels.state import VocabState  # noqa: E402
 from microspec_compile.kernels.triton_observe import observe_async, observe_triton  # noqa: E402
 
+from common import emit_table  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -276,12 +278,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu --smoke")
     lines = [sync_check(args)] if args.sync_check else run_table(args)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    emit_table(lines, args.out)
 
 
 if __name__ == "__main__":

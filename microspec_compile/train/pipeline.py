@@ -216,6 +216,16 @@ def _training_line(t: dict) -> str:
             f"(mean of the last 50 steps)")
 
 
+def _reproduce_line(p: dict, t: dict, init: dict | None) -> str:
+    flags = (f"--generate-minutes {p['generate_minutes']} --train-minutes {p['train_minutes']} "
+             f"--lr {t['lr']}")
+    if not init:
+        return f"Reproduce: `microspec train-eagle --out DIR {flags}` (every stage resumes)."
+    return ("Reproduce: train the earlier head first (its report is in `eagle_config.json` under "
+            f"`initialised_from`), then `microspec train-eagle --out DIR --init-head EARLIER "
+            f"{flags}` (every stage resumes).")
+
+
 def write_model_card(path: Path, report: dict) -> None:
     """A short model card from the pipeline's report (data, tokens, epochs, time, quality)."""
     d, t, h, hw = report["data"], report["training"], report["held_out"], report["hardware"]
@@ -252,7 +262,7 @@ def write_model_card(path: Path, report: dict) -> None:
         f"- {hw.get('cpu_model')}, {hw.get('cpus')} cores, torch {hw.get('torch')}; "
         f"flags: {hw.get('cpu_flags', '-')}.",
         "",
-        "Reproduce: `microspec train-eagle --out DIR` (every stage resumes from its work directory).",
+        _reproduce_line(p, t, init),
     ]
     path.write_text("\n".join(lines) + "\n")
 
