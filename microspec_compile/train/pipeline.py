@@ -130,14 +130,14 @@ def run_pipeline(target, tokenizer, work_dir: str | Path, out_dir: str | Path, *
     orig = _cached_sequences(work / "original.pt", lambda: original_sequences(
         tokenizer, training_prompts(config.original_prompts, skip=config.regen_prompts + 500),
         max_len=config.max_len))
+    functions = stdlib_functions(config.code_regen_prompts + config.code_original)  # parse once
     code_prompts = [tokenizer(h, add_special_tokens=False)["input_ids"]
-                    for h, _ in stdlib_functions(config.code_regen_prompts)]
+                    for h, _ in functions[: config.code_regen_prompts]]
     code_regen = _regenerated(target, tokenizer, work, code_prompts, "code-regen",
                               config.code_generate_minutes, config.code_max_new_tokens,
                               config, log) if config.code_regen_prompts else []
     code_orig = _cached_sequences(work / "code-original.pt", lambda: code_sequences(
-        tokenizer, stdlib_functions(config.code_original, skip=config.code_regen_prompts),
-        max_len=config.max_len))
+        tokenizer, functions[config.code_regen_prompts:], max_len=config.max_len))
     regen = [Sequence(s.ids[: config.max_len], s.prompt_len) for s in regen]
     parts = {"regenerated": regen, "original": orig, "code-regenerated": code_regen,
              "code-original": code_orig}
