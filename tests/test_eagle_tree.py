@@ -231,3 +231,13 @@ def test_packed_verification_same_greedy_output():
     assert torch.equal(out, autoregressive_generate(target, ids, 24)[0])
     assert stats.tokens_per_verification() > 2.0
     assert all("forward" not in m.__dict__ for m in target.modules())  # restored after use
+
+
+@pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL")
+def test_packed_verification_for_another_tree_size_is_a_clear_error():
+    # a packing for 4 rows would silently never be used by a 10-token tree
+    target = tiny_target(bigram=True)
+    shape = TreeConfig(depth=3, top_k=4, total_tokens=10)
+    with pytest.raises(ValueError, match="packed for 4 rows but the tree verifies 10"):
+        eagle_generate(target, oracle_head(target), TopkScorer(target.lm_head, 4), prompt(), 8,
+                       shape, verify_linears=PackedLinears(target, 4))

@@ -163,8 +163,8 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     verify_head_rows : >= 2: the target's LM head scores trees of up to this many tokens
         as ``W @ x^T`` (faster on CPU, other rounding; ``spec.verify.target_forward``)
     verify_linears : a ``kernels.PackedLinears`` of ``target`` for ``tree.total_tokens``
-        rows, entered around each verification (CPU: the tree's product costs about
-        one token's; other rounding), or None
+        rows, entered around each verification (CPU: a plain fp32 product repacks every
+        weight per call; other rounding), or None
 
     Returns
     -------
@@ -183,6 +183,10 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         raise ValueError(f"input_ids must be a non-empty prompt of ids in [0, {vocab_size})")
     if sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if verify_linears is not None and verify_linears.rows != tree.total_tokens:
+        raise ValueError(f"verify_linears is packed for {verify_linears.rows} rows but the tree "
+                         f"verifies {tree.total_tokens} tokens: build PackedLinears(target, "
+                         f"{tree.total_tokens})")
     dev = head.fc.weight.device
     input_ids = input_ids.to(dev).clone()
     stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0

@@ -19,7 +19,12 @@ import torch
 
 from .corpus import Sequence
 
-__all__ = ["FeatureSet", "atomic_save", "target_features", "compute_features"]
+__all__ = ["FeatureSet", "starts_of", "atomic_save", "target_features", "compute_features"]
+
+
+def starts_of(lengths: torch.Tensor) -> torch.Tensor:
+    """``starts [S + 1]`` of sequences of ``lengths [S]`` laid back to back."""
+    return torch.cat([torch.zeros(1, dtype=torch.int64), lengths.long().cumsum(0)])
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -60,7 +65,7 @@ class FeatureSet:
         lengths = torch.tensor([len(ids) for ids, _, _ in parts], dtype=torch.int64)
         return FeatureSet(torch.cat([ids for ids, _, _ in parts]).to(torch.int32),
                           torch.cat([f for _, f, _ in parts]),
-                          torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
+                          starts_of(lengths),
                           torch.tensor([p for _, _, p in parts], dtype=torch.int64))
 
     def save(self, path: str | Path) -> None:
@@ -114,6 +119,6 @@ def compute_features(target, sequences: list[Sequence], *, autocast: bool = True
             progress(last - first)
         first = last
     lengths = torch.tensor([len(s.ids) for s in sequences], dtype=torch.int64)
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    starts = starts_of(lengths)
     return FeatureSet(torch.cat([s.ids for s in sequences]).to(torch.int32), torch.cat(feats),
                       starts, torch.tensor([s.prompt_len for s in sequences], dtype=torch.int64))
