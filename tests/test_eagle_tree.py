@@ -241,3 +241,15 @@ def test_packed_verification_for_another_tree_size_is_a_clear_error():
     with pytest.raises(ValueError, match="packed for 4 rows but the tree verifies 10"):
         eagle_generate(target, oracle_head(target), TopkScorer(target.lm_head, 4), prompt(), 8,
                        shape, verify_linears=PackedLinears(target, 4))
+
+
+@pytest.mark.skipif(not mkl_packing_available(), reason="needs MKL's packed GEMM")
+def test_drafter_packs_only_the_heads_own_linears():
+    # fc + q, k, v, o + gate, up, down; the shared LM head (the scorer's) stays unpacked
+    target = tiny_target()
+    head = EagleHead.for_target(target).eval()
+    drafter = ms.spec.EagleDrafter(head, TopkScorer(target.lm_head, 4), TreeConfig(2, 4, 6))
+    assert drafter.packed.count == 8 and drafter.packed.rows == 4
+    with drafter.packed:
+        assert "forward" not in target.lm_head.__dict__
+        assert "forward" in head.fc.__dict__

@@ -137,6 +137,11 @@ class EagleHead(nn.Module):
         return {k: v for k, v in self.state_dict().items()
                 if k.startswith(("fc.", "layer."))}
 
+    @property
+    def attention_config(self):
+        """The ``LlamaConfig`` the head's attention reads (its attention implementation)."""
+        return self.layer.self_attn.config
+
     def parameters_to_train(self) -> list[nn.Parameter]:
         return [*self.fc.parameters(), *self.layer.parameters()]
 

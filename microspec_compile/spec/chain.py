@@ -37,6 +37,7 @@ import time
 
 import torch
 
+from .attention import gqa_attention
 from .stats import SpecStats, finish
 from .verify import crop_cache
 
@@ -79,7 +80,8 @@ def autoregressive_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     cache = DynamicCache(config=model.config)
     # Full prefill logits, as in speculative_generate: the same prefill graph and
     # cost in every way (an observer-compiled target scores every prompt position).
-    logits = _forward(model, input_ids, cache)
+    with gqa_attention(model.config):  # the prefill attends as eagle_generate's does
+        logits = _forward(model, input_ids, cache)
     tok, _ = _choose(logits[-1:], sample, temperature, generator)
     crop_cache(cache, input_ids.shape[1])
     stats.prefill_time = time.perf_counter() - t0

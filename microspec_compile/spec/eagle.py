@@ -31,8 +31,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..heads import EagleHead
+from ..kernels.packed_linear import PackedLinears
+from .attention import gqa_attention
 from .stats import SpecStats, finish
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask, select_tree
 from .verify import crop_cache, keep_cache_rows, prefill, verify_tree
@@ -67,6 +70,8 @@ class EagleDrafter:
 
     def __init__(self, head: EagleHead, scorer, tree: TreeConfig):
         self.head, self.scorer, self.tree = head, scorer, tree
+        # every expansion feeds top_k rows through the head's own linears (CPU fp32: packed once)
+        self.packed = PackedLinears(nn.ModuleList([head.fc, head.layer]), tree.top_k)
         self.reset()
 
     def reset(self) -> None:
@@ -105,8 +110,9 @@ class EagleDrafter:
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(
                 ~allowed, torch.finfo(dtype).min)[None, None]
             positions = torch.full((1, k), n + d - 1, device=dev)
-            hidden = self.head.hidden(frontier_tokens.view(1, -1), parent_hidden[None],
-                                      positions, mask, self.cache)[0]
+            with self.packed:
+                hidden = self.head.hidden(frontier_tokens.view(1, -1), parent_hidden[None],
+                                          positions, mask, self.cache)[0]
             child_logp, child_ids = self.scorer(hidden)                 # [k, k]
             child_scores = frontier_scores[:, None] + child_logp.float()
             tokens.append(child_ids.reshape(-1))
@@ -187,61 +193,63 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         raise ValueError(f"verify_linears is packed for {verify_linears.rows} rows but the tree "
                          f"verifies {tree.total_tokens} tokens: build PackedLinears(target, "
                          f"{tree.total_tokens})")
-    dev = head.fc.weight.device
-    input_ids = input_ids.to(dev).clone()
-    stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
-    dtype = head.fc.weight.dtype
-    cache = DynamicCache(config=target.config)
-    drafter = EagleDrafter(head, scorer, tree)
+    # tree queries attend to the caches without repeat_kv copies (spec.attention)
+    with gqa_attention(target.config), gqa_attention(head.attention_config):
+        dev = head.fc.weight.device
+        input_ids = input_ids.to(dev).clone()
+        stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
+        dtype = head.fc.weight.dtype
+        cache = DynamicCache(config=target.config)
+        drafter = EagleDrafter(head, scorer, tree)
 
-    def choose(logits_row):
-        if not sample:
-            return int(logits_row.argmax())
-        probs = torch.softmax(logits_row.double() / temperature, -1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        def choose(logits_row):
+            if not sample:
+                return int(logits_row.argmax())
+            probs = torch.softmax(logits_row.double() / temperature, -1)
+            return int(torch.multinomial(probs, 1, generator=generator))
 
-    features, logits = prefill(target, input_ids, cache, dtype)
-    root = choose(logits[-1])
-    if vocab is not None:
-        vocab.reset()
-        vocab.observe(input_ids)
-        if target_topk:
-            vocab.observe(logits.topk(target_topk, dim=-1).indices)
-    stats.prefill_time = time.perf_counter() - t0
-    n, tokens = input_ids.shape[1], [root]
-    pair_tokens = torch.cat([input_ids[0, 1:], torch.tensor([root], device=dev)])
-    pair_features = features
-
-    while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
-        t = time.perf_counter()
-        root_hidden, logp, ids = drafter.encode(pair_tokens, pair_features)
-        draft_tree = drafter.draft(root, root_hidden, logp, ids)
-        stats.draft_times.append(time.perf_counter() - t)
-
-        t = time.perf_counter()
-        with verify_linears or contextlib.nullcontext():
-            features, logits = verify_tree(target, draft_tree, cache, n, dtype, verify_head_rows)
-        stats.target_times.append(time.perf_counter() - t)
-        if sample:
-            probs = torch.softmax(logits.double() / temperature, -1).cpu()
-            path, bonus = accept_sampling(draft_tree, probs, generator)
-        else:
-            path, bonus = accept_greedy(draft_tree, logits.argmax(-1).cpu())
-        emitted = draft_tree.tokens[path[1:]].tolist() + [bonus]
+        features, logits = prefill(target, input_ids, cache, dtype)
+        root = choose(logits[-1])
         if vocab is not None:
+            vocab.reset()
+            vocab.observe(input_ids)
+            if target_topk:
+                vocab.observe(logits.topk(target_topk, dim=-1).indices)
+        stats.prefill_time = time.perf_counter() - t0
+        n, tokens = input_ids.shape[1], [root]
+        pair_tokens = torch.cat([input_ids[0, 1:], torch.tensor([root], device=dev)])
+        pair_features = features
+
+        while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
             t = time.perf_counter()
-            stats.vocab_sizes.append(vocab.size)
-            stats.covered += int(vocab.contains(torch.tensor(emitted, device=dev)).sum())
-            stats.checked += len(emitted)
-            t_stats += time.perf_counter() - t
-            _observe_verified(vocab, draft_tree, logits, emitted, target_topk)
-        stats.accepted.append(len(path) - 1)
-        stats.tree_sizes.append(len(draft_tree))
-        keep = torch.cat([torch.arange(n), n + torch.tensor(path)]).to(dev)
-        keep_cache_rows(cache, keep)
-        n += len(path)
-        tokens.extend(emitted)
-        root = bonus
-        pair_tokens = torch.tensor(emitted, device=dev)
-        pair_features = features[torch.tensor(path, device=dev)]
-    return finish(input_ids.cpu(), tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)
+            root_hidden, logp, ids = drafter.encode(pair_tokens, pair_features)
+            draft_tree = drafter.draft(root, root_hidden, logp, ids)
+            stats.draft_times.append(time.perf_counter() - t)
+
+            t = time.perf_counter()
+            with verify_linears or contextlib.nullcontext():
+                features, logits = verify_tree(target, draft_tree, cache, n, dtype, verify_head_rows)
+            stats.target_times.append(time.perf_counter() - t)
+            if sample:
+                probs = torch.softmax(logits.double() / temperature, -1).cpu()
+                path, bonus = accept_sampling(draft_tree, probs, generator)
+            else:
+                path, bonus = accept_greedy(draft_tree, logits.argmax(-1).cpu())
+            emitted = draft_tree.tokens[path[1:]].tolist() + [bonus]
+            if vocab is not None:
+                t = time.perf_counter()
+                stats.vocab_sizes.append(vocab.size)
+                stats.covered += int(vocab.contains(torch.tensor(emitted, device=dev)).sum())
+                stats.checked += len(emitted)
+                t_stats += time.perf_counter() - t
+                _observe_verified(vocab, draft_tree, logits, emitted, target_topk)
+            stats.accepted.append(len(path) - 1)
+            stats.tree_sizes.append(len(draft_tree))
+            keep = torch.cat([torch.arange(n), n + torch.tensor(path)]).to(dev)
+            keep_cache_rows(cache, keep)
+            n += len(path)
+            tokens.extend(emitted)
+            root = bonus
+            pair_tokens = torch.tensor(emitted, device=dev)
+            pair_features = features[torch.tensor(path, device=dev)]
+        return finish(input_ids.cpu(), tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)
