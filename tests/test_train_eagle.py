@@ -108,9 +108,11 @@ def test_training_lowers_loss_and_resumes_exactly(tmp_path):
 def test_agreement_of_an_oracle_head_is_one():
     target = tiny_target(bigram=True)
     seqs = sequences(3)
-    assert head_agreement(target, oracle_head(target), seqs)["agreement"] == 1.0
-    random_head = EagleHead.for_target(target)
-    assert head_agreement(target, random_head, seqs)["agreement"] < 0.2
+    oracle = head_agreement(target, oracle_head(target), seqs)
+    # the oracle reads only the token, so its own features cost it nothing at depth 2
+    assert oracle["agreement"] == 1.0 and oracle["depth2_agreement"] == 1.0
+    random_head = head_agreement(target, EagleHead.for_target(target), seqs)
+    assert random_head["agreement"] < 0.2 and random_head["depth2_agreement"] < 0.2
 
 
 def test_frequent_ids_most_frequent_first():
@@ -193,3 +195,91 @@ def test_agreement_by_group_weights_by_positions():
     quality = {"per_sequence": [1.0, 0.0, 0.5], "per_sequence_positions": [3, 1, 4]}
     groups = agreement_by_group(["mtbench/1", "mtbench/2", "HumanEval/0"], quality)
     assert groups == {"mtbench": 0.75, "HumanEval": 0.5}
+
+
+def test_rollout_is_what_a_depth_one_tree_node_computes():
+    # the training-time test must train exactly the computation the drafter runs at depth 1:
+    # committed pairs 0..i-1 in the cache, then node (own prediction h_{i-1}, x_{i+1}) at i
+    from transformers import DynamicCache
+
+    from microspec_compile.spec.tree import causal_mask
+
+    target = tiny_target()
+    torch.manual_seed(3)
+    head = EagleHead.for_target(target).eval()
+    length, hidden_size = 9, head.config.hidden_size
+    tokens = torch.randint(0, VOCAB, (1, length))
+    feats = torch.randn(1, length, hidden_size)
+    positions = torch.arange(length).view(1, -1)
+    with torch.inference_mode():
+        cache = DynamicCache(config=head.attention_config)
+        hidden = head.hidden(tokens, feats, positions, cache=cache)
+        deeper = head.rollout_hidden(tokens, hidden, positions, cache)
+        assert deeper.shape == (1, length - 1, hidden_size)
+        for i in (1, 4, length - 1):
+            drafter_cache = DynamicCache(config=head.attention_config)
+            prefix = head.hidden(tokens[:, :i], feats[:, :i], positions[:, :i],
+                                 causal_mask(0, i), drafter_cache)
+            node = head.hidden(tokens[:, i:i + 1], prefix[:, -1:], positions[:, i:i + 1],
+                               causal_mask(i, 1), drafter_cache)
+            torch.testing.assert_close(deeper[:, i - 1], node[:, 0], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="rollout_hidden needs"):
+            head.rollout_hidden(tokens[:, :4], hidden[:, :4], positions[:, :4], cache)
+
+
+def test_rollout_training_lowers_both_losses_and_old_checkpoints_resume(tmp_path):
+    from microspec_compile.train.trainer import eagle_loss
+
+    target = tiny_target()
+    fs = compute_features(target, sequences(8), autocast=False)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, token_budget=128, autocast=False, save_every_s=0.0,
+                      rollout_weight=1.0)
+    torch.manual_seed(0)
+    head = EagleHead.for_target(target)
+    batch = batch_tensors(fs, list(range(8)))
+
+    def losses():
+        with torch.no_grad():
+            plain = eagle_loss(head, *batch, noise=0.0, ce_weight=0.1)[0]
+            both = eagle_loss(head, *batch, noise=0.0, ce_weight=0.1, rollout_weight=1.0)[0]
+        return float(plain), float(both) - float(plain)  # depth-1 loss, depth-2 loss
+
+    before = losses()
+    assert before[1] > 0
+    train(head, fs, tmp_path, seconds=math.inf, config=cfg, steps=15)
+    after = losses()
+    assert after[0] < before[0] and after[1] < before[1]
+    # a checkpoint written before rollout_weight existed resumes under the default (0)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del saved["config"]["rollout_weight"]
+    torch.save(saved, tmp_path / "checkpoint.pt")
+    old = dict(cfg.__dict__, rollout_weight=0.0)
+    assert train(head, fs, tmp_path, seconds=math.inf, config=TrainConfig(**old),
+                 steps=15)["steps"] == 15
+
+
+def test_model_card_states_data_training_and_both_agreements(tmp_path):
+    from dataclasses import asdict
+
+    from microspec_compile.train.pipeline import PipelineConfig, write_model_card
+
+    training = {**asdict(TrainConfig(rollout_weight=0.5)), "steps": 10, "epochs": 1.5,
+                "tokens": 1000, "seconds": 60.0, "last_agreement": 0.4, "last_loss": 0.7}
+    report = {"data": {"regenerated_answers": 3, "regenerated_answer_tokens": 30,
+                       "original_answers": 2, "original_answer_tokens": 20,
+                       "sequence_tokens": 80},
+              "pipeline": asdict(PipelineConfig()), "training": training,
+              "held_out": {"prompts": ["mtbench/1", "humaneval/2"], "positions": 50,
+                           "agreement": 0.41, "by_group": {"mtbench": 0.5},
+                           "depth2_agreement": 0.27},
+              "hardware": {"cpu_model": "some CPU", "cpus": 2, "torch": "2.x"},
+              "initialised_from": None}
+    write_model_card(tmp_path / "card.md", report)
+    card = (tmp_path / "card.md").read_text()
+    assert "**0.410**" in card and "**0.270**" in card and "mtbench: 0.500" in card
+    assert "0.5 x the same loss one step deeper" in card and "--rollout-weight 0.5" in card
+    training["rollout_weight"] = 0.0
+    del report["held_out"]["depth2_agreement"]
+    write_model_card(tmp_path / "card.md", report)
+    card = (tmp_path / "card.md").read_text()
+    assert "one step deeper" not in card and "--rollout-weight" not in card

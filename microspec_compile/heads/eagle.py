@@ -156,7 +156,8 @@ class EagleHead(nn.Module):
         input_ids : [B, T] int64, the token *after* each feature
         features : [B, T, H], the target's (or the head's own) features
         position_ids : [B, T] int64
-        attention_mask : [B, 1, T, past + T] additive float mask, or None for causal
+        attention_mask : [B, 1, T, past + T] additive float or bool (True: attend) mask, or
+            None for causal
         cache : a HF ``DynamicCache`` (layer 0) or None
 
         Returns
@@ -173,6 +174,36 @@ class EagleHead(nn.Module):
         rope = self.rotary_emb(x, position_ids=position_ids)
         return self.layer(x, attention_mask=attention_mask, position_ids=position_ids,
                           cache=cache, use_cache=cache is not None, position_embeddings=rope)
+
+    def rollout_hidden(self, input_ids: torch.Tensor, hidden: torch.Tensor,
+                       position_ids: torch.Tensor, cache) -> torch.Tensor:
+        """One step deeper on the head's own predictions, as a depth-1 tree node drafts.
+
+        After ``hidden(input_ids, features, position_ids, cache=cache)`` over pairs
+        ``0..L-1`` has filled ``cache``, pair ``i >= 1`` runs again with the head's own
+        prediction of its feature, ``hidden[:, i - 1]``, in place of ``f_i``; like a tree
+        node it sees the cached pairs before it and itself (EAGLE-3's training-time test).
+
+        Parameters
+        ----------
+        input_ids, position_ids : [B, L] as given to :meth:`hidden`
+        hidden : [B, L, H] what :meth:`hidden` returned
+        cache : the ``DynamicCache`` that call filled (exactly ``L`` rows)
+
+        Returns
+        -------
+        [B, L - 1, H] predictions of ``f_{i+1}`` for pairs ``1..L-1``
+        """
+        length = input_ids.shape[1]
+        if cache.get_seq_length() != length or hidden.shape[1] != length or length < 2:
+            raise ValueError(f"rollout_hidden needs the cache of one hidden() call over the same "
+                             f"{length} >= 2 pairs, got {cache.get_seq_length()} cached rows and "
+                             f"hidden {list(hidden.shape)}")
+        dev = hidden.device
+        allowed = torch.cat([torch.ones(length - 1, length, dtype=torch.bool, device=dev).tril(),
+                             torch.eye(length - 1, dtype=torch.bool, device=dev)], 1)
+        return self.hidden(input_ids[:, 1:], hidden[:, :-1], position_ids[:, 1:],
+                           allowed[None, None], cache)
 
     def forward(self, input_ids, features, position_ids, attention_mask=None, cache=None):
         """``(hidden [B, T, H], logits [B, T, V])``: the head's features and their scores."""

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
                    help="a saved head to start from (fine-tune it on this data); none: fresh")
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--rollout-weight", type=float, default=t.rollout_weight,
+                   help="weight of the loss one step deeper on the head's own predictions "
+                        "(EAGLE-3's training-time test; what the tree's depth 1 computes); 0: off")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
 
 
@@ -65,7 +68,8 @@ def main(args) -> int:
                               code_regen_prompts=args.code_regen_prompts,
                               code_original=args.code_original,
                               code_generate_minutes=args.code_generate_minutes)
-    tcfg = dataclasses.replace(TrainConfig(), lr=args.lr, seed=args.seed)
+    tcfg = dataclasses.replace(TrainConfig(), lr=args.lr, seed=args.seed,
+                               rollout_weight=args.rollout_weight)
     bar = tqdm(desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
 
     def progress(step, total, loss, agree):

@@ -49,25 +49,35 @@ def head_agreement(target, head: EagleHead, sequences: list[Sequence]) -> dict:
     Returns
     -------
     dict: ``agreement`` in [0, 1] over all answer positions, ``positions`` scored,
-    ``per_sequence`` list of agreements, ``per_sequence_positions`` their position counts
+    ``per_sequence`` list of agreements, ``per_sequence_positions`` their position counts,
+    ``depth2_agreement``: the same one step deeper on the head's own predicted features
+    (``EagleHead.rollout_hidden``, what a depth-1 tree node computes)
     """
-    hits = total = 0
+    from transformers import DynamicCache
+
+    hits = total = deep_hits = deep_total = 0
     per_sequence, counts = [], []
     for seq in sequences:
         ids = seq.ids.view(1, -1)
         feats = target_features(target, ids)
         t = ids.shape[1]
         positions = torch.arange(t - 1).view(1, -1)
-        _, logits = head(ids[:, 1:], feats[:, :-1], positions)
+        cache = DynamicCache(config=head.attention_config)
+        hidden = head.hidden(ids[:, 1:], feats[:, :-1], positions, cache=cache)
         target_next = head.lm_head(feats[:, 1:]).argmax(-1)
         start = max(seq.prompt_len - 2, 0)  # pair i predicts token i + 2
-        agree = (logits.argmax(-1) == target_next)[0, start:]
+        agree = (head.lm_head(hidden).argmax(-1) == target_next)[0, start:]
         hits += int(agree.sum())
         total += agree.numel()
         per_sequence.append(float(agree.float().mean()) if agree.numel() else float("nan"))
         counts.append(agree.numel())
+        if t >= 3:
+            deeper = head.rollout_hidden(ids[:, 1:], hidden, positions, cache)
+            deep = (head.lm_head(deeper).argmax(-1) == target_next[:, 1:])[0, max(start - 1, 0):]
+            deep_hits += int(deep.sum())
+            deep_total += deep.numel()
     return {"agreement": hits / max(total, 1), "positions": total, "per_sequence": per_sequence,
-            "per_sequence_positions": counts}
+            "per_sequence_positions": counts, "depth2_agreement": deep_hits / max(deep_total, 1)}
 
 
 def agreement_by_group(names: list[str], quality: dict) -> dict[str, float]:

@@ -218,7 +218,8 @@ def _training_line(t: dict) -> str:
 
 def _reproduce_line(p: dict, t: dict, init: dict | None) -> str:
     flags = (f"--generate-minutes {p['generate_minutes']} --train-minutes {p['train_minutes']} "
-             f"--lr {t['lr']}")
+             f"--lr {t['lr']}" + (f" --rollout-weight {t['rollout_weight']}"
+                                   if t.get("rollout_weight") else ""))
     if not init:
         return f"Reproduce: `microspec train-eagle --out DIR {flags}` (every stage resumes)."
     return ("Reproduce: train the earlier head first (its report is in `eagle_config.json` under "
@@ -243,7 +244,10 @@ def write_model_card(path: Path, report: dict) -> None:
         "",
         "## Training",
         f"- loss: SmoothL1(feature) + {t['ce_weight']} x soft cross-entropy against the target's "
-        f"distribution over the full vocabulary; uniform feature noise {t['noise']} x 512 / T;",
+        f"distribution over the full vocabulary; uniform feature noise {t['noise']} x 512 / T"
+        + (f"; plus {t['rollout_weight']} x the same loss one step deeper on the head's own "
+           "predicted features (EAGLE-3's training-time test)" if t.get("rollout_weight") else "")
+        + ";",
         f"- AdamW (warm-up {t['warmup_steps']} steps, cosine to 10%), betas "
         f"{tuple(t['betas'])}, grad clip {t['grad_clip']}, bf16 autocast, seed {t['seed']};",
         f"- {_training_line(t)}.",
@@ -257,6 +261,8 @@ def write_model_card(path: Path, report: dict) -> None:
         f"continuations of {len(h['prompts'])} held-out prompts ({h['positions']} positions): "
         f"**{h['agreement']:.3f}**"
         + "".join(f"; {g}: {a:.3f}" for g, a in h.get("by_group", {}).items()) + ".",
+        *([f"- one step deeper, on the head's own predicted features (what a depth-1 tree node "
+           f"computes): **{h['depth2_agreement']:.3f}**."] if "depth2_agreement" in h else []),
         "",
         "## Hardware",
         f"- {hw.get('cpu_model')}, {hw.get('cpus')} cores, torch {hw.get('torch')}; "

@@ -10,6 +10,13 @@ the target's own next-token distribution, over the full vocabulary.  Noise is
 uniform, ``(u - 1/2) * noise * 512 / T`` as in EAGLE.  Pairs whose predicted
 token ``x_{i+2}`` lies in the answer carry the loss.
 
+With ``rollout_weight > 0`` the loss adds, with that weight, the same loss one
+step deeper on the head's own predictions (EAGLE-3's training-time test,
+``EagleHead.rollout_hidden``): ``h2_i = head(x_{i+1}, h_{i-1})`` against
+``f_{i+1}``, which is what a depth-1 node of the draft tree computes.  Without
+it the head only ever sees the target's (noised) features, while the tree reads
+its own predictions from the second depth on.
+
 Checkpoints (head, optimiser, step, schedule) are written every ``save_every``
 seconds to ``work_dir`` and atomically replaced, so a run killed at any moment
 resumes from its last checkpoint with the same batch order (seeded per epoch).
@@ -45,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     autocast: bool = True
     save_every_s: float = 120.0
+    rollout_weight: float = 0.0
 
 
 def make_batches(lengths: torch.Tensor, token_budget: int, epoch: int, seed: int) -> list[list[int]]:
@@ -90,22 +98,42 @@ def batch_tensors(data: FeatureSet, batch: list[int]):
 
 
 def eagle_loss(head: EagleHead, tokens, inputs, targets, positions, mask, *,
-               noise: float, ce_weight: float, generator=None, autocast: bool = True):
+               noise: float, ce_weight: float, generator=None, autocast: bool = True,
+               rollout_weight: float = 0.0):
     """``(loss, top-1 agreement, rows)`` of one batch (see the module docstring)."""
+    from transformers import DynamicCache
+
     if noise > 0:
         u = torch.rand(inputs.shape, generator=generator)
         inputs = inputs + (u - 0.5) * noise * 512 / inputs.shape[1]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        hidden = head.hidden(tokens, inputs, positions)
-        pred, true = hidden[mask], targets[mask]
+        cache = DynamicCache(config=head.attention_config) if rollout_weight else None
+        hidden = head.hidden(tokens, inputs, positions, cache=cache)
+        pred = hidden[mask]
         logits = head.lm_head(pred)
         with torch.no_grad():
-            target_logits = head.lm_head(true)
+            target_logits = head.lm_head(targets[mask])
+        if rollout_weight and tokens.shape[1] >= 2:
+            rows = mask.clone()
+            rows[:, 0] = False  # pair 0 has no prediction of its own feature
+            deep_pred = head.rollout_hidden(tokens, hidden, positions, cache)[rows[:, 1:]]
+            deep_logits = head.lm_head(deep_pred)
+    loss, agree = _feature_and_ce_loss(logits, pred, targets[mask], target_logits, ce_weight)
+    if rollout_weight and tokens.shape[1] >= 2:
+        deep_loss, _ = _feature_and_ce_loss(deep_logits, deep_pred, targets[rows],
+                                            target_logits[rows[mask]], ce_weight)
+        loss = loss + rollout_weight * deep_loss
+    return loss, agree, int(mask.sum())
+
+
+def _feature_and_ce_loss(logits, pred, true, target_logits, ce_weight: float):
+    """``(SmoothL1(pred, true) + ce_weight x soft CE of logits against target_logits, top-1
+    agreement)``."""
     target_p = torch.softmax(target_logits.float(), dim=-1)
     ce = -(target_p * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
     feature_loss = F.smooth_l1_loss(pred.float(), true)
     agree = (logits.argmax(-1) == target_logits.argmax(-1)).float().mean()
-    return feature_loss + ce_weight * ce, float(agree), int(mask.sum())
+    return feature_loss + ce_weight * ce, float(agree)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -145,7 +173,8 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
     state = {"step": 0, "total_steps": steps, "elapsed": 0.0, "tokens": 0, "history": []}
     if ckpt_path.is_file():
         saved = torch.load(ckpt_path, weights_only=False)
-        if saved["config"] != asdict(config):
+        # fields added since the checkpoint was written count at their defaults
+        if {**asdict(TrainConfig()), **saved["config"]} != asdict(config):
             raise ValueError(f"the checkpoint at {ckpt_path} was made with another training "
                              "configuration; use another work directory or delete it")
         head.load_state_dict(saved["head"], strict=False)
@@ -174,7 +203,8 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
         noise_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + state["step"])
         loss, agree, rows = eagle_loss(head, *batch_tensors(data, epoch_batches[epoch][index]),
                                        noise=config.noise, ce_weight=config.ce_weight,
-                                       generator=noise_gen, autocast=config.autocast)
+                                       generator=noise_gen, autocast=config.autocast,
+                                       rollout_weight=config.rollout_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
