@@ -278,7 +278,15 @@ def test_model_card_states_data_training_and_both_agreements(tmp_path):
     card = (tmp_path / "card.md").read_text()
     assert "**0.410**" in card and "**0.270**" in card and "mtbench: 0.500" in card
     assert "0.5 x the same loss one step deeper" in card and "--rollout-weight 0.5" in card
+    # fine-tuned twice: both earlier stages are listed, newest first
+    stage = {"held_out": {"agreement": 0.3}, "training": training, "data": {"sequence_tokens": 9}}
+    report["initialised_from"] = {**stage, "initialised_from": {
+        **stage, "held_out": {"agreement": 0.2}, "initialised_from": None}}
+    write_model_card(tmp_path / "card.md", report)
+    card = (tmp_path / "card.md").read_text()
+    assert card.index("earlier head (0.300") < card.index("earlier head (0.200")
     training["rollout_weight"] = 0.0
+    report["initialised_from"] = None
     del report["held_out"]["depth2_agreement"]
     write_model_card(tmp_path / "card.md", report)
     card = (tmp_path / "card.md").read_text()

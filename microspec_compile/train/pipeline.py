@@ -227,6 +227,19 @@ def _reproduce_line(p: dict, t: dict, init: dict | None) -> str:
             f"{flags}` (every stage resumes).")
 
 
+def _earlier_stage_lines(init: dict | None) -> list[str]:
+    """One line per earlier head this one was fine-tuned from, newest first."""
+    lines = []
+    while init:
+        lines.append(f"- started from an earlier head ({init['held_out']['agreement']:.3f} "
+                     f"held-out agreement), itself trained {_training_line(init['training'])}"
+                     + (f", rollout weight {init['training']['rollout_weight']}"
+                        if init["training"].get("rollout_weight") else "")
+                     + f", on {init['data']['sequence_tokens']} tokens of the data above;")
+        init = init.get("initialised_from")
+    return lines
+
+
 def write_model_card(path: Path, report: dict) -> None:
     """A short model card from the pipeline's report (data, tokens, epochs, time, quality)."""
     d, t, h, hw = report["data"], report["training"], report["held_out"], report["hardware"]
@@ -251,10 +264,7 @@ def write_model_card(path: Path, report: dict) -> None:
         f"- AdamW (warm-up {t['warmup_steps']} steps, cosine to 10%), betas "
         f"{tuple(t['betas'])}, grad clip {t['grad_clip']}, bf16 autocast, seed {t['seed']};",
         f"- {_training_line(t)}.",
-        *([f"- started from an earlier head ({init['held_out']['agreement']:.3f} held-out "
-           f"agreement), itself trained {_training_line(init['training'])}, on "
-           f"{init['data']['sequence_tokens']} tokens of the ShareGPT data above."]
-          if init else []),
+        *_earlier_stage_lines(init),
         "",
         "## Held-out quality",
         f"- teacher-forced top-1 agreement with the target's argmax on the target's own greedy "
