@@ -1,4 +1,6 @@
 """Grouped-query attention without repeat_kv (spec.attention): bit for bit HF's SDPA."""
+import contextlib
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -24,18 +26,12 @@ TREE = DraftTree(torch.tensor([5, 7, 9, 11, 13, 17]), torch.tensor([-1, 0, 0, 1,
 def verify_outputs(target, use_gqa: bool):
     prompt = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
     cache = DynamicCache(config=target.config)
-    with torch.inference_mode():
-        if use_gqa:
-            with gqa_attention(target.config):
-                pre = prefill(target, prompt, cache)
-                tree = verify_tree(target, TREE, cache, 20)
-                step = verify_tree(target, DraftTree(torch.tensor([3]), torch.tensor([-1]),
-                                                     torch.tensor([0])), cache, 20 + len(TREE))
-        else:
-            pre = prefill(target, prompt, cache)
-            tree = verify_tree(target, TREE, cache, 20)
-            step = verify_tree(target, DraftTree(torch.tensor([3]), torch.tensor([-1]),
-                                                 torch.tensor([0])), cache, 20 + len(TREE))
+    one_token = DraftTree(torch.tensor([3]), torch.tensor([-1]), torch.tensor([0]))
+    attention = gqa_attention(target.config) if use_gqa else contextlib.nullcontext()
+    with torch.inference_mode(), attention:
+        pre = prefill(target, prompt, cache)
+        tree = verify_tree(target, TREE, cache, 20)
+        step = verify_tree(target, one_token, cache, 20 + len(TREE))
     return [t for pair in (pre, tree, step) for t in pair]
 
 
@@ -77,6 +73,8 @@ def test_other_implementations_are_left_alone():
     target.config._attn_implementation = "eager"
     with gqa_attention(target.config):
         assert target.config._attn_implementation == "eager"
+    with gqa_attention(object()):  # a config without an attention implementation: no-op
+        pass
 
 
 def test_eagle_head_attends_alike():

@@ -244,6 +244,8 @@ def test_rollout_training_lowers_both_losses_and_old_checkpoints_resume(tmp_path
             both = eagle_loss(head, *batch, noise=0.0, ce_weight=0.1, rollout_weight=1.0)[0]
         return float(plain), float(both) - float(plain)  # depth-1 loss, depth-2 loss
 
+    with pytest.raises(ValueError, match="rollout_weight must be >= 0"):
+        TrainConfig(rollout_weight=-0.5)
     before = losses()
     assert before[1] > 0
     train(head, fs, tmp_path, seconds=math.inf, config=cfg, steps=15)

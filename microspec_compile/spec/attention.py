@@ -67,7 +67,7 @@ _register()
 def gqa_attention(config):
     """Within the block, a model whose ``config`` uses ``"sdpa"`` attends through
     :func:`gqa_sdpa_attention` (any other implementation is left as it is)."""
-    previous = config._attn_implementation
+    previous = getattr(config, "_attn_implementation", None)
     if previous != "sdpa":
         yield
         return

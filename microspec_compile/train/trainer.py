@@ -54,6 +54,10 @@ class TrainConfig:
     save_every_s: float = 120.0
     rollout_weight: float = 0.0
 
+    def __post_init__(self):
+        if not self.rollout_weight >= 0:
+            raise ValueError(f"rollout_weight must be >= 0 (0: off), got {self.rollout_weight}")
+
 
 def make_batches(lengths: torch.Tensor, token_budget: int, epoch: int, seed: int) -> list[list[int]]:
     """Length-bucketed batches of at most ``token_budget`` padded tokens, shuffled per epoch."""
@@ -106,20 +110,21 @@ def eagle_loss(head: EagleHead, tokens, inputs, targets, positions, mask, *,
     if noise > 0:
         u = torch.rand(inputs.shape, generator=generator)
         inputs = inputs + (u - 0.5) * noise * 512 / inputs.shape[1]
+    deeper = rollout_weight > 0 and tokens.shape[1] >= 2
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        cache = DynamicCache(config=head.attention_config) if rollout_weight else None
+        cache = DynamicCache(config=head.attention_config) if deeper else None
         hidden = head.hidden(tokens, inputs, positions, cache=cache)
         pred = hidden[mask]
         logits = head.lm_head(pred)
         with torch.no_grad():
             target_logits = head.lm_head(targets[mask])
-        if rollout_weight and tokens.shape[1] >= 2:
+        if deeper:
             rows = mask.clone()
             rows[:, 0] = False  # pair 0 has no prediction of its own feature
             deep_pred = head.rollout_hidden(tokens, hidden, positions, cache)[rows[:, 1:]]
             deep_logits = head.lm_head(deep_pred)
     loss, agree = _feature_and_ce_loss(logits, pred, targets[mask], target_logits, ce_weight)
-    if rollout_weight and tokens.shape[1] >= 2:
+    if deeper:
         deep_loss, _ = _feature_and_ce_loss(deep_logits, deep_pred, targets[rows],
                                             target_logits[rows[mask]], ce_weight)
         loss = loss + rollout_weight * deep_loss
