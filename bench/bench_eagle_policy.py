@@ -30,7 +30,7 @@ from microspec_compile.heads import EagleHead
 from microspec_compile.kernels.packed_linear import PackedLinears
 from microspec_compile.measure import measure_ways, summarize
 from microspec_compile.models import load_causal_lm
-from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate
+from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate, pack_head_linears
 
 from bench_eagle_tree import tuning_prompts
 from common import append_rows, loadavg
@@ -62,6 +62,7 @@ def main() -> None:
     settings = {"paper": (3, (eos,)), "no-topk": (0, (eos,)),
                 "paper+core": (3, tuple(dict.fromkeys((eos, *core))))}
     packed = PackedLinears(target, tree.total_tokens)
+    head_linears = pack_head_linears(head, tree)
 
     def way(topk: int, pinned: tuple):
         module = TopkScorer(copied_head(target.get_output_embeddings()), tree.top_k)
@@ -72,7 +73,7 @@ def main() -> None:
         def generate(ids, seed):
             return eagle_generate(target, head, scorer, ids, args.max_new_tokens, tree,
                                   vocab=vocab, target_topk=topk, eos_token_id=eos,
-                                  verify_linears=packed)
+                                  verify_linears=packed, draft_linears=head_linears)
         return generate
 
     ways = {name: way(*settings[name]) for name in POLICIES}

@@ -12,8 +12,9 @@ also catches the draft's cost and the acceptance a shape buys.  Two parts:
    microspec-compiled LM head and the demo's settings; shapes interleaved, median
    tokens/s over ``--runs`` runs.  The best shape is printed: it is the demo default.
 
-Rows go to ``bench/results/eagle_tree.csv``.
-Usage: python bench/bench_eagle_tree.py [--quick] [--threads N] [--head DIR]
+The target alone decodes the same prompts in every run too, so each shape's speed-up
+over it is a ratio measured side by side.  Rows go to ``bench/results/eagle_tree.csv``.
+Usage: python bench/bench_eagle_tree.py [--quick] [--grid 3x8x8,2x4x4] [--threads N] [--head DIR]
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from microspec_compile.eagle_demo import default_head_dir
 from microspec_compile.heads import EagleHead
 from microspec_compile.kernels.packed_linear import PackedLinears
 from microspec_compile.models import load_causal_lm
-from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate
+from microspec_compile.spec import TopkScorer, TreeConfig, autoregressive_generate, eagle_generate, pack_head_linears
 from microspec_compile.spec.tree import causal_mask
 from microspec_compile.spec.verify import crop_cache, target_forward
 
@@ -89,6 +90,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--head", default=None, help="EAGLE head dir (default: the shipped one)")
+    parser.add_argument("--grid", default=None,
+                        help="shapes depth x top_k x total, comma-separated (instead of the grid)")
+    parser.add_argument("--skip-verify-cost", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target, tokenizer = load_causal_lm()
@@ -97,7 +101,7 @@ def main() -> None:
 
     sizes = [4, 8, 12, 16, 24, 32]
     rows = []
-    for packed in (False, True):
+    for packed in (() if args.skip_verify_cost else (False, True)):
         cost = verify_cost(target, sizes, packed=packed)
         print(f"verification cost, {'packed' if packed else 'F.linear'} (T tokens after 300 "
               "cached, relative to one token): " + ", ".join(
@@ -109,42 +113,63 @@ def main() -> None:
 
     grid = (list(itertools.product([3, 5], [4, 8], [8, 16])) if args.quick else
             list(itertools.product([3, 4, 6], [4, 8], [8, 12, 16, 24])))
+    if args.grid:
+        grid = [tuple(int(v) for v in shape.split("x")) for shape in args.grid.split(",")]
     prompts = tuning_prompts(2, 2) if args.quick else tuning_prompts(3, 3)
     inputs = [encode(tokenizer, p) for p in prompts]
     scorers = {}
     lm_head = target.get_output_embeddings()
+    # one compiled scorer per top_k, all the same forward: room for each one's graphs
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(
+        {k for _, k, _ in grid}))
     vocab = None
     for k in sorted({k for _, k, _ in grid}):
         module = TopkScorer(lm_head, k)
         vocab = ms.vocab_of(module, pinned_ids=(eos,))
         scorers[k] = torch.compile(module, backend=ms.backend(pinned_ids=(eos,)), dynamic=True)
     packs = {t: PackedLinears(target, t) for t in sorted({t for _, _, t in grid})}
+    head_packs = {k: pack_head_linears(head, TreeConfig(1, k, 1)) for k in scorers}
     results = {shape: [] for shape in grid}
+    alone, ratios = [], {shape: [] for shape in grid}
     accepted = {shape: [] for shape in grid}
     for shape in grid:  # warm-up: compile each row count once
         eagle_generate(target, head, scorers[shape[1]], inputs[0], 8, TreeConfig(*shape),
-                       vocab=vocab, eos_token_id=eos, verify_linears=packs[shape[2]])
+                       vocab=vocab, eos_token_id=eos, verify_linears=packs[shape[2]],
+                       draft_linears=head_packs[shape[1]])
     for run in range(args.runs):
-        for shape in grid:
-            tokens = seconds = 0.0
-            for ids in inputs:
+        # prompt by prompt, the target alone first: a drift of the machine's speed hits all alike
+        tokens = {way: 0.0 for way in ["target", *grid]}
+        seconds = dict(tokens)
+        for ids in inputs:
+            _, st = autoregressive_generate(target, ids, args.max_new_tokens, eos_token_id=eos)
+            tokens["target"] += st.new_tokens
+            seconds["target"] += st.total_time
+            for shape in grid:
                 _, st = eagle_generate(target, head, scorers[shape[1]], ids, args.max_new_tokens,
                                        TreeConfig(*shape), vocab=vocab, eos_token_id=eos,
-                                       verify_linears=packs[shape[2]])
-                tokens += st.new_tokens
-                seconds += st.total_time
+                                       verify_linears=packs[shape[2]],
+                                       draft_linears=head_packs[shape[1]])
+                tokens[shape] += st.new_tokens
+                seconds[shape] += st.total_time
                 accepted[shape].append(st.tokens_per_verification())
-            results[shape].append(tokens / seconds)
+        alone.append(tokens["target"] / seconds["target"])
+        for shape in grid:
+            results[shape].append(tokens[shape] / seconds[shape])
+            ratios[shape].append(results[shape][-1] / alone[-1])  # within one run
         print(f"run {run + 1}/{args.runs} done")
-    print(f"{'depth':>5} {'top_k':>5} {'total':>5} {'tok/s':>7} {'tok/verif':>9}")
+    base = statistics.median(alone)
+    print(f"target alone: {base:.2f} tok/s (median of {args.runs} runs)")
+    print(f"{'depth':>5} {'top_k':>5} {'total':>5} {'tok/s':>7} {'vs target':>9} {'tok/verif':>9}"
+          "  (vs target: median over runs of the ratio within each run)")
     best = max(grid, key=lambda s: statistics.median(results[s]))
     for shape in grid:
-        tps = statistics.median(results[shape])
+        tps, ratio = statistics.median(results[shape]), statistics.median(ratios[shape])
         tpv = statistics.mean(accepted[shape])
-        print(f"{shape[0]:>5} {shape[1]:>5} {shape[2]:>5} {tps:7.2f} {tpv:9.2f}"
-              + ("  <- best" if shape == best else ""))
+        print(f"{shape[0]:>5} {shape[1]:>5} {shape[2]:>5} {tps:7.2f} {ratio:8.2f}x "
+              f"{tpv:9.2f}" + ("  <- best" if shape == best else ""))
         rows.append({"bench": "tree_shape", "depth": shape[0], "top_k": shape[1],
                      "total_tokens": shape[2], "tokens_per_s": tps, "tokens_per_verification": tpv,
+                     "target_tokens_per_s": base, "speedup_vs_target": ratio,
                      "runs": args.runs, "prompts": len(prompts), "threads": args.threads,
                      "load": loadavg()})
     print(f"best tree on this machine: depth={best[0]} top_k={best[1]} total_tokens={best[2]}")

@@ -34,7 +34,7 @@ from .heads import EagleHead
 from .kernels.packed_linear import PackedLinears
 from .measure import fmt, measure_ways, run_fields, summarize, write_report
 from .models import load_causal_lm
-from .spec import SubsetTopkScorer, TopkScorer, TreeConfig, autoregressive_generate, eagle_generate
+from .spec import SubsetTopkScorer, TopkScorer, TreeConfig, autoregressive_generate, eagle_generate, pack_head_linears
 
 __all__ = ["EAGLE_WAYS", "default_head_dir", "load_frequent_ids", "run_eagle_demo",
            "format_eagle_table"]
@@ -58,7 +58,7 @@ def load_frequent_ids(head_dir: Path) -> torch.Tensor:
 
 
 def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple, kw: dict):
-    """``{way: generate(ids, seed)}`` and the microspec vocabulary."""
+    """``{way: generate(ids, seed)}``, the microspec vocabulary and the packings' kernels."""
     import microspec_compile as ms
 
     lm_head = target.get_output_embeddings()
@@ -72,6 +72,7 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
     # one packing of the target for the tree's size, shared by every EAGLE way
     packed = PackedLinears(target, tree.total_tokens) if kw["packed_verify"] else None
     head_rows = 0 if packed is not None and packed.count else kw["small_batch_linear"]
+    head_linears = pack_head_linears(head, tree)  # once, not per request
 
     def target_alone(ids, seed):
         return autoregressive_generate(target, ids, kw["max_new_tokens"],
@@ -82,11 +83,13 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
             return eagle_generate(target, head, scorer, ids, kw["max_new_tokens"], tree, vocab=v,
                                   target_topk=kw["target_topk"], eos_token_id=kw["eos_token_id"],
                                   verify_head_rows=head_rows, verify_linears=packed,
-                                  **_sampling(kw, seed))
+                                  draft_linears=head_linears, **_sampling(kw, seed))
         return generate
 
+    kernels = {"verify": packed.kernel if packed is not None else None,
+               "draft": head_linears.kernel}
     return {"target": target_alone, "dense": eagle(dense, None), "frspec": eagle(fixed, None),
-            "microspec": eagle(sparse, vocab)}, vocab
+            "microspec": eagle(sparse, vocab)}, vocab, kernels
 
 
 def _sampling(kw: dict, seed: int) -> dict:
@@ -139,7 +142,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     kw = dict(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
               eos_token_id=eos, target_topk=target_topk, small_batch_linear=small_batch_linear,
               packed_verify=packed_verify)
-    ways, vocab = _ways(target, head, tree, frequent, capacity, pinned, kw)
+    ways, vocab, kernels = _ways(target, head, tree, frequent, capacity, pinned, kw)
     res = measure_ways(ways, [p["name"] for p in items], inputs, warm, runs, seed, progress)
 
     summary = {w: summarize(res["records"][w]) for w in EAGLE_WAYS}
@@ -165,6 +168,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                      "seed": seed, "capacity": capacity, "target_topk": target_topk,
                      "verify_small_batch_linear": small_batch_linear,
                      "verify_packed_linears": packed_verify,
+                     "packing_kernels": kernels,
                      "frspec_subset": int(frequent.numel()),
                      "prompts": [p["name"] for p in items],
                      "prompt_tokens": [int(i.shape[1]) for i in inputs],

@@ -243,6 +243,22 @@ def test_packed_verification_for_another_tree_size_is_a_clear_error():
                        shape, verify_linears=PackedLinears(target, 4))
 
 
+def test_draft_linears_packed_once_same_output_and_checked():
+    # a packing of the head passed in (the demo packs once, not per request) drafts the same
+    # trees; one packed for another top_k would silently never be used
+    target = tiny_target(bigram=True)
+    head = oracle_head(target)
+    shape = TreeConfig(depth=3, top_k=4, total_tokens=10)
+    scorer = TopkScorer(target.lm_head, 4)
+    out, stats = eagle_generate(target, head, scorer, prompt(), 24, shape)
+    packed_out, packed_stats = eagle_generate(target, head, scorer, prompt(), 24, shape,
+                                              draft_linears=ms.spec.pack_head_linears(head, shape))
+    assert torch.equal(packed_out, out) and packed_stats.accepted == stats.accepted
+    with pytest.raises(ValueError, match="packed for 8 rows but the tree expands 4"):
+        eagle_generate(target, head, scorer, prompt(), 8, shape, draft_linears=ms.spec.
+                       pack_head_linears(head, TreeConfig(depth=3, top_k=8, total_tokens=10)))
+
+
 @pytest.mark.skipif(not mkl_packing_available(), reason="needs MKL's packed GEMM")
 def test_drafter_packs_only_the_heads_own_linears():
     # fc + q, k, v, o + gate, up, down; the shared LM head (the scorer's) stays unpacked

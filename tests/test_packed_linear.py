@@ -1,12 +1,17 @@
-"""PackedLinears: MKL-prepacked fp32 linears for the tree verification's row count."""
+"""PackedLinears: MKL- or oneDNN-prepacked fp32 linears for the tree verification's row count."""
 import pytest
 import torch
 from torch import nn
 
 from microspec_compile.kernels import packed_linear
-from microspec_compile.kernels.packed_linear import PackedLinears, mkl_packing_available
+from microspec_compile.kernels.packed_linear import KERNELS, PackedLinears, choose_kernel, mkl_packing_available
 
 needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL")
+# both packings, where this build has them: the faster is chosen per CPU, so both must be right
+KERNEL_NAMES = [pytest.param(name, marks=pytest.mark.skipif(
+    not available(), reason=f"this torch build has no {name}"))
+    for name, (available, _) in KERNELS.items()]
+PACKED_OP = {"mkl": "mkl::_mkl_linear", "onednn": "mkldnn::_linear_pointwise"}
 
 
 def small_model(dtype=torch.float32):
@@ -15,32 +20,41 @@ def small_model(dtype=torch.float32):
     return model.requires_grad_(False)  # inference, as in verification
 
 
-@needs_mkl
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize("shape", [
-    (8, 24),      # the packed row count: MKL's packed product
+    (8, 24),      # the packed row count: the packed product
     (1, 8, 24),   # the same rows behind a batch dim, as HF passes [1, T, H]
 ])
-def test_packed_rows_match_linear(shape):
+def test_packed_rows_match_linear(shape, kernel):
     model = small_model()
     x = torch.randn(shape)
     ref = model(x)
-    packed = PackedLinears(model, 8)
-    assert packed.count == 2
+    packed = PackedLinears(model, 8, kernel=kernel)
+    assert packed.count == 2 and packed.kernel == kernel
     with packed, torch.profiler.profile() as prof:
         out = model(x)
-    assert "mkl::_mkl_linear" in {e.key for e in prof.key_averages()}  # the packed op ran
+    assert PACKED_OP[kernel] in {e.key for e in prof.key_averages()}  # the packed op ran
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@needs_mkl
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize("rows", [1, 5, 200])  # a step, a smaller tree, a prefill
-def test_other_row_counts_are_plain_linear(rows):
+def test_other_row_counts_are_plain_linear(rows, kernel):
     model = small_model()
     x = torch.randn(rows, 24)
     ref = model(x)
-    with PackedLinears(model, 8):
+    with PackedLinears(model, 8, kernel=kernel):
         out = model(x)
-    assert torch.equal(out, ref)  # MKL falls back to the ordinary product, bit for bit
+    assert torch.equal(out, ref)  # the ordinary product, bit for bit
+
+
+def test_the_faster_kernel_is_chosen_and_a_bad_name_is_a_clear_error():
+    available = [name for name, (ok, _) in KERNELS.items() if ok()]
+    for chosen in (choose_kernel(torch.randn(40, 24), 8, repeats=3),
+                   PackedLinears(small_model(), 8).kernel):  # by measurement: either may win
+        assert chosen in available if available else chosen is None
+    with pytest.raises(ValueError, match="unknown kernel 'blas'"):
+        PackedLinears(small_model(), 8, kernel="blas")
 
 
 @needs_mkl
@@ -63,13 +77,14 @@ def test_autograd_calls_take_the_plain_product():
     assert x.grad is not None and model[0].weight.grad is not None
 
 
-def test_without_mkl_nothing_is_packed(monkeypatch):
-    # a build without MKL (e.g. ARM) keeps every module as it is
-    monkeypatch.setattr(packed_linear, "mkl_packing_available", lambda: False)
+def test_without_mkl_or_onednn_nothing_is_packed(monkeypatch):
+    # a build without either library (e.g. ARM) keeps every module as it is
+    monkeypatch.setitem(packed_linear.KERNELS, "mkl", (lambda: False, None))
+    monkeypatch.setitem(packed_linear.KERNELS, "onednn", (lambda: False, None))
     model = small_model()
     x = torch.randn(8, 24)
     packed = PackedLinears(model, 8)
-    assert packed.count == 0
+    assert packed.count == 0 and packed.kernel is None
     with packed:
         assert torch.equal(model(x), small_model()(x))
 

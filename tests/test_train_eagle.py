@@ -101,8 +101,45 @@ def test_training_lowers_loss_and_resumes_exactly(tmp_path):
     assert train(again, fs, tmp_path / "b", seconds=math.inf, config=cfg, steps=12)["steps"] == 12
     for key, value in straight.trainable_state().items():
         torch.testing.assert_close(again.trainable_state()[key], value, atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="another training configuration"):
-        train(again, fs, tmp_path / "b", seconds=math.inf, config=TrainConfig(lr=1.0), steps=12)
+    with pytest.raises(ValueError, match=r"another training configuration \(lr: 0.003 there"):
+        train(again, fs, tmp_path / "b", seconds=math.inf, config=TrainConfig(lr=1.0,
+              autocast=False, token_budget=128, warmup_steps=2, save_every_s=0.0), steps=12)
+
+
+@pytest.mark.parametrize("faster", [True, False])  # an AMX / AVX512-BF16 CPU, an AVX2 one
+def test_bf16_only_where_this_cpu_runs_it_faster(tmp_path, monkeypatch, faster):
+    # an emulated bf16 (AVX2: measured 8x slower than fp32) must not slow training down
+    from microspec_compile.train import corpus, features, precision, trainer
+
+    for module in (precision, features, trainer):
+        monkeypatch.setattr(module, "bf16_is_faster", lambda: faster)
+    target = tiny_target()
+    seqs = sequences(3)
+    autocast_runs = []
+    real = features.target_features
+    monkeypatch.setattr(features, "target_features",
+                        lambda t, ids, autocast: autocast_runs.append(autocast) or real(t, ids))
+    features.compute_features(target, seqs)
+    assert set(autocast_runs) == {faster}
+    fs = compute_features(target, seqs, autocast=False)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=1, token_budget=128, save_every_s=0.0)
+    assert train(EagleHead.for_target(target), fs, tmp_path, seconds=math.inf, config=cfg,
+                 steps=2)["autocast"] is faster
+    dtypes = []
+    monkeypatch.setattr(type(target), "generate", lambda self, **kw: dtypes.append(self.dtype)
+                        or torch.cat([kw["input_ids"], kw["input_ids"][:, :2]], 1))
+    corpus.regenerate(target, _Tokenizer(), [[1, 2, 3]], max_new_tokens=2)
+    assert dtypes == [torch.bfloat16 if faster else torch.float32]
+
+
+class _Tokenizer:
+    eos_token_id, pad_token_id = 0, 0
+
+
+def test_bf16_measurement_answers_a_bool():
+    from microspec_compile.train.precision import bf16_is_faster
+
+    assert isinstance(bf16_is_faster(), bool) and bf16_is_faster() is bf16_is_faster()  # cached
 
 
 def test_agreement_of_an_oracle_head_is_one():

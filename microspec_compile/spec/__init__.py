@@ -7,11 +7,12 @@
 * :mod:`.scorers` the LM-head calls (full, microspec-compiled, fixed subset).
 """
 from .chain import autoregressive_generate, speculative_generate, vocabulary_of
-from .eagle import EagleDrafter, TreeConfig, eagle_generate
+from .eagle import EagleDrafter, TreeConfig, eagle_generate, pack_head_linears
 from .scorers import SubsetTopkScorer, TopkScorer
 from .stats import SpecStats
 from .tree import DraftTree, accept_greedy, accept_sampling, select_tree
 
 __all__ = ["SpecStats", "autoregressive_generate", "speculative_generate", "vocabulary_of",
-           "EagleDrafter", "TopkScorer", "SubsetTopkScorer", "TreeConfig", "eagle_generate", "DraftTree",
+           "EagleDrafter", "TopkScorer", "SubsetTopkScorer", "TreeConfig", "eagle_generate",
+           "pack_head_linears", "DraftTree",
            "accept_greedy", "accept_sampling", "select_tree"]

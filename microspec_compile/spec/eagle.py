@@ -40,13 +40,14 @@ from .stats import SpecStats, finish
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask, select_tree
 from .verify import crop_cache, keep_cache_rows, prefill, verify_tree
 
-__all__ = ["TreeConfig", "EagleDrafter", "eagle_generate"]
+__all__ = ["TreeConfig", "EagleDrafter", "eagle_generate", "pack_head_linears"]
 
 
 @dataclass(frozen=True)
 class TreeConfig:
-    """Shape of the dynamic tree (defaults: the best of ``bench/bench_eagle_tree.py --quick`` on
-    this project's 2-core CPU, see the README).
+    """Shape of the dynamic tree (defaults: ``bench/bench_eagle_tree.py`` with the shipped head
+    on this project's 2-core CPUs, see the README: with this head's acceptance, one expansion
+    and 4 verified tokens beat deeper trees, whose extra tokens are rarely accepted).
 
     Parameters
     ----------
@@ -55,9 +56,9 @@ class TreeConfig:
     total_tokens : nodes the target verifies, root included
     """
 
-    depth: int = 3
+    depth: int = 1
     top_k: int = 8
-    total_tokens: int = 8
+    total_tokens: int = 4
 
     def __post_init__(self):
         for name in ("depth", "top_k", "total_tokens"):
@@ -65,13 +66,24 @@ class TreeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-class EagleDrafter:
-    """The head's side of the loop: its KV cache of committed pairs and tree drafting."""
+def pack_head_linears(head: EagleHead, tree: TreeConfig) -> PackedLinears:
+    """The head's own linears (``fc`` and its layer; not the shared LM head) packed for the
+    tree's expansions of ``top_k`` rows.  Build it once per head and pass it to
+    :func:`eagle_generate` as ``draft_linears``; build it again after training the head."""
+    return PackedLinears(nn.ModuleList([head.fc, head.layer]), tree.top_k)
 
-    def __init__(self, head: EagleHead, scorer, tree: TreeConfig):
+
+class EagleDrafter:
+    """The head's side of the loop: its KV cache of committed pairs and tree drafting.
+
+    ``linears``: :func:`pack_head_linears` of ``head`` for ``tree`` (every expansion feeds
+    ``top_k`` rows through them), or None: packed here.
+    """
+
+    def __init__(self, head: EagleHead, scorer, tree: TreeConfig,
+                 linears: PackedLinears | None = None):
         self.head, self.scorer, self.tree = head, scorer, tree
-        # every expansion feeds top_k rows through the head's own linears (CPU fp32: packed once)
-        self.packed = PackedLinears(nn.ModuleList([head.fc, head.layer]), tree.top_k)
+        self.packed = linears if linears is not None else pack_head_linears(head, tree)
         self.reset()
 
     def reset(self) -> None:
@@ -154,7 +166,7 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                    max_new_tokens: int, tree: TreeConfig = TreeConfig(), *, vocab=None,
                    target_topk: int = 3, sample: bool = False, temperature: float = 1.0,
                    eos_token_id: int | None = None, generator=None, verify_head_rows: int = 0,
-                   verify_linears=None):
+                   verify_linears=None, draft_linears=None):
     """EAGLE-2 speculative decoding of one sequence.
 
     Parameters
@@ -171,6 +183,8 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     verify_linears : a ``kernels.PackedLinears`` of ``target`` for ``tree.total_tokens``
         rows, entered around each verification (CPU: a plain fp32 product repacks every
         weight per call; other rounding), or None
+    draft_linears : :func:`pack_head_linears` of ``head`` for ``tree``, or None: packed
+        for this request (packing and choosing the kernel take milliseconds)
 
     Returns
     -------
@@ -193,6 +207,10 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         raise ValueError(f"verify_linears is packed for {verify_linears.rows} rows but the tree "
                          f"verifies {tree.total_tokens} tokens: build PackedLinears(target, "
                          f"{tree.total_tokens})")
+    if draft_linears is not None and draft_linears.rows != tree.top_k:
+        raise ValueError(f"draft_linears is packed for {draft_linears.rows} rows but the tree "
+                         f"expands {tree.top_k} nodes per step: build pack_head_linears(head, "
+                         f"tree)")
     # tree queries attend to the caches without repeat_kv copies (spec.attention)
     with gqa_attention(target.config), gqa_attention(head.attention_config):
         dev = head.fc.weight.device
@@ -200,7 +218,7 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
         dtype = head.fc.weight.dtype
         cache = DynamicCache(config=target.config)
-        drafter = EagleDrafter(head, scorer, tree)
+        drafter = EagleDrafter(head, scorer, tree, draft_linears)
 
         def choose(logits_row):
             if not sample:

@@ -93,7 +93,8 @@ def original_sequences(tokenizer, pairs, max_len: int = 512,
 def regenerate(target, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 192,
                batch_size: int = 32, max_prompt: int = 256, seconds: float = float("inf"),
                progress=None) -> list[Sequence]:
-    """Continue ``prompts`` (token id lists) with the target (batched greedy, bf16 copy on CPU).
+    """Continue ``prompts`` (token id lists) with the target (batched greedy; a bf16 copy of an
+    fp32 target where bf16 is faster on this CPU, :func:`.precision.bf16_is_faster`).
 
     Prompts are sorted by length so that batches carry little padding; generation
     stops after ``seconds`` (whole batches only), so a time budget bounds the run.
@@ -104,7 +105,10 @@ def regenerate(target, tokenizer, prompts: list[list[int]], *, max_new_tokens: i
     """
     import copy
 
-    model = copy.deepcopy(target).to(torch.bfloat16) if target.dtype == torch.float32 else target
+    from .precision import bf16_is_faster
+
+    model = (copy.deepcopy(target).to(torch.bfloat16)
+             if target.dtype == torch.float32 and bf16_is_faster() else target)
     end, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = end if pad is None else pad
     encoded = [list(ids) for ids in prompts if len(ids) <= max_prompt]

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .corpus import Sequence
+from .precision import bf16_is_faster
 
 __all__ = ["FeatureSet", "starts_of", "atomic_save", "target_features", "compute_features"]
 
@@ -96,9 +97,14 @@ def target_features(target, ids: torch.Tensor, autocast: bool = False) -> torch.
         return base(input_ids=ids).last_hidden_state.float()
 
 
-def compute_features(target, sequences: list[Sequence], *, autocast: bool = True,
+def compute_features(target, sequences: list[Sequence], *, autocast: bool | None = None,
                      token_budget: int = 4096, progress=None) -> FeatureSet:
-    """Features of every sequence, batched by length (right padding, causal: pads are inert)."""
+    """Features of every sequence, batched by length (right padding, causal: pads are inert).
+
+    ``autocast``: run the target in bf16; None: where bf16 is faster on this CPU.
+    """
+    if autocast is None:
+        autocast = bf16_is_faster()
     order = sorted(range(len(sequences)), key=lambda s: len(sequences[s].ids))
     feats: list[torch.Tensor | None] = [None] * len(sequences)
     first = 0

@@ -262,7 +262,8 @@ def write_model_card(path: Path, report: dict) -> None:
            "predicted features (EAGLE-3's training-time test)" if t.get("rollout_weight") else "")
         + ";",
         f"- AdamW (warm-up {t['warmup_steps']} steps, cosine to 10%), betas "
-        f"{tuple(t['betas'])}, grad clip {t['grad_clip']}, bf16 autocast, seed {t['seed']};",
+        f"{tuple(t['betas'])}, grad clip {t['grad_clip']}, "
+        f"{'bf16 autocast' if t.get('autocast', True) else 'fp32'}, seed {t['seed']};",
         f"- {_training_line(t)}.",
         *_earlier_stage_lines(init),
         "",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..heads import EagleHead
 from .features import FeatureSet, atomic_save
+from .precision import bf16_is_faster
 
 __all__ = ["TrainConfig", "make_batches", "batch_tensors", "eagle_loss", "train"]
 
@@ -50,7 +51,7 @@ class TrainConfig:
     noise: float = 0.2
     ce_weight: float = 0.1
     seed: int = 0
-    autocast: bool = True
+    autocast: bool | None = None  # bf16 autocast; None: where bf16 is faster on this CPU
     save_every_s: float = 120.0
     rollout_weight: float = 0.0
 
@@ -161,9 +162,11 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
     Returns
     -------
     dict: ``steps``, ``epochs`` (fractional), ``seconds``, ``tokens`` (loss rows seen),
-    ``last_loss``, ``last_agreement`` (mean of the last 50 steps)
+    ``last_loss``, ``last_agreement`` (mean of the last 50 steps), ``autocast`` (as run)
     """
     config = config or TrainConfig()
+    if config.autocast is None:
+        config = replace(config, autocast=bf16_is_faster())
     torch.manual_seed(config.seed)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -179,9 +182,13 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
     if ckpt_path.is_file():
         saved = torch.load(ckpt_path, weights_only=False)
         # fields added since the checkpoint was written count at their defaults
-        if {**asdict(TrainConfig()), **saved["config"]} != asdict(config):
+        saved_config = {**asdict(TrainConfig()), **saved["config"]}
+        differ = sorted(k for k, v in asdict(config).items() if saved_config.get(k) != v)
+        if differ:
+            what = ", ".join(f"{k}: {saved_config.get(k)!r} there, {getattr(config, k)!r} here"
+                             for k in differ)
             raise ValueError(f"the checkpoint at {ckpt_path} was made with another training "
-                             "configuration; use another work directory or delete it")
+                             f"configuration ({what}); use another work directory or delete it")
         head.load_state_dict(saved["head"], strict=False)
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
@@ -234,4 +241,5 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
     return {"steps": state["step"], "epochs": state["step"] / steps_per_epoch,
             "seconds": state["elapsed"], "tokens": state["tokens"],
             "last_loss": sum(r[0] for r in recent) / len(recent),
-            "last_agreement": sum(r[1] for r in recent) / len(recent)}
+            "last_agreement": sum(r[1] for r in recent) / len(recent),
+            "autocast": config.autocast}
