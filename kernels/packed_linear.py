@@ -9,20 +9,23 @@ and ``torch.ops.mkl._mkl_linear``, the ops Inductor's CPU freezing uses); the
 packed product then costs little more than the one-row product.
 
 oneDNN packs a weight for a batch size too (``torch.ops.mkldnn._reorder_linear_weight``
-and ``_linear_pointwise``, what Inductor's CPU freezing uses without MKL).  Which of
-the two is faster depends on the CPU (measured here: on an AMD EPYC with AVX2 only,
-oneDNN's 8-row products of SmolLM2's 30 layers took 54 ms against MKL's 64.5 ms;
-MKL is known to favour Intel CPUs), so ``PackedLinears`` times both on the model's
-largest weight at construction and keeps the faster (:func:`choose_kernel`).
+and ``_linear_pointwise``, what Inductor's CPU freezing uses without MKL), and for a
+few rows the unpacked transposed product ``(W @ x^T)^T`` can beat both.  Which is
+fastest depends on the CPU and the weight's shape (measured on an AMD EPYC with AVX2
+only, 4 rows, SmolLM2's weights summed over the model: 576 x 576 MKL 10.1 / oneDNN
+8.8 / transposed 7.7 ms, 192 x 576 2.8 / 3.9 / 3.0 ms, the 49152 x 576 LM head 14.3 /
+9.0 / 10.0 ms; MKL is known to favour Intel CPUs), so ``PackedLinears`` times each
+kernel on the weights of every shape at construction (all of them, so that they
+stream from memory as in the model; one weight alone would sit in the cache) and
+keeps the fastest (:data:`KERNELS`; :func:`choose_kernel` for one weight).
 
 ``PackedLinears(model, rows)`` packs every fp32 CPU ``nn.Linear`` of ``model``
 once; inside ``with packed:`` those modules compute through the packed weight.
 Inputs of another row count take ``F.linear`` (MKL's op falls back by itself, bit
 for bit), so prefill and single-token steps are unchanged.  The packed product
 rounds differently from ``F.linear`` at ``rows`` (about 1e-7 relative, like any
-change of GEMM blocking).  Where neither library is there (e.g. an ARM build) or a
-weight is not fp32 on CPU the module is left as it is, and a call that autograd
-records takes ``F.linear`` (the packed ops have no gradient).
+change of GEMM blocking).  A weight that is not fp32 on CPU is left as it is, and a
+call that autograd records takes ``F.linear`` (the packed ops have no gradient).
 """
 from __future__ import annotations
 
@@ -63,30 +66,67 @@ def _onednn_pack(weight: torch.Tensor, bias, rows: int):
     return product
 
 
-# name -> (available, pack(weight, bias, rows) -> product(x)); fastest chosen per CPU
+def _transposed(weight: torch.Tensor, bias, rows: int):
+    """No packing: ``(W @ x^T)^T``, which streams ``W`` once (what the graph op
+    ``microspec::small_batch_linear`` computes; called here without its dispatch)."""
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != rows * weight.shape[1]:  # another row count: the ordinary product
+            return nn.functional.linear(x, weight, bias)
+        out = torch.mm(weight, x.reshape(rows, -1).t()).t()
+        out = out + bias if bias is not None else out
+        return out.reshape(*x.shape[:-1], weight.shape[0]).contiguous()
+
+    return product
+
+
+def _always() -> bool:
+    return True
+
+
+# name -> (available, pack(weight, bias, rows) -> product(x)); the fastest is chosen per shape
 KERNELS = {"mkl": (mkl_packing_available, _mkl_pack),
-           "onednn": (onednn_packing_available, _onednn_pack)}
+           "onednn": (onednn_packing_available, _onednn_pack),
+           "transposed": (_always, _transposed)}
 
 
-def choose_kernel(weight: torch.Tensor, rows: int, repeats: int = 20) -> str | None:
-    """The faster packing on this CPU for ``rows`` rows times ``weight`` (median of
-    ``repeats`` timed products each); None where no packing is available."""
-    names = [name for name, (available, _) in KERNELS.items() if available()]
-    if len(names) < 2:
-        return names[0] if names else None
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+def _fastest(weights: list[torch.Tensor], biases: list, rows: int, names: list[str],
+             repeats: int) -> tuple[str, list]:
+    """Of ``names``, the kernel whose products of ``rows`` rows through all of ``weights`` (one
+    shape; the whole group streams from memory as in the model) take the least time (median
+    of ``repeats`` passes); returns it with its products."""
+    candidates = {name: [KERNELS[name][1](w, b, rows) for w, b in zip(weights, biases)]
+                  for name in names}
+    if len(candidates) == 1:
+        return next(iter(candidates.items()))
+    x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
     medians = {}
-    with torch.no_grad():
-        for name in names:
-            product = KERNELS[name][1](weight, None, rows)
-            product(x)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
+    for name, products in candidates.items():
+        for product in products:
+            product(x)  # first calls: kernel set-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for product in products:
                 product(x)
-                times.append(time.perf_counter() - start)
-            medians[name] = sorted(times)[repeats // 2]
-    return min(medians, key=medians.get)
+            times.append(time.perf_counter() - start)
+        medians[name] = sorted(times)[repeats // 2]
+    best = min(medians, key=medians.get)
+    return best, candidates[best]
+
+
+def _available() -> list[str]:
+    return [name for name, (available, _) in KERNELS.items() if available()]
+
+
+def choose_kernel(weight: torch.Tensor, rows: int, repeats: int = 9) -> str | None:
+    """The fastest kernel on this CPU for ``rows`` rows times ``weight`` (median of ``repeats``
+    timed calls each); None where no kernel is available."""
+    names = _available()
+    if not names:
+        return None
+    with torch.no_grad():
+        return _fastest([weight], [None], rows, names, repeats)[0]
 
 
 def _packable(module: nn.Module) -> bool:
@@ -95,13 +135,11 @@ def _packable(module: nn.Module) -> bool:
             and w.dtype == torch.float32)
 
 
-def _heaviest_shape_weight(modules: list[nn.Module]) -> torch.Tensor:
-    """A weight of the shape that holds the most elements over ``modules`` (where the time goes)."""
-    totals: dict[tuple, int] = {}
+def _by_shape(modules: list[nn.Module]) -> dict[tuple[int, int], list[nn.Module]]:
+    groups: dict[tuple[int, int], list[nn.Module]] = {}
     for m in modules:
-        totals[tuple(m.weight.shape)] = totals.get(tuple(m.weight.shape), 0) + m.weight.numel()
-    shape = max(totals, key=totals.get)
-    return next(m.weight for m in modules if tuple(m.weight.shape) == shape).detach()
+        groups.setdefault(tuple(m.weight.shape), []).append(m)
+    return groups
 
 
 class PackedLinears:
@@ -111,13 +149,15 @@ class PackedLinears:
     ----------
     model : any module; its ``nn.Linear`` children with fp32 CPU weights are packed
     rows : the row count (product of the input's leading dims) the packing serves
-    kernel : a name in :data:`KERNELS`, or None: the faster on this CPU
-        (:func:`choose_kernel` on the weight shape that holds most of the elements)
+    kernel : a name in :data:`KERNELS` for every weight, or None: per weight shape, the
+        fastest on this CPU, timed over all the model's weights of that shape (a second
+        or two for SmolLM2-135M)
 
     Attributes
     ----------
-    count : how many linears were packed (0 without MKL and oneDNN)
-    kernel : the packing used, or None
+    count : how many linears were packed
+    kernels : ``{(out, in): kernel name}`` per packed weight shape
+    kernel : the kernel of the shape that holds the most weight elements, or None
 
     Notes
     -----
@@ -132,25 +172,28 @@ class PackedLinears:
             raise ValueError(f"unknown kernel {kernel!r}; choose one of {sorted(KERNELS)}")
         self.rows = rows
         self._forwards: list[tuple[nn.Module, object]] = []
-        modules = [m for m in model.modules() if _packable(m)]
-        if kernel is None and modules:
-            kernel = choose_kernel(_heaviest_shape_weight(modules), rows)
-        elif kernel is not None and not KERNELS[kernel][0]():
-            kernel = None  # that library is not in this build: nothing is packed
-        self.kernel = kernel if modules else None
-        if self.kernel is None:
-            return
+        self.kernels: dict[tuple[int, int], str] = {}
+        groups = _by_shape([m for m in model.modules() if _packable(m)])
+        names = [kernel] if kernel is not None else _available()
+        names = [name for name in names if KERNELS[name][0]()]  # in this build
         with torch.no_grad():
-            for module in modules:
-                self._forwards.append((module, self._packed_forward(module)))
+            for shape, group in groups.items() if names else ():
+                name, products = _fastest([m.weight.detach() for m in group],
+                                          [m.bias for m in group], rows, names, repeats=5)
+                self.kernels[shape] = name
+                self._forwards += [(m, self._guarded(m, product))
+                                   for m, product in zip(group, products)]
+        heaviest = max(self.kernels, key=lambda shape: shape[0] * shape[1] * len(groups[shape]),
+                       default=None)
+        self.kernel = self.kernels.get(heaviest)
 
     @property
     def count(self) -> int:
         return len(self._forwards)
 
-    def _packed_forward(self, module: nn.Linear):
+    @staticmethod
+    def _guarded(module: nn.Linear, product):
         weight, bias = module.weight, module.bias
-        product = KERNELS[self.kernel][1](weight.detach(), bias, self.rows)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if (x.dtype != torch.float32 or x.device.type != "cpu"

@@ -86,10 +86,14 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
                                   draft_linears=head_linears, **_sampling(kw, seed))
         return generate
 
-    kernels = {"verify": packed.kernel if packed is not None else None,
-               "draft": head_linears.kernel}
+    kernels = {"verify": _shape_kernels(packed), "draft": _shape_kernels(head_linears)}
     return {"target": target_alone, "dense": eagle(dense, None), "frspec": eagle(fixed, None),
             "microspec": eagle(sparse, vocab)}, vocab, kernels
+
+
+def _shape_kernels(packed: PackedLinears | None) -> dict | None:
+    """``{"576x576": "onednn", ...}``: the kernel chosen per weight shape (JSON keys)."""
+    return None if packed is None else {f"{o}x{i}": k for (o, i), k in packed.kernels.items()}
 
 
 def _sampling(kw: dict, seed: int) -> dict:

@@ -294,6 +294,10 @@ def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
         assert data["summary"][way]["draft_step_ms"] > 0
         assert data["identical_to_target"][way] is True
     assert data["summary"]["microspec"]["speedup_vs_dense"] > 0
+    from microspec_compile.kernels.packed_linear import KERNELS
+    for side in ("verify", "draft"):  # the kernel chosen for every weight shape, by name
+        chosen = data["settings"]["packing_kernels"][side]
+        assert "576x576" in chosen and set(chosen.values()) <= set(KERNELS), (side, chosen)
     assert 0 < data["summary"]["microspec"]["mean_vocab_size"] < model.config.vocab_size
     assert data["summary"]["frspec"]["mean_vocab_size"] == data["settings"]["frspec_subset"]
     assert data["microspec_counters"]["heads_rewritten"] > 0

@@ -11,7 +11,8 @@ needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch b
 KERNEL_NAMES = [pytest.param(name, marks=pytest.mark.skipif(
     not available(), reason=f"this torch build has no {name}"))
     for name, (available, _) in KERNELS.items()]
-PACKED_OP = {"mkl": "mkl::_mkl_linear", "onednn": "mkldnn::_linear_pointwise"}
+PACKED_OP = {"mkl": "mkl::_mkl_linear", "onednn": "mkldnn::_linear_pointwise",
+             "transposed": "aten::mm"}  # W @ x^T (F.linear would show as aten::linear)
 
 
 def small_model(dtype=torch.float32):
@@ -33,7 +34,8 @@ def test_packed_rows_match_linear(shape, kernel):
     assert packed.count == 2 and packed.kernel == kernel
     with packed, torch.profiler.profile() as prof:
         out = model(x)
-    assert PACKED_OP[kernel] in {e.key for e in prof.key_averages()}  # the packed op ran
+    ran = {e.key for e in prof.key_averages()}
+    assert PACKED_OP[kernel] in ran and "aten::linear" not in ran  # the packed product ran
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -46,6 +48,19 @@ def test_other_row_counts_are_plain_linear(rows, kernel):
     with PackedLinears(model, 8, kernel=kernel):
         out = model(x)
     assert torch.equal(out, ref)  # the ordinary product, bit for bit
+
+
+def test_kernels_are_chosen_per_weight_shape():
+    # each shape gets its own measured choice; modules of one shape share it
+    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 40), nn.Linear(40, 40)).requires_grad_(
+        False)
+    packed = PackedLinears(model, 4)
+    assert set(packed.kernels) == {(40, 24), (40, 40)} and packed.count == 3
+    assert packed.kernel == packed.kernels[(40, 40)]  # the shape with the most elements
+    x = torch.randn(4, 24)
+    ref = model(x)
+    with packed:
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_the_faster_kernel_is_chosen_and_a_bad_name_is_a_clear_error():
@@ -77,10 +92,10 @@ def test_autograd_calls_take_the_plain_product():
     assert x.grad is not None and model[0].weight.grad is not None
 
 
-def test_without_mkl_or_onednn_nothing_is_packed(monkeypatch):
-    # a build without either library (e.g. ARM) keeps every module as it is
-    monkeypatch.setitem(packed_linear.KERNELS, "mkl", (lambda: False, None))
-    monkeypatch.setitem(packed_linear.KERNELS, "onednn", (lambda: False, None))
+def test_without_any_kernel_nothing_is_packed(monkeypatch):
+    # where no kernel is available every module stays as it is
+    for name in packed_linear.KERNELS:
+        monkeypatch.setitem(packed_linear.KERNELS, name, (lambda: False, None))
     model = small_model()
     x = torch.randn(8, 24)
     packed = PackedLinears(model, 8)
