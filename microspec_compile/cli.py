@@ -63,10 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-packed-verify", action="store_true",
                       help="EAGLE only: verify with plain F.linear instead of MKL-prepacked fp32 "
                            "linears packed for the tree's size")
-    demo.add_argument("--threads", type=int, default=1,
-                      help="torch threads; 1 is robust on a shared 2-core machine (multi-threaded "
-                           "kernels stall when another process competes for the cores); 0: torch's "
-                           "default (on an idle 2-core machine: 10%% more tokens/s, same ratios)")
+    demo.add_argument("--threads", type=int, default=0,
+                      help="torch threads; 0: torch's default, every core (how the target runs "
+                           "by itself; on an idle 2-core AMD EPYC a 4-token verification then "
+                           "costs what a one-token step does, which is memory-bound); 1 is more "
+                           "robust where another process competes for the cores")
     demo.add_argument("--out", default="demo_results.json", help="JSON path (chart: same name .png)")
     demo.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -92,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("microspec demo: --small-batch-linear must be 0 (off) or >= 2") from None
         import torch
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        from .measure import demo_threads
+
+        torch.set_num_threads(demo_threads(args.threads))
         if args.draft == "eagle":
             from .eagle_demo import run_eagle_demo
 

@@ -9,12 +9,47 @@ numbers are medians over runs of per-run aggregates (all prompts of a run pooled
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
 import torch
 
-__all__ = ["median", "measure_ways", "summarize", "run_fields", "write_report", "fmt"]
+__all__ = ["median", "measure_ways", "summarize", "run_fields", "write_report", "fmt",
+           "busy_cores", "demo_threads"]
+
+
+def busy_cores(seconds: float = 0.5) -> float | None:
+    """Cores other processes keep busy right now (from ``/proc/stat`` over ``seconds``, while
+    this process sleeps); None where ``/proc/stat`` is missing (not Linux)."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1  # /proc/stat's first line sums over every core
+    elapsed = total1 - total0
+    return cores * (1.0 - (idle1 - idle0) / elapsed) if elapsed > 0 else 0.0
+
+
+def demo_threads(requested: int, log=print) -> int:
+    """The torch threads a demo runs on: ``requested``, or for 0 every core unless another
+    process keeps a core busy (multi-threaded fp32 GEMMs then stall at OpenMP barriers,
+    measured up to 50x slower on 2 cores), then 1 (said in one line)."""
+    if requested:
+        return requested
+    busy = busy_cores()
+    if busy is not None and busy > 0.5:
+        log(f"another process keeps {busy:.1f} cores busy: running on 1 thread (--threads N to "
+            "choose)")
+        return 1
+    return torch.get_num_threads()
 
 
 def median(values):

@@ -53,3 +53,30 @@ def test_demo_fails_loudly_without_head_weights(tmp_path):
     EagleHead.for_target(target).save(tmp_path)
     with pytest.raises(FileNotFoundError, match="frequency subset"):
         run_eagle_demo(["hi"], model=(target, None), head_dir=tmp_path, out=None)
+
+
+@pytest.mark.parametrize("requested, busy, expected", [
+    (3, 2.0, 3),        # an explicit --threads is kept, whatever else runs
+    (0, 0.1, None),     # idle machine: every core (torch's default)
+    (0, None, None),    # no /proc/stat (not Linux): torch's default
+    (0, 1.5, 1),        # another process holds a core: 1 thread, said once
+])
+def test_demo_threads_default_to_every_idle_core(monkeypatch, requested, busy, expected):
+    import torch
+
+    from microspec_compile import measure
+
+    monkeypatch.setattr(measure, "busy_cores", lambda: busy)
+    said = []
+    threads = measure.demo_threads(requested, log=said.append)
+    assert threads == (expected or torch.get_num_threads())
+    assert bool(said) == (expected == 1)
+
+
+def test_busy_cores_reads_a_share_of_the_cores():
+    import os
+
+    from microspec_compile.measure import busy_cores
+
+    busy = busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)
