@@ -174,8 +174,7 @@ class PackedLinears:
         self._forwards: list[tuple[nn.Module, object]] = []
         self.kernels: dict[tuple[int, int], str] = {}
         groups = _by_shape([m for m in model.modules() if _packable(m)])
-        names = [kernel] if kernel is not None else _available()
-        names = [name for name in names if KERNELS[name][0]()]  # in this build
+        names = _available() if kernel is None else [kernel] if KERNELS[kernel][0]() else []
         with torch.no_grad():
             for shape, group in groups.items() if names else ():
                 name, products = _fastest([m.weight.detach() for m in group],
