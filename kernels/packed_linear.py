@@ -135,6 +135,10 @@ def _packable(module: nn.Module) -> bool:
             and w.dtype == torch.float32)
 
 
+# (weight shape, modules of that shape, rows) -> the kernel measured fastest in this process
+_CHOSEN: dict[tuple, str] = {}
+
+
 def _by_shape(modules: list[nn.Module]) -> dict[tuple[int, int], list[nn.Module]]:
     groups: dict[tuple[int, int], list[nn.Module]] = {}
     for m in modules:
@@ -150,8 +154,8 @@ class PackedLinears:
     model : any module; its ``nn.Linear`` children with fp32 CPU weights are packed
     rows : the row count (product of the input's leading dims) the packing serves
     kernel : a name in :data:`KERNELS` for every weight, or None: per weight shape, the
-        fastest on this CPU, timed over all the model's weights of that shape (a second
-        or two for SmolLM2-135M)
+        fastest on this CPU, timed over all the model's weights of that shape (2-3 s for
+        SmolLM2-135M; once per process and shape, later packings reuse the choice)
 
     Attributes
     ----------
@@ -177,8 +181,14 @@ class PackedLinears:
         names = _available() if kernel is None else [kernel] if KERNELS[kernel][0]() else []
         with torch.no_grad():
             for shape, group in groups.items() if names else ():
+                # the choice depends on the CPU and the shapes, not on the weights' values:
+                # timed once per process, so repacking (e.g. per request) costs the packing only
+                key = (shape, len(group), rows)
+                chosen = [_CHOSEN[key]] if kernel is None and key in _CHOSEN else names
                 name, products = _fastest([m.weight.detach() for m in group],
-                                          [m.bias for m in group], rows, names, repeats=5)
+                                          [m.bias for m in group], rows, chosen, repeats=5)
+                if kernel is None:
+                    _CHOSEN[key] = name
                 self.kernels[shape] = name
                 self._forwards += [(m, self._guarded(m, product))
                                    for m, product in zip(group, products)]

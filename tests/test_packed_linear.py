@@ -63,6 +63,20 @@ def test_kernels_are_chosen_per_weight_shape():
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_the_choice_is_timed_once_per_shape_and_reused(monkeypatch):
+    # a drafter packs its head per request: only the first packing may pay for the timing
+    monkeypatch.setattr(packed_linear, "_CHOSEN", {})
+    timed = []
+    real = packed_linear._fastest
+    monkeypatch.setattr(packed_linear, "_fastest",
+                        lambda w, b, rows, names, repeats: timed.append(len(names))
+                        or real(w, b, rows, names, repeats))
+    first = PackedLinears(small_model(), 8)
+    second = PackedLinears(small_model(), 8)
+    assert second.kernels == first.kernels
+    assert timed[len(first.kernels):] == [1] * len(second.kernels)  # reused, not timed again
+
+
 def test_the_faster_kernel_is_chosen_and_a_bad_name_is_a_clear_error():
     available = [name for name, (ok, _) in KERNELS.items() if ok()]
     for chosen in (choose_kernel(torch.randn(40, 24), 8, repeats=3),

@@ -111,7 +111,7 @@ def test_bf16_only_where_this_cpu_runs_it_faster(tmp_path, monkeypatch, faster):
     # an emulated bf16 (AVX2: measured 8x slower than fp32) must not slow training down
     from microspec_compile.train import corpus, features, precision, trainer
 
-    for module in (precision, features, trainer):
+    for module in (precision, corpus, features, trainer):
         monkeypatch.setattr(module, "bf16_is_faster", lambda: faster)
     target = tiny_target()
     seqs = sequences(3)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import humaneval_problems, mtbench_questions, sharegpt_conversations
+from .precision import bf16_is_faster
 
 __all__ = ["Sequence", "held_out_texts", "training_prompts", "chat_prompt_ids",
            "original_sequences", "regenerate"]
@@ -104,8 +105,6 @@ def regenerate(target, tokenizer, prompts: list[list[int]], *, max_new_tokens: i
     list of Sequence, prompt + the target's answer up to and including its EOS
     """
     import copy
-
-    from .precision import bf16_is_faster
 
     model = (copy.deepcopy(target).to(torch.bfloat16)
              if target.dtype == torch.float32 and bf16_is_faster() else target)
