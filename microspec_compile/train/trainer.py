@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..heads import EagleHead
 from .features import FeatureSet, atomic_save
 from .precision import bf16_is_faster
+from .soft_ce import linear_soft_cross_entropy
 
 __all__ = ["TrainConfig", "make_batches", "batch_tensors", "eagle_loss", "train"]
 
@@ -115,31 +116,25 @@ def eagle_loss(head: EagleHead, tokens, inputs, targets, positions, mask, *,
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         cache = DynamicCache(config=head.attention_config) if deeper else None
         hidden = head.hidden(tokens, inputs, positions, cache=cache)
-        pred = hidden[mask]
-        logits = head.lm_head(pred)
-        with torch.no_grad():
-            target_logits = head.lm_head(targets[mask])
         if deeper:
             rows = mask.clone()
             rows[:, 0] = False  # pair 0 has no prediction of its own feature
             deep_pred = head.rollout_hidden(tokens, hidden, positions, cache)[rows[:, 1:]]
-            deep_logits = head.lm_head(deep_pred)
-    loss, agree = _feature_and_ce_loss(logits, pred, targets[mask], target_logits, ce_weight)
+    compute_dtype = torch.bfloat16 if autocast else torch.float32
+    loss, agree = _feature_and_ce_loss(head, hidden[mask], targets[mask], ce_weight, compute_dtype)
     if deeper:
-        deep_loss, _ = _feature_and_ce_loss(deep_logits, deep_pred, targets[rows],
-                                            target_logits[rows[mask]], ce_weight)
+        deep_loss, _ = _feature_and_ce_loss(head, deep_pred, targets[rows], ce_weight,
+                                            compute_dtype)
         loss = loss + rollout_weight * deep_loss
     return loss, agree, int(mask.sum())
 
 
-def _feature_and_ce_loss(logits, pred, true, target_logits, ce_weight: float):
-    """``(SmoothL1(pred, true) + ce_weight x soft CE of logits against target_logits, top-1
-    agreement)``."""
-    target_p = torch.softmax(target_logits.float(), dim=-1)
-    ce = -(target_p * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+def _feature_and_ce_loss(head: EagleHead, pred, true, ce_weight: float, compute_dtype):
+    """``(SmoothL1(pred, true) + ce_weight x soft CE of the LM head's scores of pred against
+    the target's distribution softmax(head(true)), top-1 agreement)`` (:mod:`.soft_ce`)."""
+    ce, agree = linear_soft_cross_entropy(pred, true, head.lm_head, compute_dtype=compute_dtype)
     feature_loss = F.smooth_l1_loss(pred.float(), true)
-    agree = (logits.argmax(-1) == target_logits.argmax(-1)).float().mean()
-    return feature_loss + ce_weight * ce, float(agree)
+    return feature_loss + ce_weight * ce, int(agree) / pred.shape[0]
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
