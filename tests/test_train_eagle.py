@@ -165,6 +165,13 @@ def test_evaluation_prompts_are_held_out_of_training():
     assert not any(" ".join(user.split()).lower() in held for user, _ in pairs)
 
 
+def test_regen_skip_answers_prompts_past_the_earlier_ones():
+    # a fine-tuning run with --regen-skip N must regenerate prompts the earlier head never saw
+    first = training_prompts(10)
+    later = training_prompts(10, skip=200)  # conversations, not pairs: far past the first 10
+    assert len(later) == 10 and not set(later) & set(first)
+
+
 LIBRARY_MODULE = '''import os
 import re
 
@@ -317,6 +324,13 @@ def test_model_card_states_data_training_and_both_agreements(tmp_path):
     card = (tmp_path / "card.md").read_text()
     assert "**0.410**" in card and "**0.270**" in card and "mtbench: 0.500" in card
     assert "0.5 x the same loss one step deeper" in card and "--rollout-weight 0.5" in card
+    # the reproduce line names every pipeline setting that differs from the defaults
+    assert "--generate-minutes" not in card
+    report["pipeline"] = {**asdict(PipelineConfig()), "regen_skip": 1230, "generate_minutes": 14.0}
+    write_model_card(tmp_path / "card.md", report)
+    card = (tmp_path / "card.md").read_text()
+    assert "--regen-skip 1230 " in card and "--generate-minutes 14.0 " in card
+    assert "(after the first 1230)" in card
     # fine-tuned twice: both earlier stages are listed, newest first
     stage = {"held_out": {"agreement": 0.3}, "training": training, "data": {"sequence_tokens": 9}}
     report["initialised_from"] = {**stage, "initialised_from": {

@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
                    help="cache of data, features and checkpoints (default: under "
                         "~/.cache/microspec_compile)")
     p.add_argument("--regen-prompts", type=int, default=d.regen_prompts)
+    p.add_argument("--regen-skip", type=int, default=d.regen_skip,
+                   help="ShareGPT prompts to skip before those the target answers (fine-tuning: "
+                        "past the prompts an earlier head was trained on)")
     p.add_argument("--original-prompts", type=int, default=d.original_prompts)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--generate-minutes", type=float, default=d.generate_minutes)
@@ -61,6 +64,7 @@ def main(args) -> int:
     name = Path(str(args.model or "smollm2")).stem
     work = Path(args.work_dir) if args.work_dir else default_cache_dir() / f"train-eagle-{name}"
     cfg = dataclasses.replace(PipelineConfig(), regen_prompts=args.regen_prompts,
+                              regen_skip=args.regen_skip,
                               original_prompts=args.original_prompts,
                               max_new_tokens=args.max_new_tokens,
                               generate_minutes=args.generate_minutes,

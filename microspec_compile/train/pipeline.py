@@ -40,9 +40,16 @@ FREQUENT_FILE = "frequent_ids.json"
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """What to train on and for how long (defaults: about 90 minutes on 2 CPU cores)."""
+    """What to train on and for how long (defaults: about 90 minutes on 2 CPU cores).
+
+    The target answers ShareGPT prompts ``regen_skip .. regen_skip + regen_prompts`` (as many
+    as ``generate_minutes`` allow; a ``regen_skip`` past the prompts an earlier head was
+    trained on gives a fine-tuning run new answers); the slice with ShareGPT's own answers
+    starts 500 prompts after that range.
+    """
 
     regen_prompts: int = 4000
+    regen_skip: int = 0
     original_prompts: int = 3000
     max_new_tokens: int = 192
     max_len: int = 512
@@ -124,11 +131,13 @@ def run_pipeline(target, tokenizer, work_dir: str | Path, out_dir: str | Path, *
     t_start = time.perf_counter()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    chat = [chat_prompt_ids(tokenizer, u) for u, _ in training_prompts(config.regen_prompts)]
+    chat = [chat_prompt_ids(tokenizer, u)
+            for u, _ in training_prompts(config.regen_prompts, skip=config.regen_skip)]
     regen = _regenerated(target, tokenizer, work, chat, "regen", config.generate_minutes,
                          config.max_new_tokens, config, log)
     orig = _cached_sequences(work / "original.pt", lambda: original_sequences(
-        tokenizer, training_prompts(config.original_prompts, skip=config.regen_prompts + 500),
+        tokenizer, training_prompts(config.original_prompts,
+                                    skip=config.regen_skip + config.regen_prompts + 500),
         max_len=config.max_len))
     functions = stdlib_functions(config.code_regen_prompts + config.code_original)  # parse once
     code_prompts = [tokenizer(h, add_special_tokens=False)["input_ids"]
@@ -192,8 +201,9 @@ def _saved_report(directory) -> dict:
 
 def _data_lines(d: dict, p: dict) -> list[str]:
     lines = [
-        f"- {d['regenerated_answers']} ShareGPT first turns answered by the target itself "
-        f"(batched greedy, up to {p['max_new_tokens']} tokens): "
+        f"- {d['regenerated_answers']} ShareGPT first turns"
+        + (f" (after the first {p['regen_skip']})" if p.get("regen_skip") else "")
+        + f" answered by the target itself (batched greedy, up to {p['max_new_tokens']} tokens): "
         f"{d['regenerated_answer_tokens']} answer tokens;",
         f"- {d['original_answers']} more first turns with ShareGPT's own answers: "
         f"{d['original_answer_tokens']} answer tokens;"]
@@ -217,9 +227,10 @@ def _training_line(t: dict) -> str:
 
 
 def _reproduce_line(p: dict, t: dict, init: dict | None) -> str:
-    flags = (f"--generate-minutes {p['generate_minutes']} --train-minutes {p['train_minutes']} "
-             f"--lr {t['lr']}" + (f" --rollout-weight {t['rollout_weight']}"
-                                   if t.get("rollout_weight") else ""))
+    default = asdict(PipelineConfig())
+    changed = [f"--{k.replace('_', '-')} {v}" for k, v in p.items() if default.get(k, v) != v]
+    flags = " ".join([*changed, f"--lr {t['lr']}"] + (
+        [f"--rollout-weight {t['rollout_weight']}"] if t.get("rollout_weight") else []))
     if not init:
         return f"Reproduce: `microspec train-eagle --out DIR {flags}` (every stage resumes)."
     return ("Reproduce: train the earlier head first (its report is in `eagle_config.json` under "
