@@ -108,6 +108,35 @@ def test_tree_masks_and_paths():
     assert path == [0] and bonus == 7
 
 
+@pytest.mark.parametrize("path", [
+    [0],           # nothing accepted: the prefix and the root, already in place
+    [0, 1, 2],     # the best chain: in place, only cut
+    [0, 2],        # a sibling: one row moves down
+    [0, 2, 5, 6],  # rows move over rows that move too
+])
+def test_keep_path_rows_is_the_selection_of_those_rows(path):
+    from transformers import DynamicCache
+
+    from microspec_compile.spec.verify import keep_path_rows
+
+    past, tree = 5, 7
+    cache, full = DynamicCache(), []
+    for layer in range(2):
+        k, v = torch.randn(1, 2, past + tree, 4), torch.randn(1, 2, past + tree, 4)
+        cache.update(k, v, layer)
+        full.append((k.clone(), v.clone()))
+    keep_path_rows(cache, past, path)
+    rows = torch.tensor(list(range(past)) + [past + p for p in path])
+    assert cache.get_seq_length() == past + len(path)
+    for layer, (k, v) in zip(cache.layers, full):
+        assert torch.equal(layer.keys, k.index_select(2, rows))
+        assert torch.equal(layer.values, v.index_select(2, rows))
+    # the next forward appends after the kept rows
+    k_new = torch.randn(1, 2, 3, 4)
+    keys, _ = cache.update(k_new, k_new, 0)
+    assert torch.equal(keys, torch.cat([full[0][0].index_select(2, rows), k_new], 2))
+
+
 def test_select_tree_keeps_best_and_ancestors():
     tokens = torch.tensor([5, 6, 7, 8])
     parents = torch.tensor([-1, -1, 0, 2])

@@ -38,7 +38,7 @@ from ..kernels.packed_linear import PackedLinears
 from .attention import gqa_attention
 from .stats import SpecStats, finish
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask, select_tree
-from .verify import crop_cache, keep_cache_rows, prefill, verify_tree
+from .verify import crop_cache, keep_path_rows, prefill, verify_tree
 
 __all__ = ["TreeConfig", "EagleDrafter", "eagle_generate", "pack_head_linears"]
 
@@ -264,8 +264,7 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                 _observe_verified(vocab, draft_tree, logits, emitted, target_topk)
             stats.accepted.append(len(path) - 1)
             stats.tree_sizes.append(len(draft_tree))
-            keep = torch.cat([torch.arange(n), n + torch.tensor(path)]).to(dev)
-            keep_cache_rows(cache, keep)
+            keep_path_rows(cache, n, path)
             n += len(path)
             tokens.extend(emitted)
             root = bonus

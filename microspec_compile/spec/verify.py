@@ -14,7 +14,7 @@ import torch
 from ..kernels import small_batch_linear  # noqa: F401  (registers the op)
 from .tree import DraftTree, causal_mask
 
-__all__ = ["target_forward", "verify_tree", "keep_cache_rows", "crop_cache"]
+__all__ = ["target_forward", "verify_tree", "keep_path_rows", "crop_cache"]
 
 
 def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
@@ -52,19 +52,34 @@ def verify_tree(target, tree: DraftTree, cache, past: int, dtype: torch.dtype = 
     Returns
     -------
     (features [T, H], logits [T, V]); the cache grows by ``T`` rows (see
-    :func:`keep_cache_rows`)
+    :func:`keep_path_rows`)
     """
     return target_forward(target, tree.tokens.view(1, -1), cache, tree.position_ids(past),
                           tree.attention_mask(past, dtype), head_rows)
 
 
-def keep_cache_rows(cache, keep: torch.Tensor) -> None:
-    """Keep only the sequence rows ``keep`` ([n] int64, increasing) of every layer, contiguous."""
+def keep_path_rows(cache, past: int, path: list[int]) -> None:
+    """Keep the ``past`` cached rows and the accepted tree rows ``past + path``, in that order.
+
+    ``path`` holds increasing tree indices from the root (``path[0] == 0``, so
+    ``path[i] >= i``).  Rows already in place stay; the few others are copied down
+    into place, then every layer is cut to ``past + len(path)`` rows as a view: no
+    copy of the cached prefix (the next forward's ``torch.cat`` copies the cache
+    anyway; an ``index_select`` of all rows cost a full extra copy per round).
+    """
+    moved = [i for i, p in enumerate(path) if p != i]
+    dst = torch.tensor([past + i for i in moved], dtype=torch.int64)
+    src = torch.tensor([past + path[i] for i in moved], dtype=torch.int64)
+    length = past + len(path)
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None:
             continue
-        layer.keys = layer.keys.index_select(2, keep)
-        layer.values = layer.values.index_select(2, keep)
+        if moved:
+            d, s = dst.to(layer.keys.device), src.to(layer.keys.device)
+            layer.keys[:, :, d] = layer.keys[:, :, s]  # the gathered rows are a copy: safe
+            layer.values[:, :, d] = layer.values[:, :, s]
+        layer.keys = layer.keys[:, :, :length]
+        layer.values = layer.values[:, :, :length]
 
 
 def crop_cache(cache, length: int) -> None:
