@@ -32,7 +32,8 @@ def test_train_eagle_help_and_required_out(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train-eagle", "--help"])
     text = capsys.readouterr().out
-    for option in ("--out", "--work-dir", "--generate-minutes", "--train-minutes", "--seed"):
+    for option in ("--out", "--work-dir", "--generate-minutes", "--train-minutes", "--seed",
+                   "--regen-skip", "--ce-weight"):
         assert option in text
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train-eagle"])  # --out is required

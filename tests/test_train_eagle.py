@@ -330,7 +330,10 @@ def test_model_card_states_data_training_and_both_agreements(tmp_path):
     write_model_card(tmp_path / "card.md", report)
     card = (tmp_path / "card.md").read_text()
     assert "--regen-skip 1230 " in card and "--generate-minutes 14.0 " in card
-    assert "(after the first 1230)" in card
+    assert "(after the first 1230)" in card and "--ce-weight" not in card
+    training["ce_weight"] = 1.0
+    write_model_card(tmp_path / "card.md", report)
+    assert "--ce-weight 1.0" in (tmp_path / "card.md").read_text()
     # fine-tuned twice: both earlier stages are listed, newest first
     stage = {"held_out": {"agreement": 0.3}, "training": training, "data": {"sequence_tokens": 9}}
     report["initialised_from"] = {**stage, "initialised_from": {

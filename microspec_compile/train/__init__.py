@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rollout-weight", type=float, default=t.rollout_weight,
                    help="weight of the loss one step deeper on the head's own predictions "
                         "(EAGLE-3's training-time test; what the tree's depth 1 computes); 0: off")
+    p.add_argument("--ce-weight", type=float, default=t.ce_weight,
+                   help="weight of the soft cross-entropy against the target's distribution "
+                        "beside the feature loss (EAGLE: 0.1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
 
 
@@ -73,7 +76,7 @@ def main(args) -> int:
                               code_original=args.code_original,
                               code_generate_minutes=args.code_generate_minutes)
     tcfg = dataclasses.replace(TrainConfig(), lr=args.lr, seed=args.seed,
-                               rollout_weight=args.rollout_weight)
+                               rollout_weight=args.rollout_weight, ce_weight=args.ce_weight)
     bar = tqdm(desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
 
     def progress(step, total, loss, agree):

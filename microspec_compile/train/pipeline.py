@@ -230,7 +230,8 @@ def _reproduce_line(p: dict, t: dict, init: dict | None) -> str:
     default = asdict(PipelineConfig())
     changed = [f"--{k.replace('_', '-')} {v}" for k, v in p.items() if default.get(k, v) != v]
     flags = " ".join([*changed, f"--lr {t['lr']}"] + (
-        [f"--rollout-weight {t['rollout_weight']}"] if t.get("rollout_weight") else []))
+        [f"--rollout-weight {t['rollout_weight']}"] if t.get("rollout_weight") else []) + (
+        [f"--ce-weight {t['ce_weight']}"] if t["ce_weight"] != TrainConfig.ce_weight else []))
     if not init:
         return f"Reproduce: `microspec train-eagle --out DIR {flags}` (every stage resumes)."
     return ("Reproduce: train the earlier head first (its report is in `eagle_config.json` under "
