@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--top-k", type=int, default=tree.top_k, help="EAGLE-2 children per node")
     demo.add_argument("--total-tokens", type=int, default=tree.total_tokens,
                       help="EAGLE-2 tree tokens verified per round (root included)")
+    demo.add_argument("--lookup", type=int, default=tree.lookup,
+                      help="context lookup: when the last 2-3 tokens recur, verify the up to N "
+                           "tokens that followed them instead of the head's tree; 0: off")
     demo.add_argument("--draft-layers", type=int, default=4,
                       help="early-exit only: decoder layers of the draft (shares the target's)")
     demo.add_argument("--gamma", type=int, default=4,
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"microspec demo: --{name.replace('_', '-')} must be >= 1")
         if args.target_topk < 0:
             raise SystemExit("microspec demo: --target-topk must be >= 0")
+        if args.lookup < 0:
+            raise SystemExit("microspec demo: --lookup must be >= 0 (0: off)")
         try:
             check_small_batch_linear(args.small_batch_linear)
         except ValueError:
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.draft == "eagle":
             from .eagle_demo import run_eagle_demo
 
-            tree = TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens)
+            tree = TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens,
+                              lookup=args.lookup)
             run_eagle_demo(args.prompt, max_new_tokens=args.max_new_tokens, tree=tree,
                            runs=args.runs, sample=args.sample, temperature=args.temperature,
                            seed=args.seed, capacity=args.capacity, target_topk=args.target_topk,

@@ -1,20 +1,25 @@
 """``make demo``: EAGLE-2 on SmolLM2-135M, target alone vs dense vs FR-Spec vs microspec head.
 
-Four ways of decoding the same held-out prompts (MT-bench first turns, HumanEval
-stubs; never trained on) with SmolLM2-135M-Instruct (fp32, CPU):
+Ways of decoding the same held-out prompts (MT-bench first turns, HumanEval stubs;
+never trained on) with SmolLM2-135M-Instruct (fp32, CPU):
 
-1. ``target``     the target alone, one token per step;
-2. ``dense``      EAGLE-2 with the shipped head; its LM-head calls (1 row, then
-                  ``top_k`` rows per depth) go to the full 49152-row head, Inductor;
-3. ``frspec``     the same over a fixed quarter of the vocabulary (the most frequent
-                  tokens of the training text, FR-Spec style), Inductor;
-4. ``microspec``  the same head compiled with ``backend="microspec"``: a sparse head
-                  over the request's active vocabulary (MicroSpec's policy).
+1. ``target``      the target alone, one token per step;
+2. ``lookup``      context lookup alone (``spec.lookup``, no draft model): the tokens
+                   that followed the last 2-3 tokens' earlier occurrence;
+3. ``dense``       EAGLE-2 with the shipped head; its LM-head calls (1 row, then
+                   ``top_k`` rows per depth) go to the full 49152-row head, Inductor;
+4. ``frspec``      the same over a fixed quarter of the vocabulary (the most frequent
+                   tokens of the training text, FR-Spec style), Inductor;
+5. ``microspec``   the same head compiled with ``backend="microspec"``: a sparse head
+                   over the request's active vocabulary (MicroSpec's policy);
+6. ``eagle-only``  the microspec way without context lookup (plain EAGLE-2).
 
-All EAGLE ways share the target, the tree shape, the caches and the loop
-(:func:`microspec_compile.spec.eagle_generate`); only the LM-head call differs.
-Ways are interleaved prompt by prompt and every number is a median over runs
-(:mod:`microspec_compile.measure`).
+The tree's ``lookup`` (default on) makes ways 3-5 verify a looked-up chain instead of
+the head's tree in rounds where the context recurs; ways 2 and 6 show each part
+alone (with ``lookup=0`` they are left out).  All EAGLE ways share the target, the
+caches and the loop (:func:`microspec_compile.spec.eagle_generate`); 3-5 differ only
+in the LM-head call.  Ways are interleaved prompt by prompt and every number is a
+median over runs (:mod:`microspec_compile.measure`).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import datetime
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,12 +40,20 @@ from .heads import EagleHead
 from .kernels.packed_linear import PackedLinears
 from .measure import fmt, measure_ways, run_fields, summarize, write_report
 from .models import load_causal_lm
-from .spec import SubsetTopkScorer, TopkScorer, TreeConfig, autoregressive_generate, eagle_generate, pack_head_linears
+from .spec import (
+    SubsetTopkScorer,
+    TopkScorer,
+    TreeConfig,
+    autoregressive_generate,
+    eagle_generate,
+    lookup_generate,
+    pack_head_linears,
+)
 
 __all__ = ["EAGLE_WAYS", "default_head_dir", "load_frequent_ids", "run_eagle_demo",
            "format_eagle_table"]
 
-EAGLE_WAYS = ("target", "dense", "frspec", "microspec")
+EAGLE_WAYS = ("target", "lookup", "dense", "frspec", "microspec", "eagle-only")
 WARMUP_PROMPTS = ("List three colours of the rainbow.",
                   "Explain in two short sentences why the sky is blue, and why sunsets are red.")
 
@@ -69,26 +83,40 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
     vocab = ms.vocab_of(sparse_module, capacity=capacity, pinned_ids=pinned)
     sparse = torch.compile(sparse_module, backend=ms.backend(capacity=capacity, pinned_ids=pinned),
                            dynamic=True)
-    # one packing of the target for the tree's size, shared by every EAGLE way
-    packed = PackedLinears(target, tree.total_tokens) if kw["packed_verify"] else None
-    head_rows = 0 if packed is not None and packed.count else kw["small_batch_linear"]
+    # one packing of the target per verified size, shared by every way
+    packed = ([PackedLinears(target, rows) for rows in tree.verified_sizes()]
+              if kw["packed_verify"] else [])
+    head_rows = 0 if any(p.count for p in packed) else kw["small_batch_linear"]
     head_linears = pack_head_linears(head, tree)  # once, not per request
+    plain_tree = replace(tree, lookup=0)
 
     def target_alone(ids, seed):
         return autoregressive_generate(target, ids, kw["max_new_tokens"],
                                        eos_token_id=kw["eos_token_id"], **_sampling(kw, seed))
 
-    def eagle(scorer, v):
+    def lookup_alone(ids, seed):
+        return lookup_generate(target, ids, kw["max_new_tokens"], tree.lookup,
+                               eos_token_id=kw["eos_token_id"], verify_linears=packed or None,
+                               **_sampling(kw, seed))
+
+    def eagle(scorer, v, shape=tree):
+        packs = [p for p in packed if p.rows in shape.verified_sizes()] or None
+
         def generate(ids, seed):
-            return eagle_generate(target, head, scorer, ids, kw["max_new_tokens"], tree, vocab=v,
+            return eagle_generate(target, head, scorer, ids, kw["max_new_tokens"], shape, vocab=v,
                                   target_topk=kw["target_topk"], eos_token_id=kw["eos_token_id"],
-                                  verify_head_rows=head_rows, verify_linears=packed,
+                                  verify_head_rows=head_rows, verify_linears=packs,
                                   draft_linears=head_linears, **_sampling(kw, seed))
         return generate
 
-    kernels = {"verify": _shape_kernels(packed), "draft": _shape_kernels(head_linears)}
-    return {"target": target_alone, "dense": eagle(dense, None), "frspec": eagle(fixed, None),
-            "microspec": eagle(sparse, vocab)}, vocab, kernels
+    kernels = {"verify": _shape_kernels(packed[0] if packed else None),
+               "draft": _shape_kernels(head_linears)}
+    ways = {"target": target_alone, "lookup": lookup_alone, "dense": eagle(dense, None),
+            "frspec": eagle(fixed, None), "microspec": eagle(sparse, vocab),
+            "eagle-only": eagle(sparse, vocab, plain_tree)}
+    if not tree.lookup:  # both parts alone are the ways above
+        del ways["lookup"], ways["eagle-only"]
+    return ways, vocab, kernels
 
 
 def _shape_kernels(packed: PackedLinears | None) -> dict | None:
@@ -149,19 +177,22 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     ways, vocab, kernels = _ways(target, head, tree, frequent, capacity, pinned, kw)
     res = measure_ways(ways, [p["name"] for p in items], inputs, warm, runs, seed, progress)
 
-    summary = {w: summarize(res["records"][w]) for w in EAGLE_WAYS}
+    names = list(ways)  # EAGLE_WAYS, less the lookup pair when lookup is off
+    summary = {w: summarize(res["records"][w]) for w in names}
     in_subset = torch.zeros(target.config.vocab_size, dtype=torch.bool)
     in_subset[frequent] = True
     emitted = [t for toks in res["outputs"]["frspec"].values() for t in toks]
     summary["frspec"]["coverage"] = float(in_subset[torch.tensor(emitted)].float().mean())
     summary["frspec"]["mean_vocab_size"] = int(frequent.numel())
     base = summary["target"]["tokens_per_s"]
-    for way in EAGLE_WAYS:
+    for way in names:
         summary[way]["speedup_vs_target"] = summary[way]["tokens_per_s"] / base
-    summary["microspec"]["speedup_vs_dense"] = (summary["microspec"]["tokens_per_s"] /
-                                                summary["dense"]["tokens_per_s"])
+    mine = summary["microspec"]["tokens_per_s"]
+    for other in ("dense", "lookup", "eagle-only"):
+        if other in summary:
+            summary["microspec"][f"speedup_vs_{other}"] = mine / summary[other]["tokens_per_s"]
     ref = res["outputs"]["target"]
-    identical = {w: all(res["outputs"][w][k] == ref[k] for k in ref) for w in EAGLE_WAYS[1:]}
+    identical = {w: all(res["outputs"][w][k] == ref[k] for k in ref) for w in names[1:]}
     record = json.loads((head_dir / "eagle_config.json").read_text())
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -193,7 +224,7 @@ def format_eagle_table(report: dict) -> str:
     head = (f"{'way':<10} {'tok/s':>7} {'vs target':>9} {'tok/verif':>9} {'coverage':>8} "
             f"{'|S| mean':>8} {'draft ms':>8} {'verify ms':>9} {'warm-up s':>9}")
     lines = [head, "-" * len(head)]
-    for way in EAGLE_WAYS:
+    for way in report["summary"]:
         s = report["summary"][way]
         tok_verif = s["tokens_per_target_step"] if way != "target" else None
         lines.append(f"{way:<10} {fmt(s['tokens_per_s'], '7.2f')} "
@@ -202,11 +233,21 @@ def format_eagle_table(report: dict) -> str:
                      f"{fmt(s['draft_step_ms'], '8.2f')} {fmt(s['target_step_ms'], '9.2f')} "
                      f"{report['warmup_s'][way]:9.1f}")
     t = report["settings"]["tree"]
+    lookup = t.get("lookup", 0)
     lines.append(f"draft ms: drafting one tree (root + {t['depth']} expansions, top_k "
-                 f"{t['top_k']}); verify ms: one target forward over {t['total_tokens']} tree "
-                 "tokens (target: one-token step); medians")
+                 f"{t['top_k']}{'; or a lookup' if lookup else ''}); verify ms: one target "
+                 f"forward over {t['total_tokens']} tree tokens"
+                 + (f" or the root + up to {lookup} looked-up ones" if lookup else "")
+                 + " (target: one-token step); medians per round")
+    m = report["summary"]["microspec"]
     lines.append(f"microspec vs EAGLE-2 dense head: {report['speedup_microspec_vs_dense']:.2f}x "
-                 f"tokens/s; vs target alone: {report['speedup_microspec_vs_target']:.2f}x")
+                 f"tokens/s; vs target alone: {report['speedup_microspec_vs_target']:.2f}x"
+                 + "".join(f"; vs {w}: {m[f'speedup_vs_{w}']:.2f}x" for w in ("lookup", "eagle-only")
+                           if f"speedup_vs_{w}" in m))
+    if lookup:
+        lines.append(f"lookup: context lookup alone; dense / frspec / microspec verify a chain of up "
+                     f"to {lookup} looked-up tokens when the last 2-3 tokens recur, else the head's "
+                     "tree; eagle-only: microspec without lookup")
     same = report["identical_to_target"]
     if same is None:
         lines.append("sampling mode: outputs are not compared token by token")
@@ -223,16 +264,20 @@ def plot_eagle(report: dict, path: Path) -> Path:
     """Bars: tokens/s per way, and the draft / verification time per round."""
     plt = pyplot()
     s = report["summary"]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(12, 3.6))
-    colors = ["#888888", "#4c72b0", "#55a868", "#dd8452"]
-    bar_panel(ax1, EAGLE_WAYS, [s[w]["tokens_per_s"] for w in EAGLE_WAYS], colors, "%.2f",
+    ways = list(s)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.8))
+    palette = {"target": "#888888", "lookup": "#8172b2", "dense": "#4c72b0",
+               "frspec": "#55a868", "microspec": "#dd8452", "eagle-only": "#c44e52"}
+    colors = [palette.get(w, "#999999") for w in ways]
+    bar_panel(ax1, ways, [s[w]["tokens_per_s"] for w in ways], colors, "%.2f",
               "tokens / s", "end to end")
-    bar_panel(ax2, EAGLE_WAYS[1:], [s[w]["draft_step_ms"] for w in EAGLE_WAYS[1:]], colors[1:],
-              "%.1f", "ms (median)", "draft one tree")
-    bar_panel(ax3, EAGLE_WAYS[1:], [s[w]["tokens_per_target_step"] for w in EAGLE_WAYS[1:]],
+    bar_panel(ax2, ways[1:], [s[w]["draft_step_ms"] for w in ways[1:]], colors[1:],
+              "%.1f", "ms (median)", "draft one round")
+    bar_panel(ax3, ways[1:], [s[w]["tokens_per_target_step"] for w in ways[1:]],
               colors[1:], "%.2f", "tokens", "tokens per verification")
     hw, t = report["hardware"], report["settings"]["tree"]
     title = (f"EAGLE-2 on SmolLM2-135M (depth {t['depth']}, top_k {t['top_k']}, "
-             f"{t['total_tokens']} tokens); {hw.get('cpu_model')}, {hw['torch_threads']} "
+             f"{t['total_tokens']} tokens, lookup {t.get('lookup', 0)}); {hw.get('cpu_model')}, "
+             f"{hw['torch_threads']} "
              f"thread(s), torch {hw['torch']}")
     return save_figure(fig, path, title, fontsize=9)

@@ -56,12 +56,14 @@ def prompt(n=12, seed=1):
 
 # Why each case: a random head (nothing accepted: the correction path), the oracle head
 # (whole paths accepted: the cache keep / re-encode path), and tree shapes from a chain
-# (top_k=1) to a wide one.
+# (top_k=1) to a wide one; the head's tree alone (lookup=0), then with context lookup
+# (looked-up rounds leave the head's pairs pending for a later round).
 @pytest.mark.parametrize("bigram,shape", [
-    (False, TreeConfig(depth=3, top_k=4, total_tokens=8)),
-    (True, TreeConfig(depth=3, top_k=4, total_tokens=8)),
-    (True, TreeConfig(depth=5, top_k=1, total_tokens=6)),
-    (True, TreeConfig(depth=2, top_k=6, total_tokens=20)),
+    (False, TreeConfig(depth=3, top_k=4, total_tokens=8, lookup=0)),
+    (True, TreeConfig(depth=3, top_k=4, total_tokens=8, lookup=0)),
+    (True, TreeConfig(depth=5, top_k=1, total_tokens=6, lookup=0)),
+    (True, TreeConfig(depth=2, top_k=6, total_tokens=20, lookup=0)),
+    (True, TreeConfig(depth=3, top_k=4, total_tokens=8, lookup=5)),
 ])
 def test_greedy_equals_target(bigram, shape):
     target = tiny_target(bigram=bigram)
@@ -71,7 +73,7 @@ def test_greedy_equals_target(bigram, shape):
     out, stats = eagle_generate(target, head, TopkScorer(target.lm_head, shape.top_k), ids, 24,
                                 shape)
     assert torch.equal(out, ref)
-    assert max(stats.tree_sizes) <= shape.total_tokens
+    assert max(stats.tree_sizes) <= max(shape.verified_sizes())
     if bigram:  # every round accepts a whole path of the tree
         assert stats.tokens_per_verification() > 2.0
     else:
@@ -80,7 +82,7 @@ def test_greedy_equals_target(bigram, shape):
 
 def test_oracle_accepts_depth_plus_one():
     target = tiny_target(bigram=True)
-    shape = TreeConfig(depth=3, top_k=2, total_tokens=30)
+    shape = TreeConfig(depth=3, top_k=2, total_tokens=30, lookup=0)
     _, stats = eagle_generate(target, oracle_head(target), TopkScorer(target.lm_head, 2),
                               prompt(), 40, shape)
     # the greedy chain is the best-scored path and is always kept: depth + 1 accepted
@@ -266,7 +268,7 @@ def test_packed_verification_same_greedy_output():
 def test_packed_verification_for_another_tree_size_is_a_clear_error():
     # a packing for 4 rows would silently never be used by a 10-token tree
     target = tiny_target(bigram=True)
-    shape = TreeConfig(depth=3, top_k=4, total_tokens=10)
+    shape = TreeConfig(depth=3, top_k=4, total_tokens=10, lookup=0)
     with pytest.raises(ValueError, match="packed for 4 rows but the tree verifies 10"):
         eagle_generate(target, oracle_head(target), TopkScorer(target.lm_head, 4), prompt(), 8,
                        shape, verify_linears=PackedLinears(target, 4))

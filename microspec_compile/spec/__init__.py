@@ -8,11 +8,12 @@
 """
 from .chain import autoregressive_generate, speculative_generate, vocabulary_of
 from .eagle import EagleDrafter, TreeConfig, eagle_generate, pack_head_linears
+from .lookup import ContextLookup, lookup_generate
 from .scorers import SubsetTopkScorer, TopkScorer
 from .stats import SpecStats
 from .tree import DraftTree, accept_greedy, accept_sampling, select_tree
 
 __all__ = ["SpecStats", "autoregressive_generate", "speculative_generate", "vocabulary_of",
            "EagleDrafter", "TopkScorer", "SubsetTopkScorer", "TreeConfig", "eagle_generate",
-           "pack_head_linears", "DraftTree",
+           "pack_head_linears", "DraftTree", "ContextLookup", "lookup_generate",
            "accept_greedy", "accept_sampling", "select_tree"]

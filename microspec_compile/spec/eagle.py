@@ -26,7 +26,6 @@ and the target's argmax and top-3 at every tree position.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ from torch import nn
 from ..heads import EagleHead
 from ..kernels.packed_linear import PackedLinears
 from .attention import gqa_attention
+from .lookup import ContextLookup, chain_tree, packing_for
 from .stats import SpecStats, finish
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask, select_tree
 from .verify import crop_cache, keep_path_rows, prefill, verify_tree
@@ -48,23 +48,35 @@ class TreeConfig:
     """Shape of the dynamic tree (defaults: ``bench/bench_eagle_tree.py`` with the shipped head
     on this project's 2-core CPUs, see the README: with this head's acceptance, one expansion
     and 4 verified tokens beat deeper trees, whose extra tokens are rarely accepted; 4
-    children per node accept as much as 8 and draft for less).
+    children per node accept as much as 8 and draft for less; a looked-up chain of up to 7
+    tokens beat 4 and none on the tuning prompts).
 
     Parameters
     ----------
     depth : expansion steps after the root (the tree is up to ``depth + 1`` deep)
     top_k : children per expanded node, and nodes expanded per step
     total_tokens : nodes the target verifies, root included
+    lookup : context lookup (``spec.lookup``): when the last 2-3 tokens occurred before,
+        verify the root and the up to ``lookup`` tokens that followed them instead of the
+        head's tree (the head does not run that round); 0: the head drafts every round
     """
 
     depth: int = 1
     top_k: int = 4
     total_tokens: int = 4
+    lookup: int = 7
 
     def __post_init__(self):
         for name in ("depth", "top_k", "total_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lookup < 0:
+            raise ValueError(f"lookup must be >= 0 (0: off), got {self.lookup}")
+
+    def verified_sizes(self) -> tuple[int, ...]:
+        """Tree sizes a round verifies: the head's tree, and a full looked-up chain."""
+        return tuple(sorted({self.total_tokens, self.lookup + 1} if self.lookup
+                            else {self.total_tokens}))
 
 
 def pack_head_linears(head: EagleHead, tree: TreeConfig) -> PackedLinears:
@@ -182,7 +194,8 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     verify_head_rows : >= 2: the target's LM head scores trees of up to this many tokens
         as ``W @ x^T`` (faster on CPU, other rounding; ``spec.verify.target_forward``)
     verify_linears : a ``kernels.PackedLinears`` of ``target`` for ``tree.total_tokens``
-        rows, entered around each verification (CPU: a plain fp32 product repacks every
+        rows, or a sequence of them for ``tree.verified_sizes()`` (with ``lookup``), entered
+        around each verification of that size (CPU: a plain fp32 product repacks every
         weight per call; other rounding), or None
     draft_linears : :func:`pack_head_linears` of ``head`` for ``tree``, or None: packed
         for this request (packing and choosing the kernel take milliseconds)
@@ -204,10 +217,12 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         raise ValueError(f"input_ids must be a non-empty prompt of ids in [0, {vocab_size})")
     if sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if verify_linears is not None and verify_linears.rows != tree.total_tokens:
-        raise ValueError(f"verify_linears is packed for {verify_linears.rows} rows but the tree "
-                         f"verifies {tree.total_tokens} tokens: build PackedLinears(target, "
-                         f"{tree.total_tokens})")
+    packs = verify_linears if isinstance(verify_linears, (list, tuple)) else [verify_linears]
+    for packed in (p for p in packs if p is not None):
+        if packed.rows not in tree.verified_sizes():
+            raise ValueError(f"verify_linears is packed for {packed.rows} rows but the tree "
+                             f"verifies {' or '.join(map(str, tree.verified_sizes()))} tokens: "
+                             f"build PackedLinears(target, rows) for those")
     if draft_linears is not None and draft_linears.rows != tree.top_k:
         raise ValueError(f"draft_linears is packed for {draft_linears.rows} rows but the tree "
                          f"expands {tree.top_k} nodes per step: build pack_head_linears(head, "
@@ -236,17 +251,26 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                 vocab.observe(logits.topk(target_topk, dim=-1).indices)
         stats.prefill_time = time.perf_counter() - t0
         n, tokens = input_ids.shape[1], [root]
+        index = ContextLookup(input_ids[0]) if tree.lookup else None
+        if index is not None:
+            index.extend([root])
+        # pairs (f_i, x_{i+1}) the head has not encoded yet
         pair_tokens = torch.cat([input_ids[0, 1:], torch.tensor([root], device=dev)])
         pair_features = features
 
         while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
             t = time.perf_counter()
-            root_hidden, logp, ids = drafter.encode(pair_tokens, pair_features)
-            draft_tree = drafter.draft(root, root_hidden, logp, ids)
+            chain = index.propose(tree.lookup) if index is not None else []
+            if chain:  # the context recurs: verify its continuation, the head's pairs wait
+                draft_tree = chain_tree(root, chain)
+            else:
+                root_hidden, logp, ids = drafter.encode(pair_tokens, pair_features)
+                draft_tree = drafter.draft(root, root_hidden, logp, ids)
+                pair_tokens, pair_features = pair_tokens[:0], pair_features[:0]
             stats.draft_times.append(time.perf_counter() - t)
 
             t = time.perf_counter()
-            with verify_linears or contextlib.nullcontext():
+            with packing_for(verify_linears, len(draft_tree)):
                 features, logits = verify_tree(target, draft_tree, cache, n, dtype, verify_head_rows)
             stats.target_times.append(time.perf_counter() - t)
             if sample:
@@ -267,7 +291,9 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
             keep_path_rows(cache, n, path)
             n += len(path)
             tokens.extend(emitted)
+            if index is not None:
+                index.extend(emitted)
             root = bonus
-            pair_tokens = torch.tensor(emitted, device=dev)
-            pair_features = features[torch.tensor(path, device=dev)]
+            pair_tokens = torch.cat([pair_tokens, torch.tensor(emitted, device=dev)])
+            pair_features = torch.cat([pair_features, features[torch.tensor(path, device=dev)]])
         return finish(input_ids.cpu(), tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)
