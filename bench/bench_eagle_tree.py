@@ -14,7 +14,8 @@ also catches the draft's cost and the acceptance a shape buys.  Two parts:
 
 The target alone decodes the same prompts in every run too, so each shape's speed-up
 over it is a ratio measured side by side.  Rows go to ``bench/results/eagle_tree.csv``.
-Usage: python bench/bench_eagle_tree.py [--quick] [--grid 3x8x8,2x4x4] [--threads N] [--head DIR]
+Usage: python bench/bench_eagle_tree.py [--quick] [--grid 3x8x8,1x4x4x7] [--threads N] [--head DIR]
+(a fourth value is the context lookup, TreeConfig.lookup; the default grid has none)
 """
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--head", default=None, help="EAGLE head dir (default: the shipped one)")
     parser.add_argument("--grid", default=None,
-                        help="shapes depth x top_k x total, comma-separated (instead of the grid)")
+                        help="shapes depth x top_k x total[ x lookup], comma-separated (instead of "
+                             "the grid; lookup: TreeConfig.lookup, 0 when left out)")
     parser.add_argument("--skip-verify-cost", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,10 +113,10 @@ def main() -> None:
                   "relative": cost[t] / cost[1], "threads": args.threads, "load": loadavg()}
                  for t in sizes]
 
-    grid = (list(itertools.product([3, 5], [4, 8], [8, 16])) if args.quick else
-            list(itertools.product([3, 4, 6], [4, 8], [8, 12, 16, 24])))
+    grid = (list(itertools.product([3, 5], [4, 8], [8, 16], [0])) if args.quick else
+            list(itertools.product([3, 4, 6], [4, 8], [8, 12, 16, 24], [0])))
     if args.grid:
-        grid = [tuple(int(v) for v in shape.split("x")) for shape in args.grid.split(",")]
+        grid = [(*(int(v) for v in shape.split("x")), 0)[:4] for shape in args.grid.split(",")]
     prompts = tuning_prompts(2, 2) if args.quick else tuning_prompts(3, 3)
     inputs = [encode(tokenizer, p) for p in prompts]
     scorers = {}
@@ -127,14 +129,19 @@ def main() -> None:
         module = TopkScorer(lm_head, k)
         vocab = ms.vocab_of(module, pinned_ids=(eos,))
         scorers[k] = torch.compile(module, backend=ms.backend(pinned_ids=(eos,)), dynamic=True)
-    packs = {t: PackedLinears(target, t) for t in sorted({t for _, _, t in grid})}
+    packs = {t: PackedLinears(target, t)
+             for t in sorted({t for shape in grid for t in TreeConfig(*shape).verified_sizes()})}
     head_packs = {k: pack_head_linears(head, TreeConfig(1, k, 1)) for k in scorers}
+
+    def packings(shape):
+        return [packs[t] for t in TreeConfig(*shape).verified_sizes()]
+
     results = {shape: [] for shape in grid}
     alone, ratios = [], {shape: [] for shape in grid}
     accepted = {shape: [] for shape in grid}
     for shape in grid:  # warm-up: compile each row count once
         eagle_generate(target, head, scorers[shape[1]], inputs[0], 8, TreeConfig(*shape),
-                       vocab=vocab, eos_token_id=eos, verify_linears=packs[shape[2]],
+                       vocab=vocab, eos_token_id=eos, verify_linears=packings(shape),
                        draft_linears=head_packs[shape[1]])
     for run in range(args.runs):
         # prompt by prompt, the target alone first: a drift of the machine's speed hits all alike
@@ -147,7 +154,7 @@ def main() -> None:
             for shape in grid:
                 _, st = eagle_generate(target, head, scorers[shape[1]], ids, args.max_new_tokens,
                                        TreeConfig(*shape), vocab=vocab, eos_token_id=eos,
-                                       verify_linears=packs[shape[2]],
+                                       verify_linears=packings(shape),
                                        draft_linears=head_packs[shape[1]])
                 tokens[shape] += st.new_tokens
                 seconds[shape] += st.total_time
@@ -159,20 +166,22 @@ def main() -> None:
         print(f"run {run + 1}/{args.runs} done")
     base = statistics.median(alone)
     print(f"target alone: {base:.2f} tok/s (median of {args.runs} runs)")
-    print(f"{'depth':>5} {'top_k':>5} {'total':>5} {'tok/s':>7} {'vs target':>9} {'tok/verif':>9}"
+    print(f"{'depth':>5} {'top_k':>5} {'total':>5} {'lookup':>6} {'tok/s':>7} {'vs target':>9} "
+          f"{'tok/verif':>9}"
           "  (vs target: median over runs of the ratio within each run)")
     best = max(grid, key=lambda s: statistics.median(results[s]))
     for shape in grid:
         tps, ratio = statistics.median(results[shape]), statistics.median(ratios[shape])
         tpv = statistics.mean(accepted[shape])
-        print(f"{shape[0]:>5} {shape[1]:>5} {shape[2]:>5} {tps:7.2f} {ratio:8.2f}x "
+        print(f"{shape[0]:>5} {shape[1]:>5} {shape[2]:>5} {shape[3]:>6} {tps:7.2f} {ratio:8.2f}x "
               f"{tpv:9.2f}" + ("  <- best" if shape == best else ""))
         rows.append({"bench": "tree_shape", "depth": shape[0], "top_k": shape[1],
-                     "total_tokens": shape[2], "tokens_per_s": tps, "tokens_per_verification": tpv,
+                     "total_tokens": shape[2], "lookup": shape[3], "tokens_per_s": tps, "tokens_per_verification": tpv,
                      "target_tokens_per_s": base, "speedup_vs_target": ratio,
                      "runs": args.runs, "prompts": len(prompts), "threads": args.threads,
                      "load": loadavg()})
-    print(f"best tree on this machine: depth={best[0]} top_k={best[1]} total_tokens={best[2]}")
+    print(f"best tree on this machine: depth={best[0]} top_k={best[1]} total_tokens={best[2]} "
+          f"lookup={best[3]}")
     print(f"rows appended to {append_rows('eagle_tree.csv', rows)}")
 
 
