@@ -35,10 +35,10 @@ from torch import nn
 from ..heads import EagleHead
 from ..kernels.packed_linear import PackedLinears
 from .attention import gqa_attention
-from .lookup import ContextLookup, chain_tree, packing_for
+from .lookup import ContextLookup, chain_tree
 from .stats import SpecStats, finish
-from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask, select_tree
-from .verify import crop_cache, keep_path_rows, prefill, verify_tree
+from .tree import DraftTree, causal_mask, select_tree
+from .verify import crop_cache, keep_path_rows, prefill, verify_and_accept
 
 __all__ = ["TreeConfig", "EagleDrafter", "eagle_generate", "pack_head_linears"]
 
@@ -269,16 +269,10 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                 pair_tokens, pair_features = pair_tokens[:0], pair_features[:0]
             stats.draft_times.append(time.perf_counter() - t)
 
-            t = time.perf_counter()
-            with packing_for(verify_linears, len(draft_tree)):
-                features, logits = verify_tree(target, draft_tree, cache, n, dtype, verify_head_rows)
-            stats.target_times.append(time.perf_counter() - t)
-            if sample:
-                probs = torch.softmax(logits.double() / temperature, -1).cpu()
-                path, bonus = accept_sampling(draft_tree, probs, generator)
-            else:
-                path, bonus = accept_greedy(draft_tree, logits.argmax(-1).cpu())
-            emitted = draft_tree.tokens[path[1:]].tolist() + [bonus]
+            features, logits, path, emitted = verify_and_accept(
+                target, draft_tree, cache, n, stats, dtype=dtype, head_rows=verify_head_rows,
+                verify_linears=verify_linears, sample=sample, temperature=temperature,
+                generator=generator)
             if vocab is not None:
                 t = time.perf_counter()
                 stats.vocab_sizes.append(vocab.size)
@@ -293,7 +287,7 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
             tokens.extend(emitted)
             if index is not None:
                 index.extend(emitted)
-            root = bonus
+            root = emitted[-1]
             pair_tokens = torch.cat([pair_tokens, torch.tensor(emitted, device=dev)])
             pair_features = torch.cat([pair_features, features[torch.tensor(path, device=dev)]])
         return finish(input_ids.cpu(), tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)

@@ -14,17 +14,16 @@ whenever one is found, and drafts with the head otherwise.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 
 from .attention import gqa_attention
 from .stats import SpecStats, finish
-from .tree import DraftTree, accept_greedy, accept_sampling
-from .verify import keep_path_rows, prefill, verify_tree
+from .tree import DraftTree
+from .verify import keep_path_rows, prefill, verify_and_accept
 
-__all__ = ["ContextLookup", "chain_tree", "lookup_generate", "packing_for"]
+__all__ = ["ContextLookup", "chain_tree", "lookup_generate"]
 
 
 class ContextLookup:
@@ -82,15 +81,6 @@ def chain_tree(root: int, chain: list[int]) -> DraftTree:
                      torch.arange(t))
 
 
-def packing_for(verify_linears, rows: int):
-    """The ``PackedLinears`` among ``verify_linears`` (one, a sequence or None) packed for
-    ``rows``, else a no-op context (other row counts take the plain product)."""
-    if verify_linears is None:
-        return contextlib.nullcontext()
-    packs = verify_linears if isinstance(verify_linears, (list, tuple)) else [verify_linears]
-    return next((p for p in packs if p.rows == rows), contextlib.nullcontext())
-
-
 @torch.inference_mode()
 def lookup_generate(target, input_ids: torch.Tensor, max_new_tokens: int, lookup: int = 7, *,
                     sample: bool = False, temperature: float = 1.0,
@@ -144,21 +134,14 @@ def lookup_generate(target, input_ids: torch.Tensor, max_new_tokens: int, lookup
             t = time.perf_counter()
             tree = chain_tree(root, index.propose(lookup))
             stats.draft_times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            with packing_for(verify_linears, len(tree)):
-                _, logits = verify_tree(target, tree, cache, n)
-            stats.target_times.append(time.perf_counter() - t)
-            if sample:
-                probs = torch.softmax(logits.double() / temperature, -1).cpu()
-                path, bonus = accept_sampling(tree, probs, generator)
-            else:
-                path, bonus = accept_greedy(tree, logits.argmax(-1).cpu())
-            emitted = tree.tokens[path[1:]].tolist() + [bonus]
+            _, _, path, emitted = verify_and_accept(
+                target, tree, cache, n, stats, verify_linears=verify_linears, sample=sample,
+                temperature=temperature, generator=generator)
             stats.accepted.append(len(path) - 1)
             stats.tree_sizes.append(len(tree))
             keep_path_rows(cache, n, path)
             n += len(path)
             tokens.extend(emitted)
             index.extend(emitted)
-            root = bonus
+            root = emitted[-1]
         return finish(input_ids.cpu(), tokens, max_new_tokens, eos_token_id, stats, t0)

@@ -9,12 +9,16 @@ along the sequence dimension of every layer's keys and values.
 """
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 
 from ..kernels import small_batch_linear  # noqa: F401  (registers the op)
-from .tree import DraftTree, causal_mask
+from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask
 
-__all__ = ["target_forward", "verify_tree", "keep_path_rows", "crop_cache"]
+__all__ = ["target_forward", "verify_tree", "verify_and_accept", "packing_for", "keep_path_rows",
+           "crop_cache"]
 
 
 def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
@@ -56,6 +60,38 @@ def verify_tree(target, tree: DraftTree, cache, past: int, dtype: torch.dtype = 
     """
     return target_forward(target, tree.tokens.view(1, -1), cache, tree.position_ids(past),
                           tree.attention_mask(past, dtype), head_rows)
+
+
+def packing_for(verify_linears, rows: int):
+    """The ``PackedLinears`` among ``verify_linears`` (one, a sequence or None) packed for
+    ``rows``, else a no-op context (other row counts take the plain product)."""
+    if verify_linears is None:
+        return contextlib.nullcontext()
+    packs = verify_linears if isinstance(verify_linears, (list, tuple)) else [verify_linears]
+    return next((p for p in packs if p.rows == rows), contextlib.nullcontext())
+
+
+def verify_and_accept(target, tree: DraftTree, cache, past: int, stats, *,
+                      dtype: torch.dtype = torch.float32, head_rows: int = 0, verify_linears=None,
+                      sample: bool = False, temperature: float = 1.0, generator=None):
+    """One round's verification of ``tree`` (timed into ``stats.target_times``) and its
+    acceptance: greedy, or multi-candidate speculative sampling at ``temperature``.
+
+    Returns
+    -------
+    (features [T, H], logits [T, V], path: accepted node indices from the root, emitted
+    tokens: the accepted ones and the bonus token)
+    """
+    t = time.perf_counter()
+    with packing_for(verify_linears, len(tree)):
+        features, logits = verify_tree(target, tree, cache, past, dtype, head_rows)
+    stats.target_times.append(time.perf_counter() - t)
+    if sample:
+        probs = torch.softmax(logits.double() / temperature, -1).cpu()
+        path, bonus = accept_sampling(tree, probs, generator)
+    else:
+        path, bonus = accept_greedy(tree, logits.argmax(-1).cpu())
+    return features, logits, path, tree.tokens[path[1:]].tolist() + [bonus]
 
 
 def keep_path_rows(cache, past: int, path: list[int]) -> None:
