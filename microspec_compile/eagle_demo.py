@@ -221,21 +221,23 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
 
 def format_eagle_table(report: dict) -> str:
     """The summary table as text."""
-    head = (f"{'way':<10} {'tok/s':>7} {'vs target':>9} {'tok/verif':>9} {'coverage':>8} "
-            f"{'|S| mean':>8} {'draft ms':>8} {'verify ms':>9} {'warm-up s':>9}")
+    head = (f"{'way':<10} {'tok/s':>7} {'vs target':>9} {'tok/verif':>9} {'lookup':>6} "
+            f"{'coverage':>8} {'|S| mean':>8} {'draft ms':>8} {'verify ms':>9} {'warm-up s':>9}")
     lines = [head, "-" * len(head)]
     for way in report["summary"]:
         s = report["summary"][way]
         tok_verif = s["tokens_per_target_step"] if way != "target" else None
         lines.append(f"{way:<10} {fmt(s['tokens_per_s'], '7.2f')} "
                      f"{fmt(s['speedup_vs_target'], '8.2f')}x {fmt(tok_verif, '9.2f')} "
-                     f"{fmt(s['coverage'], '8.3f')} {fmt(s['mean_vocab_size'], '8.0f')} "
+                     f"{fmt(s.get('lookup_share'), '6.2f')} {fmt(s['coverage'], '8.3f')} "
+                     f"{fmt(s['mean_vocab_size'], '8.0f')} "
                      f"{fmt(s['draft_step_ms'], '8.2f')} {fmt(s['target_step_ms'], '9.2f')} "
                      f"{report['warmup_s'][way]:9.1f}")
     t = report["settings"]["tree"]
     lookup = t.get("lookup", 0)
-    lines.append(f"draft ms: drafting one tree (root + {t['depth']} expansions, top_k "
-                 f"{t['top_k']}{'; or a lookup' if lookup else ''}); verify ms: one target "
+    lines.append(f"lookup: share of rounds that verified a looked-up chain; draft ms: drafting "
+                 f"one tree in the other rounds (root + {t['depth']} expansions, top_k "
+                 f"{t['top_k']}); verify ms: one target "
                  f"forward over {t['total_tokens']} tree tokens"
                  + (f" or the root + up to {lookup} looked-up ones" if lookup else "")
                  + " (target: one-token step); medians per round")

@@ -58,6 +58,11 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def _looked_up(record: dict) -> list:
+    """Per round, whether it verified a looked-up chain (False throughout without lookup)."""
+    return record.get("looked_up") or [False] * len(record["draft_ms"])
+
+
 def summarize(records: list) -> dict:
     """Medians over runs of per-run aggregates (all prompts of a run pooled)."""
     per_run: dict = {}
@@ -76,7 +81,11 @@ def summarize(records: list) -> dict:
             "tokens_per_target_step": statistics.mean(accepted) + 1 if accepted else 1.0,
             "coverage": sum(r["covered"] for r in recs) / checked if checked else None,
             "mean_vocab_size": statistics.mean(sizes) if sizes else None,
-            "draft_step_ms": median([t for r in recs for t in r["draft_ms"]]),
+            # the draft's own rounds (a context lookup takes microseconds, see lookup_share)
+            "draft_step_ms": median([t for r in recs
+                                     for t, up in zip(r["draft_ms"], _looked_up(r)) if not up]),
+            "lookup_share": (statistics.mean(u for r in recs for u in _looked_up(r))
+                             if any(r.get("looked_up") for r in recs) else None),
             "target_step_ms": median([t for r in recs for t in r["target_ms"]]),
         })
     out = {k: median([row[k] for row in rows]) for k in rows[0]}
@@ -122,6 +131,7 @@ def measure_ways(ways: dict, names: list, inputs: list, warm: list, runs: int, s
                         "accepted": st.accepted, "covered": st.covered, "checked": st.checked,
                         "vocab_sizes": st.vocab_sizes, "tree_sizes": st.tree_sizes,
                         "draft_ms": [1e3 * t for t in st.draft_times],
+                        "looked_up": st.looked_up,
                         "target_ms": [1e3 * t for t in st.target_times]})
                     if run == 0:
                         res["outputs"][way][name] = tokens[ids.shape[1]:].tolist()

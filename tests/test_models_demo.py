@@ -294,6 +294,10 @@ def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
         assert data["summary"][way]["draft_step_ms"] > 0
         assert data["identical_to_target"][way] is True
     assert data["summary"]["microspec"]["speedup_vs_dense"] > 0
+    for other in ("lookup", "eagle-only"):  # the default tree looks up: both parts alone
+        assert data["summary"]["microspec"][f"speedup_vs_{other}"] > 0
+    assert 0 <= data["summary"]["microspec"]["lookup_share"] <= 1
+    assert data["summary"]["eagle-only"]["lookup_share"] == 0  # lookup off: no round looks up
     from microspec_compile.kernels.packed_linear import KERNELS
     for side in ("verify", "draft"):  # the kernel chosen for every weight shape, by name
         chosen = data["settings"]["packing_kernels"][side]

@@ -268,6 +268,7 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                 draft_tree = drafter.draft(root, root_hidden, logp, ids)
                 pair_tokens, pair_features = pair_tokens[:0], pair_features[:0]
             stats.draft_times.append(time.perf_counter() - t)
+            stats.looked_up.append(bool(chain))
 
             features, logits, path, emitted = verify_and_accept(
                 target, draft_tree, cache, n, stats, dtype=dtype, head_rows=verify_head_rows,

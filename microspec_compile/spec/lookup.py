@@ -134,6 +134,7 @@ def lookup_generate(target, input_ids: torch.Tensor, max_new_tokens: int, lookup
             t = time.perf_counter()
             tree = chain_tree(root, index.propose(lookup))
             stats.draft_times.append(time.perf_counter() - t)
+            stats.looked_up.append(len(tree) > 1)
             _, _, path, emitted = verify_and_accept(
                 target, tree, cache, n, stats, verify_linears=verify_linears, sample=sample,
                 temperature=temperature, generator=generator)

@@ -30,6 +30,9 @@ class SpecStats:
         Tokens generated (after truncation to ``max_new_tokens`` / EOS).
     tree_sizes : list of int
         Nodes verified per target step (tree loops only).
+    looked_up : list of bool
+        Per verification, whether it verified a context-lookup chain rather than the
+        draft's own tree (tree loops only; ``draft_times`` then holds the lookup).
     """
 
     accepted: list = field(default_factory=list)
@@ -43,6 +46,7 @@ class SpecStats:
     stats_time: float = 0.0
     new_tokens: int = 0
     tree_sizes: list = field(default_factory=list)
+    looked_up: list = field(default_factory=list)
 
     def tokens_per_verification(self) -> float:
         """Mean tokens emitted per target verification (accepted drafts + 1)."""
