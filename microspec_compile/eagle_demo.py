@@ -247,9 +247,9 @@ def format_eagle_table(report: dict) -> str:
                  + "".join(f"; vs {w}: {m[f'speedup_vs_{w}']:.2f}x" for w in ("lookup", "eagle-only")
                            if f"speedup_vs_{w}" in m))
     if lookup:
-        lines.append(f"lookup: context lookup alone; dense / frspec / microspec verify a chain of up "
-                     f"to {lookup} looked-up tokens when the last 2-3 tokens recur, else the head's "
-                     "tree; eagle-only: microspec without lookup")
+        lines.append(f"ways: lookup = context lookup alone; dense / frspec / microspec verify a chain "
+                     f"of up to {lookup} looked-up tokens when the last 2-3 tokens recur, else the "
+                     "head's tree; eagle-only = microspec without lookup")
     same = report["identical_to_target"]
     if same is None:
         lines.append("sampling mode: outputs are not compared token by token")

@@ -17,6 +17,10 @@ emitted the root token ``x_n``:
    path (greedy) or walk it by multi-candidate speculative sampling; keep only the
    accepted rows of the target's cache; the head's tree rows are dropped.
 
+With ``TreeConfig.lookup`` a round whose last 2-3 tokens recur in the context skips
+steps 1-3: it verifies the tokens that followed their latest occurrence
+(``spec.lookup``), and the head encodes that round's pairs in its next round.
+
 The LM head is called through ``scorer(hidden [N, H]) -> (log-probs [N, k], ids [N, k])``:
 the dense head compiled by Inductor, the same compiled by ``backend="microspec"``
 (sparse over the active vocabulary), or a fixed subset.  With a ``vocab`` the loop
