@@ -170,6 +170,10 @@ def test_regen_skip_answers_prompts_past_the_earlier_ones():
     first = training_prompts(10)
     later = training_prompts(10, skip=200)  # conversations, not pairs: far past the first 10
     assert len(later) == 10 and not set(later) & set(first)
+    from microspec_compile.train.pipeline import PipelineConfig
+
+    with pytest.raises(ValueError, match="regen_skip must be >= 0"):
+        PipelineConfig(regen_skip=-1)
 
 
 LIBRARY_MODULE = '''import os

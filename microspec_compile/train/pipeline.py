@@ -62,6 +62,10 @@ class PipelineConfig:
     code_max_new_tokens: int = 128
     code_generate_minutes: float = 8.0
 
+    def __post_init__(self):
+        if self.regen_skip < 0:
+            raise ValueError(f"regen_skip must be >= 0 prompts, got {self.regen_skip}")
+
 
 def _load_sequences(path: Path) -> list[Sequence]:
     return [Sequence(ids, int(p)) for ids, p in torch.load(path, weights_only=True)]
