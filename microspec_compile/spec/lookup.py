@@ -33,7 +33,8 @@ class ContextLookup:
     ----------
     ids : the context so far (token ids)
     min_ngram, max_ngram : suffix lengths tried, longest first (a 1-token match proposes
-        poorly: measured on the tuning prompts, 2..3 beat 1..3)
+        poorly and takes rounds from the head: in the EAGLE loop with lookup 7, on the 14
+        tuning prompts, 2..3 gave 1.92 tokens per verification and 1..3 gave 1.82)
     """
 
     def __init__(self, ids, min_ngram: int = 2, max_ngram: int = 3):
