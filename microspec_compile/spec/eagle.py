@@ -42,7 +42,7 @@ from .attention import gqa_attention
 from .lookup import ContextLookup, chain_tree
 from .stats import SpecStats, finish
 from .tree import DraftTree, causal_mask, select_tree
-from .verify import crop_cache, keep_path_rows, prefill, verify_and_accept
+from .verify import check_request, choose_token, crop_cache, keep_path_rows, packings, prefill, verify_and_accept
 
 __all__ = ["TreeConfig", "EagleDrafter", "eagle_generate", "pack_head_linears"]
 
@@ -212,17 +212,8 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     """
     from transformers import DynamicCache
 
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids must be [1, P] (batch 1), got {list(input_ids.shape)}")
-    if input_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-    vocab_size = head.config.vocab_size
-    if input_ids.numel() == 0 or int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
-        raise ValueError(f"input_ids must be a non-empty prompt of ids in [0, {vocab_size})")
-    if sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    packs = verify_linears if isinstance(verify_linears, (list, tuple)) else [verify_linears]
-    for packed in (p for p in packs if p is not None):
+    check_request(input_ids, head.config.vocab_size, sample, temperature)
+    for packed in packings(verify_linears):
         if packed.rows not in tree.verified_sizes():
             raise ValueError(f"verify_linears is packed for {packed.rows} rows but the tree "
                              f"verifies {' or '.join(map(str, tree.verified_sizes()))} tokens: "
@@ -240,14 +231,8 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         cache = DynamicCache(config=target.config)
         drafter = EagleDrafter(head, scorer, tree, draft_linears)
 
-        def choose(logits_row):
-            if not sample:
-                return int(logits_row.argmax())
-            probs = torch.softmax(logits_row.double() / temperature, -1)
-            return int(torch.multinomial(probs, 1, generator=generator))
-
         features, logits = prefill(target, input_ids, cache, dtype)
-        root = choose(logits[-1])
+        root = choose_token(logits[-1], sample, temperature, generator)
         if vocab is not None:
             vocab.reset()
             vocab.observe(input_ids)

@@ -21,7 +21,7 @@ import torch
 from .attention import gqa_attention
 from .stats import SpecStats, finish
 from .tree import DraftTree
-from .verify import keep_path_rows, prefill, verify_and_accept
+from .verify import check_request, choose_token, keep_path_rows, prefill, verify_and_accept
 
 __all__ = ["ContextLookup", "chain_tree", "lookup_generate"]
 
@@ -102,31 +102,17 @@ def lookup_generate(target, input_ids: torch.Tensor, max_new_tokens: int, lookup
     """
     from transformers import DynamicCache
 
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids must be [1, P] (batch 1), got {list(input_ids.shape)}")
-    if input_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-    vocab_size = target.get_output_embeddings().weight.shape[0]
-    if input_ids.numel() == 0 or int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
-        raise ValueError(f"input_ids must be a non-empty prompt of ids in [0, {vocab_size})")
+    check_request(input_ids, target.get_output_embeddings().weight.shape[0], sample, temperature)
     if lookup < 1:
         raise ValueError(f"lookup must be >= 1 tokens, got {lookup}")
-    if sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     with gqa_attention(target.config):
         dev = target.get_output_embeddings().weight.device
         input_ids = input_ids.to(dev).clone()
         stats, t0 = SpecStats(), time.perf_counter()
         cache = DynamicCache(config=target.config)
 
-        def choose(logits_row):
-            if not sample:
-                return int(logits_row.argmax())
-            probs = torch.softmax(logits_row.double() / temperature, -1)
-            return int(torch.multinomial(probs, 1, generator=generator))
-
         _, logits = prefill(target, input_ids, cache)
-        root = choose(logits[-1])
+        root = choose_token(logits[-1], sample, temperature, generator)
         stats.prefill_time = time.perf_counter() - t0
         index = ContextLookup(input_ids[0], min_ngram, max_ngram)
         index.extend([root])

@@ -17,8 +17,30 @@ import torch
 from ..kernels import small_batch_linear  # noqa: F401  (registers the op)
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask
 
-__all__ = ["target_forward", "verify_tree", "verify_and_accept", "packing_for", "keep_path_rows",
-           "crop_cache"]
+__all__ = ["check_request", "choose_token", "target_forward", "verify_tree", "verify_and_accept",
+           "packings", "packing_for", "keep_path_rows", "crop_cache"]
+
+
+def check_request(input_ids: torch.Tensor, vocab_size: int, sample: bool,
+                  temperature: float) -> None:
+    """Clear errors for a prompt the tree loops cannot decode (batch 1, integer ids in range)
+    and for a sampling temperature that is not positive."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, P] (batch 1), got {list(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.numel() == 0 or int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
+        raise ValueError(f"input_ids must be a non-empty prompt of ids in [0, {vocab_size})")
+    if sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+
+
+def choose_token(logits_row: torch.Tensor, sample: bool, temperature: float, generator) -> int:
+    """The token after the prompt: the argmax, or a draw at ``temperature``."""
+    if not sample:
+        return int(logits_row.argmax())
+    probs = torch.softmax(logits_row.double() / temperature, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
@@ -62,13 +84,18 @@ def verify_tree(target, tree: DraftTree, cache, past: int, dtype: torch.dtype = 
                           tree.attention_mask(past, dtype), head_rows)
 
 
-def packing_for(verify_linears, rows: int):
-    """The ``PackedLinears`` among ``verify_linears`` (one, a sequence or None) packed for
-    ``rows``, else a no-op context (other row counts take the plain product)."""
+def packings(verify_linears) -> list:
+    """``verify_linears`` (one ``PackedLinears``, a sequence of them or None) as a list."""
     if verify_linears is None:
-        return contextlib.nullcontext()
-    packs = verify_linears if isinstance(verify_linears, (list, tuple)) else [verify_linears]
-    return next((p for p in packs if p.rows == rows), contextlib.nullcontext())
+        return []
+    return list(verify_linears) if isinstance(verify_linears, (list, tuple)) else [verify_linears]
+
+
+def packing_for(verify_linears, rows: int):
+    """The ``PackedLinears`` among ``verify_linears`` packed for ``rows``, else a no-op
+    context (other row counts take the plain product)."""
+    return next((p for p in packings(verify_linears) if p.rows == rows),
+                contextlib.nullcontext())
 
 
 def verify_and_accept(target, tree: DraftTree, cache, past: int, stats, *,

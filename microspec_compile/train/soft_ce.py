@@ -11,9 +11,10 @@ the softmaxes, their product and the backward's), each hundreds of MB for a
 4096-token batch of a 49k vocabulary: on a 2-core CPU those memory-bound passes
 took about 80% of a training step, the LM-head products 15%.
 
-Here the rows go in chunks of ``chunk``: the two products, the softmaxes and the
-gradient ``dce/dh_i = (softmax(W h_i) - p_i) W / N`` are computed per chunk in
-place and the gradient is kept for ``backward``, so no ``[N, V]`` tensor exists
+Here the rows go in chunks of ``chunk``: the two products, the softmaxes (one
+Inductor-fused function per chunk) and the gradient ``dce/dh_i = (softmax(W h_i) -
+p_i) W / N`` are computed per chunk and the gradient is kept for ``backward``, so no
+``[N, V]`` tensor exists
 and nothing is recomputed (``W`` is frozen: no gradient for it).  The values are
 the same expression; the tests compare loss and gradient with the autograd one.
 """
