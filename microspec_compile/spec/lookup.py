@@ -18,10 +18,9 @@ import time
 
 import torch
 
-from .attention import gqa_attention
 from .stats import SpecStats, finish
 from .tree import DraftTree
-from .verify import check_request, choose_token, keep_path_rows, prefill, verify_and_accept
+from .verify import check_request, choose_token, keep_path_rows, prefill, target_session, verify_and_accept
 
 __all__ = ["ContextLookup", "chain_tree", "lookup_generate"]
 
@@ -100,18 +99,17 @@ def lookup_generate(target, input_ids: torch.Tensor, max_new_tokens: int, lookup
     -------
     (ids [P + new], SpecStats) as ``eagle_generate``; ``draft_times`` hold the lookups
     """
-    from transformers import DynamicCache
 
     check_request(input_ids, target.get_output_embeddings().weight.shape[0], sample, temperature)
     if lookup < 1:
         raise ValueError(f"lookup must be >= 1 tokens, got {lookup}")
-    with gqa_attention(target.config):
+    cache, target_attention = target_session(target)
+    with target_attention:
         dev = target.get_output_embeddings().weight.device
         input_ids = input_ids.to(dev).clone()
         stats, t0 = SpecStats(), time.perf_counter()
-        cache = DynamicCache(config=target.config)
 
-        _, logits = prefill(target, input_ids, cache)
+        _, logits = prefill(target, input_ids, cache, all_logits=False)
         root = choose_token(logits[-1], sample, temperature, generator)
         stats.prefill_time = time.perf_counter() - t0
         index = ContextLookup(input_ids[0], min_ngram, max_ngram)

@@ -15,10 +15,19 @@ import time
 import torch
 
 from ..kernels import small_batch_linear  # noqa: F401  (registers the op)
+from ..kernels.int4_linear import has_int4_linears
+from .attention import decoding_session
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask
 
-__all__ = ["check_request", "choose_token", "target_forward", "verify_tree", "verify_and_accept",
+__all__ = ["target_session", "check_request", "choose_token", "target_forward", "verify_tree", "verify_and_accept",
            "packings", "packing_for", "keep_path_rows", "crop_cache"]
+
+
+def target_session(target):
+    """``(cache, attention context)`` for one request over ``target``
+    (``spec.attention.decoding_session``: exact fp64 attention when the target has int4
+    linears, so that its verifications compute what its one-token steps do)."""
+    return decoding_session(target, has_int4_linears(target))
 
 
 def check_request(input_ids: torch.Tensor, vocab_size: int, sample: bool,
@@ -44,8 +53,10 @@ def choose_token(logits_row: torch.Tensor, sample: bool, temperature: float, gen
 
 
 def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, head_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features [T, H], logits [T, V])`` of ``ids [1, T]`` after the cached prefix.
+                   attention_mask: torch.Tensor, head_rows: int = 0,
+                   logits_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features [T, H], logits [T, V])`` of ``ids [1, T]`` after the cached prefix
+    (``logits_rows``: the logits of the last that many rows only).
 
     ``head_rows >= 2``: the LM head computes 2..``head_rows`` fp32 CPU rows as
     ``W @ x^T`` (``microspec::small_batch_linear``: about 2x faster for a tree of a
@@ -56,18 +67,22 @@ def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
     out = base(input_ids=ids.to(dev), attention_mask=attention_mask.to(dev),
                position_ids=position_ids.to(dev), cache=cache, use_cache=True)
     features = out.last_hidden_state[0]
+    scored = features if logits_rows is None else features[-logits_rows:]
     head = target.get_output_embeddings()
     if head_rows >= 2:
-        return features, torch.ops.microspec.small_batch_linear(features, head.weight, head.bias,
+        return features, torch.ops.microspec.small_batch_linear(scored, head.weight, head.bias,
                                                                 head_rows)
-    return features, head(features)
+    return features, head(scored)
 
 
-def prefill(target, input_ids: torch.Tensor, cache, dtype: torch.dtype = torch.float32):
-    """Features and logits of the prompt ``[1, P]`` (the cache then holds it)."""
+def prefill(target, input_ids: torch.Tensor, cache, dtype: torch.dtype = torch.float32,
+            all_logits: bool = True):
+    """Features ``[P, H]`` and logits of the prompt ``[1, P]`` (the cache then holds it):
+    ``[P, V]``, or ``[1, V]`` for the last position only (``all_logits=False``: a loop that
+    reads no prompt position's logits skips the LM head over the whole prompt)."""
     p = input_ids.shape[1]
     return target_forward(target, input_ids, cache, torch.arange(p).view(1, -1),
-                          causal_mask(0, p, dtype))
+                          causal_mask(0, p, dtype), logits_rows=None if all_logits else 1)
 
 
 def verify_tree(target, tree: DraftTree, cache, past: int, dtype: torch.dtype = torch.float32,

@@ -1,0 +1,84 @@
+"""The target's KV cache in the decoding loops: rows written in place into preallocated buffers.
+
+Hugging Face's ``DynamicCache`` appends a forward's keys and values with ``torch.cat``,
+which copies every cached row of every layer on every forward.  For SmolLM2-135M
+with the int4 target (``kernels.int4_linear``) and fp64 keys and values
+(``spec.attention``) that copy was the largest single cost of a step (profiled on
+the project's Xeon after a 300-token prompt: ``aten::cat`` 6.0 ms of a 26.6 ms
+one-token step and 8.0 of 34.6 ms for 4 tokens, more than the int4 linears).
+
+:class:`DecodingCache` keeps each layer's keys and values in a buffer
+``[B, kv_heads, capacity, D]`` and its ``keys`` / ``values`` as the view of the first
+``length`` rows: a forward writes its rows into the buffer and returns longer
+views.  The capacity doubles when full (one copy, amortised).  The loops' upkeep
+works on the views: ``spec.verify.keep_path_rows`` moves accepted rows inside the
+buffer and shortens the views, ``crop`` shortens them.  Anything that replaces the
+views with other tensors (``spec.verify.crop_cache`` makes them contiguous) only
+costs one copy into a new buffer at the next write.  ``dtype`` stores the rows in
+another dtype (fp64 for exact attention); attention then receives that dtype.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+__all__ = ["DecodingCache", "BufferedLayer"]
+
+MIN_CAPACITY = 512  # rows a buffer starts with (a prompt and its answer, mostly)
+
+
+class BufferedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views of preallocated buffers."""
+
+    def __init__(self, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.dtype = dtype
+        self.key_buffer = self.value_buffer = None
+
+    def _views_of_buffers(self) -> bool:
+        """Whether ``keys``/``values`` are still the first rows of the buffers."""
+        return (self.key_buffer is not None and self.keys.dim() == 4
+                and self.keys.data_ptr() == self.key_buffer.data_ptr()
+                and self.values.data_ptr() == self.value_buffer.data_ptr()
+                and self.keys.stride() == self.key_buffer.stride()
+                and self.values.stride() == self.value_buffer.stride())
+
+    def _reserve(self, rows: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
+        """Buffers of at least ``rows`` rows that hold the current keys and values."""
+        if self._views_of_buffers() and self.key_buffer.shape[-2] >= rows:
+            return
+        length, capacity = self.get_seq_length(), max(MIN_CAPACITY, 2 * rows)
+        keys = key_like.new_empty(*key_like.shape[:2], capacity, key_like.shape[-1])
+        values = value_like.new_empty(*value_like.shape[:2], capacity, value_like.shape[-1])
+        if length:
+            keys[:, :, :length] = self.keys
+            values[:, :, :length] = self.values
+        self.key_buffer, self.value_buffer = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        dtype = self.dtype or key_states.dtype
+        key_states, value_states = key_states.to(dtype), value_states.to(dtype)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        self._reserve(length + new, key_states, value_states)
+        self.key_buffer[:, :, length:length + new] = key_states
+        self.value_buffer[:, :, length:length + new] = value_states
+        self.keys = self.key_buffer[:, :, :length + new]
+        self.values = self.value_buffer[:, :, :length + new]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_buffer = self.value_buffer = None
+
+
+class DecodingCache(DynamicCache):
+    """A ``DynamicCache`` whose full-attention layers are :class:`BufferedLayer` (module
+    docstring); ``dtype``: the rows' dtype (None: the model's)."""
+
+    def __init__(self, config, dtype: torch.dtype | None = None):
+        super().__init__(config=config)
+        self.layers = [BufferedLayer(dtype) if type(layer) is DynamicLayer else layer
+                       for layer in self.layers]
