@@ -10,7 +10,11 @@ paths branch on tensor values:
   draft's decode loop that is the common case (the draft's input is a token it
   drafted, i.e. an active one), and the sync-free reference spends about 1.7 ms
   on ~50 small ops to find out (measured, SmolLM2 draft step); the fast path
-  only refreshes the last-seen stamps.
+  only refreshes the last-seen stamps.  New tokens that fit in the free rows (the
+  rest of a request, with a few hundred active ids in 4096 rows) are written to
+  the next rows directly, without the reference's sorts over the capacity
+  (EAGLE-2's update after each verification: 0.92 ms per call with the reference
+  on the project's Xeon); only an eviction takes the reference.
 """
 from __future__ import annotations
 
@@ -55,13 +59,40 @@ def sparse_full_cpu(hidden, rows, ids, count, bias, vocab_size, normalize):
 def observe_cpu(state: VocabState, weight, tokens, pin=False):
     """Same contract and final state as ``reference.observe_reference``."""
     flat = tokens.reshape(-1).to(torch.int64)
-    slots = state.member[flat]
-    if flat.numel() == 0 or not bool((slots >= 0).all()):
+    if flat.numel() == 0:
         observe_reference(state, weight, tokens, pin)
         return
-    step, last_seen = state.step, state.last_seen
-    # Every token is active: nothing to gather or evict, only the LRU stamps move.
-    step.add_(1)
-    kept = last_seen[slots]
-    stamp = torch.full_like(kept, PINNED) if pin else step.expand_as(kept)
-    last_seen[slots] = torch.where(kept == PINNED, kept, stamp)
+    slots = state.member[flat]
+    if bool((slots >= 0).all()):
+        _refresh(state, slots, pin)
+        return
+    # Each token's last occurrence, in order of occurrence (the reference's order for new
+    # tokens); new ones go to the free rows in index order, as in the reference, so long as
+    # they fit (else eviction: the reference)
+    last = dict(zip(flat.tolist(), zip(range(flat.numel()), slots.tolist())))
+    new = [t for t, _ in sorted(((t, p) for t, (p, s) in last.items() if s < 0),
+                                key=lambda tp: tp[1])]
+    start, capacity = int(state.count), state.rows.shape[0] - 1
+    if start + len(new) > capacity:
+        observe_reference(state, weight, tokens, pin)
+        return
+    present = [s for s, _ in ((s, p) for _, (p, s) in last.items()) if s >= 0]
+    stamp = _refresh(state, torch.tensor(present, dtype=torch.int64), pin)
+    new_ids = torch.tensor(new, dtype=torch.int64)
+    dest = torch.arange(start, start + len(new))
+    state.ids[dest] = new_ids
+    state.member[new_ids] = dest
+    state.rows[dest] = weight[new_ids].to(state.rows.dtype)
+    state.last_seen[dest] = stamp
+    state.count.add_(len(new))
+
+
+def _refresh(state: VocabState, slots: torch.Tensor, pin: bool) -> int:
+    """Step the clock and stamp the rows ``slots`` (pinned rows stay pinned); returns the
+    stamp of this call."""
+    state.step.add_(1)
+    stamp = PINNED if pin else int(state.step)
+    if slots.numel():
+        kept = state.last_seen[slots]
+        state.last_seen[slots] = torch.where(kept == PINNED, kept, torch.full_like(kept, stamp))
+    return stamp

@@ -41,14 +41,15 @@ def test_cpu_head_matches_reference(dtype, n_active, k, normalize):
     torch.testing.assert_close(full.float(), ref_full.float(), rtol=tol, atol=tol)
 
 
-# Calls drawn from a pool of 12 ids with capacity 8: most calls re-observe active
-# ids (the shortcut), some bring new ids and evict (the reference path), some pin.
+# Calls drawn from a pool of 12 ids: most calls re-observe active ids (the shortcut),
+# some bring new ids into free rows (the free-rows path), some pin; with capacity 8 some
+# must evict (the reference path), with capacity 16 none does.
 @settings(max_examples=80, deadline=None)
 @given(calls=st.lists(st.tuples(st.lists(st.integers(0, 11), max_size=5), st.booleans()),
-                      min_size=1, max_size=30))
-def test_cpu_observe_matches_reference_state(calls):
+                      min_size=1, max_size=30), capacity=st.sampled_from([8, 16]))
+def test_cpu_observe_matches_reference_state(calls, capacity):
     weight = torch.randn(111, 4)
-    fast, ref = ActiveVocab(weight, capacity=8), ActiveVocab(weight, capacity=8)
+    fast, ref = ActiveVocab(weight, capacity=capacity), ActiveVocab(weight, capacity=capacity)
     for tokens, pin in calls:
         tokens = torch.tensor(tokens, dtype=torch.int64)
         observe_cpu(fast.state(), weight, tokens, pin)

@@ -236,22 +236,31 @@ def test_demo_json_has_every_field(smollm, tmp_path, capsys):
     assert "tok/s" in table and "identical" in table
 
 
+def shipped_head_and_scorer(model, eos: int, tree):
+    """The shipped EAGLE head on ``model`` and its LM head compiled by microspec:
+    ``(head, scorer, vocab)``."""
+    from microspec_compile.eagle_demo import default_head_dir
+    from microspec_compile.heads import EagleHead
+    from microspec_compile.spec import TopkScorer
+
+    head = EagleHead.load(default_head_dir(), model)
+    module = TopkScorer(model.get_output_embeddings(), tree.top_k)
+    vocab = vocab_of(module, pinned_ids=(eos,))
+    scorer = torch.compile(module, backend=microspec_backend(pinned_ids=(eos,)), dynamic=True)
+    return head, scorer, vocab
+
+
 def test_shipped_eagle_head_with_microspec_is_the_targets_greedy_output(smollm):
     """The shipped EAGLE-2 head, its LM head compiled by microspec and packed verification:
     the output is the target's own greedy output, and the head drafts tokens the target
     accepts (a random head would emit about 1 token per verification)."""
-    from microspec_compile.eagle_demo import default_head_dir
-    from microspec_compile.heads import EagleHead
     from microspec_compile.kernels.packed_linear import PackedLinears
-    from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate
+    from microspec_compile.spec import TreeConfig, eagle_generate
 
     model, tokenizer, prompts, refs = smollm
     eos = tokenizer.eos_token_id
-    head = EagleHead.load(default_head_dir(), model)
     tree = TreeConfig()
-    module = TopkScorer(model.get_output_embeddings(), tree.top_k)
-    vocab = vocab_of(module, pinned_ids=(eos,))
-    scorer = torch.compile(module, backend=microspec_backend(pinned_ids=(eos,)), dynamic=True)
+    head, scorer, vocab = shipped_head_and_scorer(model, eos, tree)
     packed = PackedLinears(model, tree.total_tokens)
     emitted = verifications = 0
     for ids, ref in zip(prompts[:3], refs[:3]):
@@ -269,19 +278,20 @@ def test_shipped_eagle_head_with_the_int4_target_is_its_greedy_output(smollm):
     exact decoding attention.  EAGLE-2 + lookup with the microspec head and the lookup alone
     emit what the int4 target emits by itself, on real prompts (a fresh model: the shared
     one stays fp32)."""
-    from microspec_compile.eagle_demo import apply_target_weights, default_head_dir
-    from microspec_compile.heads import EagleHead
-    from microspec_compile.spec import TopkScorer, TreeConfig, autoregressive_generate, eagle_generate, lookup_generate
+    from microspec_compile.eagle_demo import apply_target_weights
+    from microspec_compile.spec import (
+        TreeConfig,
+        autoregressive_generate,
+        eagle_generate,
+        lookup_generate,
+    )
 
     tokenizer, prompts = smollm[1], smollm[2]
     model = load_causal_lm()[0]
     assert apply_target_weights(model, "int4").startswith("int4 (210 ")
     eos = tokenizer.eos_token_id
-    head = EagleHead.load(default_head_dir(), model)
     tree = TreeConfig()
-    module = TopkScorer(model.get_output_embeddings(), tree.top_k)
-    vocab = vocab_of(module, pinned_ids=(eos,))
-    scorer = torch.compile(module, backend=microspec_backend(pinned_ids=(eos,)), dynamic=True)
+    head, scorer, vocab = shipped_head_and_scorer(model, eos, tree)
     for ids in prompts[:3]:
         ref, _ = autoregressive_generate(model, ids, NEW_TOKENS, eos_token_id=eos)
         out, _ = eagle_generate(model, head, scorer, ids, NEW_TOKENS, tree, vocab=vocab,
