@@ -136,11 +136,25 @@ def test_demo_choice_of_target_weights():
     assert apply_target_weights(tiny_target(), "fp32") == "fp32"
     assert apply_target_weights(q4_1_model(tiny_target()), "fp32") == "fp32"
     assert apply_target_weights(tiny_target(), "auto") == "fp32"  # nothing qualifies
-    assert apply_target_weights(q4_1_model(tiny_target()), "auto").startswith("int4 (14 ")
     with pytest.raises(ValueError, match="no linear of the target holds exact 4-bit groups"):
         apply_target_weights(tiny_target(), "int4")
     with pytest.raises(ValueError, match="target_weights must be one of"):
         apply_target_weights(tiny_target(), "int8")
+
+
+def test_auto_keeps_fp32_where_int4_is_measured_slower(monkeypatch):
+    import microspec_compile.kernels.int4_linear as int4_linear
+
+    assert isinstance(int4_linear.int4_is_faster([nn.Linear(64, 64)]), bool)  # not exact: False
+    monkeypatch.setattr(int4_linear, "int4_is_faster", lambda linears: False)
+    target = q4_1_model(tiny_target())
+    assert quantize_exact_int4(target, check_speed=True) == 0
+    assert not any(isinstance(m, Int4Linear) for m in target.modules())
+    assert apply_target_weights(target, "auto") == "fp32"
+    assert apply_target_weights(target, "int4").startswith("int4 (14 ")  # asked for: no check
+    monkeypatch.setattr(int4_linear, "int4_is_faster", lambda linears: True)
+    assert quantize_exact_int4(q4_1_model(tiny_target()), check_speed=True) == 14
+    assert apply_target_weights(q4_1_model(tiny_target()), "auto").startswith("int4 (14 ")
 
 
 def test_a_torch_without_the_kernel_is_a_clear_error(monkeypatch):
