@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_eagle_tree import tiny_target
 from test_int4_linear import q4_1_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from microspec_compile.kernels.int4_linear import int4_kernel_available, quantize_exact_int4
 from microspec_compile.spec.attention import decoding_session
@@ -100,6 +100,8 @@ def test_the_fp64_cache_stays_fp64_through_the_loops_upkeep():
     layer = cache.layers[0]
     assert layer.keys.dtype == torch.float64 and layer.keys.shape[-2] == 12 + 4
     assert decoding_session(target, False)[0].layers[0].dtype is None
+    target.compile()  # a compiled model keeps the cache its graphs are traced on
+    assert type(decoding_session(target, True)[0]) is DynamicCache
 
 
 def test_the_models_own_causal_call_prefills_as_the_explicit_mask_does():
@@ -115,3 +117,19 @@ def test_the_models_own_causal_call_prefills_as_the_explicit_mask_does():
             else:
                 logits.append(target(input_ids=ids, cache=cache, use_cache=True).logits[0])
     assert torch.equal(*logits)
+
+
+def test_the_decoding_cache_grows_and_keeps_its_rows_in_place():
+    # what DynamicCache's torch.cat gave: the concatenation, through growth and crops
+    cache = DecodingCache(tiny_target().config)
+    chunks = [torch.randn(1, 2, n, 16) for n in (300, 300, 5)]
+    for chunk in chunks[:2]:  # 600 rows: past the first buffer's 512
+        keys, values = cache.update(chunk, -chunk, 0)
+    layer = cache.layers[0]
+    assert torch.equal(keys, torch.cat(chunks[:2], -2)) and torch.equal(values, -keys)
+    buffer = layer.key_buffer
+    crop_cache(cache, 550)  # a view of the same buffer, strided: no copy
+    assert layer.keys.shape[-2] == 550 and layer.keys.data_ptr() == buffer.data_ptr()
+    keys, _ = cache.update(chunks[2], -chunks[2], 0)
+    assert layer.key_buffer is buffer  # written in place
+    assert torch.equal(keys, torch.cat([chunks[0], chunks[1][:, :, :250], chunks[2]], -2))

@@ -35,6 +35,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from .cache import DecodingCache
 from .tree import causal_mask
@@ -137,7 +138,11 @@ def decoding_session(model, exact: bool):
     """``(cache, attention context)`` for one request's decoding loop over ``model``: a
     ``spec.cache.DecodingCache`` (rows written in place) with fp64 rows and
     :func:`exact_attention` when ``exact`` (a model that rounds activations to bf16,
-    module docstring), else with the model's dtype and :func:`gqa_attention`."""
+    module docstring), else with the model's dtype and :func:`gqa_attention`.  A model
+    compiled with ``torch.compile`` (in place or wrapped) keeps Hugging Face's
+    ``DynamicCache``, whose layout its graphs were traced and guarded on."""
+    if getattr(model, "_compiled_call_impl", None) is not None or hasattr(model, "_orig_mod"):
+        return DynamicCache(config=model.config), gqa_attention(model.config)
     if exact and getattr(model.config, "_attn_implementation", None) == "sdpa":
         return DecodingCache(model.config, torch.float64), exact_attention(model.config)
     return DecodingCache(model.config), gqa_attention(model.config)

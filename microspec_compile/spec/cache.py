@@ -12,9 +12,10 @@ one-token step and 8.0 of 34.6 ms for 4 tokens, more than the int4 linears).
 ``length`` rows: a forward writes its rows into the buffer and returns longer
 views.  The capacity doubles when full (one copy, amortised).  The loops' upkeep
 works on the views: ``spec.verify.keep_path_rows`` moves accepted rows inside the
-buffer and shortens the views, ``crop`` shortens them.  Anything that replaces the
-views with other tensors (``spec.verify.crop_cache`` makes them contiguous) only
-costs one copy into a new buffer at the next write.  ``dtype`` stores the rows in
+buffer and shortens the views, ``crop`` and ``spec.verify.crop_cache`` shorten them
+(the latter leaves these views strided: only a compiled model needs contiguous
+caches, and compiled models keep ``DynamicCache``).  Anything that replaces the views
+with other tensors only costs one copy into a new buffer at the next write.  ``dtype`` stores the rows in
 another dtype (fp64 for exact attention); attention then receives that dtype.
 """
 from __future__ import annotations

@@ -69,7 +69,8 @@ def autoregressive_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
                             sample: bool = False, temperature: float = 1.0,
                             eos_token_id: int | None = None, generator=None,
                             prompt_logits: bool = True):
-    """Plain one-token-per-step decoding with a ``DynamicCache`` (the baseline).
+    """Plain one-token-per-step decoding (the baseline), in the cache and attention the
+    tree loops give the target (``spec.verify.target_session``).
 
     ``prompt_logits``: the prefill scores every prompt position, as ``speculative_generate``
     does (the same prefill in both); False: the last one only, all the target alone needs.

@@ -17,6 +17,7 @@ import torch
 from ..kernels import small_batch_linear  # noqa: F401  (registers the op)
 from ..kernels.int4_linear import has_int4_linears
 from .attention import decoding_session
+from .cache import BufferedLayer
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask
 
 __all__ = ["target_session", "check_request", "choose_token", "target_forward", "verify_tree", "verify_and_accept",
@@ -173,6 +174,8 @@ def crop_cache(cache, length: int) -> None:
     if extra > 0:
         cache.crop(-extra)
     for layer in cache.layers:
+        if isinstance(layer, BufferedLayer):  # views of its buffers, never fed to a compiled graph
+            continue
         if getattr(layer, "keys", None) is not None and not layer.keys.is_contiguous():
             layer.keys = layer.keys.contiguous()
             layer.values = layer.values.contiguous()
