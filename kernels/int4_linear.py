@@ -7,19 +7,23 @@ Loaded through transformers they become fp32, so every target step streams 425 M
 of fp32 weights that hold 53 MB of information.  torch's CPU weight-only kernel
 (``torch._weight_int4pack_mm_for_cpu``, what gpt-fast and torchao run for int4) reads
 the 4-bit codes directly.  Measured on the project's 2-core Xeon (AMX, torch 2.13,
-2 threads), SmolLM2's 210 decoder linears summed, medians:
+2 threads), SmolLM2's 210 decoder linears called one after the other, the two sides
+interleaved in one process, medians:
 
-==== ============== ==================
-rows fp32 F.linear  int4, bf16 inputs
-==== ============== ==================
-1    ~18 ms         3.8 ms
-4    ~30 ms         6.4 ms
-8    ~39 ms         11.7 ms
-==== ============== ==================
+==== ============== ========================
+rows fp32 F.linear  Int4Linear (bf16 inputs)
+==== ============== ========================
+1    18.5 ms        8.6 ms
+4    29.0 ms        11.4 ms
+8    33.8 ms        17.0 ms
+==== ============== ========================
 
-(fp32 inputs take a reference path in that kernel: 96 ms for one row, so the
-module feeds it bf16.)  The kernel computes ``x_bf16 @ ((q - 8) * s + z)^T`` with
-fp32 accumulation and a bf16 output, where ``s`` and ``z = minimum + 8 * scale``
+(The kernel alone, in a separate run on random weights of these shapes: 4.9, 7.1 and
+12.8 ms; it takes rows in blocks of 4.  fp32 inputs take a reference path in that kernel:
+96 ms for one row, so the module feeds it bf16.)
+
+The kernel computes ``x_bf16 @ ((q - 8) * s + z)^T`` with fp32 accumulation and a bf16
+output, where ``s`` and ``z = minimum + 8 * scale``
 are the group's scale and zero in bf16; it computes every row the same way
 whatever the number of rows (tested), so a tree verification and a one-token step
 agree bit for bit, as greedy speculative decoding needs.
@@ -30,8 +34,8 @@ quantized here, and any other weight is left as it is.  The numbers differ from
 the fp32 model's by the bf16 rounding of the inputs, the output and the group
 scales (about 0.4% relative), like running the model in bf16.
 
-The kernel's time grows with the rows (380 ms for a 300-token prompt over the same
-210 linears), so calls of more than :data:`PREFILL_ROWS` rows (a prompt's prefill)
+The kernel's time grows with the rows (380 ms for a 300-token prompt over random
+weights of the same 210 shapes), so calls of more than :data:`PREFILL_ROWS` rows (a prompt's prefill)
 take a bf16 copy of the dequantized weight through ``F.linear`` instead (66 ms
 there; 23 vs 22 ms at 16 rows, 42 vs 23 ms at 32).  That copy rounds differently
 from the kernel: a tree of more than ``PREFILL_ROWS`` tokens would not be computed
@@ -49,7 +53,7 @@ from torch import nn
 
 __all__ = ["GROUP_SIZE", "PREFILL_ROWS", "Int4Groups", "Int4Linear", "int4_groups",
            "int4_kernel_available", "int4_linear_reference", "quantize_exact_int4",
-           "has_int4_linears", "int4_is_faster"]
+           "count_int4_linears", "int4_is_faster"]
 
 GROUP_SIZE = 32  # GGUF's Q4_0 / Q4_1 block along the input dimension
 _INNER_K_TILES = 2  # the packing's tile parameter; 2, 4 and 8 measured alike on CPU
@@ -150,6 +154,14 @@ class Int4Linear(nn.Module):
         return None if groups is None else cls(groups, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"Int4Linear takes float inputs, got dtype {x.dtype}")
+        if x.device.type != "cpu":
+            raise ValueError(f"Int4Linear runs on CPU (its kernel is CPU-only); the input is on "
+                             f"{x.device}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Int4Linear expects inputs [..., {self.in_features}], got "
+                             f"{list(x.shape)}")
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if rows.shape[0] > PREFILL_ROWS:
             y = F.linear(rows, self.prefill_weight).to(x.dtype)
@@ -165,20 +177,19 @@ class Int4Linear(nn.Module):
                 f"group_size={GROUP_SIZE}, bias={self.bias is not None}")
 
 
-def int4_is_faster(linears: list[nn.Linear], repeats: int = 5) -> bool:
-    """Whether one-row products through ``linears`` (fp32 weights of one shape) take less
-    time as :class:`Int4Linear` than as ``F.linear`` on this CPU: medians of ``repeats``
-    passes over all of them, so that the weights stream from memory as in the model.
-    (On the project's Xeon with AMX: 4.9 vs about 18 ms over SmolLM2's 210 linears; a CPU
-    without fast bf16 may differ, and ``quantize_exact_int4(check_speed=True)`` asks.)"""
-    pairs = [(linear, Int4Linear.from_linear(linear)) for linear in linears]
-    pairs = [(a, b) for a, b in pairs if b is not None]
-    if not pairs:
+def int4_is_faster(linears: list[nn.Module], int4_linears: list[nn.Module],
+                   repeats: int = 5) -> bool:
+    """Whether one-row products through ``int4_linears`` take less time than through the
+    fp32 ``linears`` they stand for (one shape) on this CPU: medians of ``repeats`` passes
+    over all of them, so that the weights stream from memory as in the model.  (On the
+    project's Xeon with AMX the int4 side is several times faster, see the module
+    docstring; a CPU without fast bf16 may differ, and ``quantize_exact_int4(check_speed=
+    True)`` asks.)"""
+    if not linears:
         return False
-    x = torch.randn(1, pairs[0][0].in_features)
+    x = torch.randn(1, linears[0].in_features)
     medians = []
-    for side in (0, 1):
-        modules = [pair[side] for pair in pairs]
+    for modules in (linears, int4_linears):
         times = []
         with torch.inference_mode():
             for _ in range(repeats + 1):  # the first pass sets kernels up
@@ -211,16 +222,16 @@ def quantize_exact_int4(model: nn.Module, check_speed: bool = False) -> int:
                 if new is not None:
                     swaps.append((parent, name, child, new))
     if check_speed and swaps:
-        shapes = Counter(child.weight.shape for _, _, child, _ in swaps)
-        shape = shapes.most_common(1)[0][0]
-        if not int4_is_faster([child for _, _, child, _ in swaps if child.weight.shape == shape]):
+        shape = Counter(child.weight.shape for _, _, child, _ in swaps).most_common(1)[0][0]
+        timed = [(child, new) for _, _, child, new in swaps if child.weight.shape == shape]
+        if not int4_is_faster([c for c, _ in timed], [n for _, n in timed]):
             return 0
     for parent, name, _, new in swaps:
         setattr(parent, name, new)
     return len(swaps)
 
 
-def has_int4_linears(model: nn.Module) -> bool:
-    """Whether ``model`` computes some linear through :class:`Int4Linear` (so it rounds
-    activations to bf16: ``spec.attention`` then keeps decoding exact)."""
-    return any(isinstance(m, Int4Linear) for m in model.modules())
+def count_int4_linears(model: nn.Module) -> int:
+    """How many linears of ``model`` compute through :class:`Int4Linear` (any: the model
+    rounds activations to bf16, and ``spec.attention`` then keeps decoding exact)."""
+    return sum(isinstance(m, Int4Linear) for m in model.modules())

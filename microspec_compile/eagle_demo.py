@@ -38,12 +38,7 @@ from .analysis.results import machine_info
 from .config import DEMO_SMALL_BATCH_LINEAR
 from .data import default_prompts, encode
 from .heads import EagleHead
-from .kernels.int4_linear import (
-    Int4Linear,
-    has_int4_linears,
-    int4_kernel_available,
-    quantize_exact_int4,
-)
+from .kernels.int4_linear import count_int4_linears, int4_kernel_available, quantize_exact_int4
 from .kernels.packed_linear import PackedLinears
 from .measure import fmt, measure_ways, run_fields, summarize, write_report
 from .models import load_causal_lm
@@ -138,7 +133,7 @@ def apply_target_weights(target, choice: str = "auto") -> str:
                          f"got {choice!r}")
     if choice == "int4" or (choice == "auto" and int4_kernel_available()):
         replaced = quantize_exact_int4(target, check_speed=choice == "auto")
-        if replaced == 0 and choice == "int4" and not has_int4_linears(target):
+        if replaced == 0 and choice == "int4" and not count_int4_linears(target):
             raise ValueError("target_weights='int4': no linear of the target holds exact 4-bit "
                              "groups (a dequantized Q4_0/Q4_1 checkpoint); use 'fp32'")
     return target_weights_label(target)
@@ -146,7 +141,7 @@ def apply_target_weights(target, choice: str = "auto") -> str:
 
 def target_weights_label(target) -> str:
     """What the target's linears compute with, for the report."""
-    count = sum(isinstance(m, Int4Linear) for m in target.modules())
+    count = count_int4_linears(target)
     return f"int4 ({count} decoder linears, bf16 inputs; LM head fp32)" if count else "fp32"
 
 

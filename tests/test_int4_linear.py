@@ -98,6 +98,18 @@ def test_other_weights_are_not_taken_for_groups(weight):
     assert int4_groups(weight) is None
 
 
+def test_bad_inputs_are_clear_errors():
+    linear = nn.Linear(64, 32)
+    linear.weight.data = q4_1(linear.weight.data)
+    module = Int4Linear.from_linear(linear)
+    with pytest.raises(TypeError, match="takes float inputs, got dtype torch.int64"):
+        module(torch.ones(2, 64, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"expects inputs \[..., 64\], got \[2, 48\]"):
+        module(torch.randn(2, 48))
+    with pytest.raises(ValueError, match="runs on CPU"):
+        module(torch.randn(2, 64, device="meta"))
+
+
 def test_constant_groups_have_a_zero_scale():
     weight = torch.full((4, 64), 0.25)
     groups = int4_groups(weight)
@@ -145,14 +157,18 @@ def test_demo_choice_of_target_weights():
 def test_auto_keeps_fp32_where_int4_is_measured_slower(monkeypatch):
     import microspec_compile.kernels.int4_linear as int4_linear
 
-    assert isinstance(int4_linear.int4_is_faster([nn.Linear(64, 64)]), bool)  # not exact: False
-    monkeypatch.setattr(int4_linear, "int4_is_faster", lambda linears: False)
+    linear = nn.Linear(64, 64)
+    linear.weight.data = q4_1(linear.weight.data)
+    assert isinstance(int4_linear.int4_is_faster([linear], [Int4Linear.from_linear(linear)]),
+                      bool)
+    assert int4_linear.int4_is_faster([], []) is False
+    monkeypatch.setattr(int4_linear, "int4_is_faster", lambda linears, int4_linears: False)
     target = q4_1_model(tiny_target())
     assert quantize_exact_int4(target, check_speed=True) == 0
     assert not any(isinstance(m, Int4Linear) for m in target.modules())
     assert apply_target_weights(target, "auto") == "fp32"
     assert apply_target_weights(target, "int4").startswith("int4 (14 ")  # asked for: no check
-    monkeypatch.setattr(int4_linear, "int4_is_faster", lambda linears: True)
+    monkeypatch.setattr(int4_linear, "int4_is_faster", lambda linears, int4_linears: True)
     assert quantize_exact_int4(q4_1_model(tiny_target()), check_speed=True) == 14
     assert apply_target_weights(q4_1_model(tiny_target()), "auto").startswith("int4 (14 ")
 

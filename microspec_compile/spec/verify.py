@@ -15,20 +15,20 @@ import time
 import torch
 
 from ..kernels import small_batch_linear  # noqa: F401  (registers the op)
-from ..kernels.int4_linear import has_int4_linears
+from ..kernels.int4_linear import count_int4_linears
 from .attention import decoding_session
 from .cache import BufferedLayer
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask
 
-__all__ = ["target_session", "check_request", "choose_token", "target_forward", "verify_tree", "verify_and_accept",
-           "packings", "packing_for", "keep_path_rows", "crop_cache"]
+__all__ = ["target_session", "check_request", "choose_token", "target_forward", "verify_tree",
+           "verify_and_accept", "packings", "packing_for", "keep_path_rows", "crop_cache"]
 
 
 def target_session(target):
     """``(cache, attention context)`` for one request over ``target``
     (``spec.attention.decoding_session``: exact fp64 attention when the target has int4
     linears, so that its verifications compute what its one-token steps do)."""
-    return decoding_session(target, has_int4_linears(target))
+    return decoding_session(target, count_int4_linears(target) > 0)
 
 
 def check_request(input_ids: torch.Tensor, vocab_size: int, sample: bool,
@@ -143,8 +143,8 @@ def keep_path_rows(cache, past: int, path: list[int]) -> None:
     ``path`` holds increasing tree indices from the root (``path[0] == 0``, so
     ``path[i] >= i``).  Rows already in place stay; the few others are copied down
     into place, then every layer is cut to ``past + len(path)`` rows as a view: no
-    copy of the cached prefix (the next forward's ``torch.cat`` copies the cache
-    anyway; an ``index_select`` of all rows cost a full extra copy per round).
+    copy of the cached prefix (an ``index_select`` of all rows cost a full copy per
+    round; a ``spec.cache.DecodingCache`` then writes the next rows after the view).
     """
     moved = [i for i, p in enumerate(path) if p != i]
     dst = torch.tensor([past + i for i in moved], dtype=torch.int64)
