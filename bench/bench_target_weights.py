@@ -1,17 +1,19 @@
 """One target forward of T tokens after a cached prompt: fp32 weights vs the GGUF's 4-bit ones.
 
 What a speculative round pays for verification (T = the tree's size) and the
-target alone pays per token (T = 1), for SmolLM2-135M-Instruct in three set-ups:
+target alone pays per token (T = 1), for SmolLM2-135M-Instruct in four set-ups:
 
 - ``fp32 dynamic``: the decoder linears as loaded (dequantized fp32) and Hugging Face's
   ``DynamicCache`` (appends by ``torch.cat``): the previous sessions' target;
 - ``fp32``: the same weights in the loops' cache (``spec.cache.DecodingCache``, rows
   written in place);
-- ``int4``: the linears' exact 4-bit groups (``kernels.int4_linear``) with the loops'
-  exact session (``spec.verify.target_session``: fp64 rows, fp64 decoding attention).
+- ``int4 dynamic``: the linears' exact 4-bit groups (``kernels.int4_linear``) with fp64
+  rows appended by ``torch.cat`` (``DynamicCache``) and fp64 decoding attention;
+- ``int4``: the same in the loops' exact session (``spec.verify.target_session``: fp64
+  rows written in place by ``DecodingCache``, fp64 decoding attention).
 
-The LM head stays fp32 in all three; every linear left fp32 is packed for T >= 2
-(``kernels.PackedLinears``, as the demo verifies).  The three are timed interleaved in
+The LM head stays fp32 in all four; every linear left fp32 is packed for T >= 2
+(``kernels.PackedLinears``, as the demo verifies).  The four are timed interleaved in
 one process, in shuffled order every round; rows go to
 ``bench/results/target_weights.csv``.
 
@@ -34,6 +36,14 @@ from microspec_compile.spec.tree import causal_mask
 from microspec_compile.spec.verify import target_forward, target_session
 
 from common import append_rows, interleaved_rounds, machine_info
+
+
+class Float64DynamicCache(DynamicCache):
+    """Hugging Face's appending cache with fp64 rows (what exact attention reads)."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states.double(), value_states.double(), layer_idx,
+                              *args, **kwargs)
 
 
 def forward_after_context(model, cache, attend, packs: dict, context: int, rows: int, generator):
@@ -68,6 +78,8 @@ def main() -> None:
         "fp32 dynamic": (fp32, lambda: DynamicCache(config=fp32.config),
                          lambda: gqa_attention(fp32.config)),
         "fp32": (fp32, lambda: target_session(fp32)[0], lambda: gqa_attention(fp32.config)),
+        "int4 dynamic": (int4, lambda: Float64DynamicCache(config=int4.config),
+                         lambda: exact_attention(int4.config)),
         "int4": (int4, lambda: target_session(int4)[0], lambda: exact_attention(int4.config))}
     fns = {}
     for name, (model, new_cache, attend) in setups.items():

@@ -12,8 +12,8 @@ paths branch on tensor values:
   on ~50 small ops to find out (measured, SmolLM2 draft step); the fast path
   only refreshes the last-seen stamps.  New tokens that fit in the free rows (the
   rest of a request, with a few hundred active ids in 4096 rows) are written to
-  the next rows directly, without the reference's sorts over the capacity
-  (EAGLE-2's update after each verification: 0.92 ms per call with the reference
+  the next rows directly, without the reference's sorts over the capacity (20 ids,
+  5 new, into a 4096-row vocabulary of 200 ids: 0.059 vs 0.193 ms, alternated calls
   on the project's Xeon); only an eviction takes the reference.
 """
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """The target's KV cache in the decoding loops: rows written in place into preallocated buffers.
 
 Hugging Face's ``DynamicCache`` appends a forward's keys and values with ``torch.cat``,
-which copies every cached row of every layer on every forward.  For SmolLM2-135M
-with the int4 target (``kernels.int4_linear``) and fp64 keys and values
-(``spec.attention``) that copy was the largest single cost of a step (profiled on
-the project's Xeon after a 300-token prompt: ``aten::cat`` 6.0 ms of a 26.6 ms
-one-token step and 8.0 of 34.6 ms for 4 tokens, more than the int4 linears).
+which copies every cached row of every layer on every forward.  Measured side by side
+after a 300-token prompt (``bench/bench_target_weights.py``, project's Xeon, SmolLM2 with
+its int4 linears and fp64 rows for exact attention): 24.5 -> 23.3 ms for one token,
+30.0 -> 29.1 ms for four, 40.0 -> 39.0 ms for eight with this cache.
 
 :class:`DecodingCache` keeps each layer's keys and values in a buffer
 ``[B, kv_heads, capacity, D]`` and its ``keys`` / ``values`` as the view of the first
