@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-__all__ = ["results_dir", "machine_info", "append_rows", "percentiles", "loadavg"]
+__all__ = ["results_dir", "cpu_flags", "machine_info", "append_rows", "percentiles", "loadavg"]
 
 
 def results_dir() -> Path:
@@ -54,6 +54,16 @@ def _torch_version() -> str:
 #: The CPU flags that decide which kernels run (recorded with every detailed result).
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
               "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        line = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
 def machine_info(detail: bool = False) -> dict:
@@ -97,10 +107,9 @@ def _details(cpu_model: str) -> dict:
     except ImportError:
         pass
     try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), "")
+        flags = cpu_flags()
         info["cpu_avx512"] = "avx512f" in flags
-        info["cpu_flags"] = " ".join(f for f in flags.split() if f in SIMD_FLAGS)
+        info["cpu_flags"] = " ".join(f for f in SIMD_FLAGS if f in flags)
         mem = next(line for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal"))
         info["memory_gb"] = round(int(mem.split()[1]) / 2**20, 1)

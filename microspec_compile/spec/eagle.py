@@ -25,8 +25,9 @@ The LM head is called through ``scorer(hidden [N, H]) -> (log-probs [N, k], ids 
 the dense head compiled by Inductor, the same compiled by ``backend="microspec"``
 (sparse over the active vocabulary), or a fixed subset.  With a ``vocab`` the loop
 follows MicroSpec's policy: after prefill the prompt ids and the target's top-3 at
-every prompt position; after every verification the tree tokens, the emitted ones
-and the target's argmax and top-3 at every tree position.
+every prompt position (``spec.scorers.top_ids``: bf16 products where native); after
+every verification the tree tokens, the emitted ones and the target's argmax and
+top-3 at every tree position.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from ..heads import EagleHead
 from ..kernels.packed_linear import PackedLinears
 from .attention import gqa_attention
 from .lookup import ContextLookup, chain_tree
+from .scorers import top_ids
 from .stats import SpecStats, finish
 from .tree import DraftTree, causal_mask, select_tree
 from .verify import (
@@ -239,15 +241,13 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         dtype = head.fc.weight.dtype
         drafter = EagleDrafter(head, scorer, tree, draft_linears)
 
-        # the prompt's logits only where the vocabulary reads their top-k
-        features, logits = prefill(target, input_ids, cache, dtype,
-                                   all_logits=vocab is not None and target_topk > 0)
+        features, logits = prefill(target, input_ids, cache, dtype, all_logits=False)
         root = choose_token(logits[-1], sample, temperature, generator)
         if vocab is not None:
             vocab.reset()
             vocab.observe(input_ids)
-            if target_topk:
-                vocab.observe(logits.topk(target_topk, dim=-1).indices)
+            if target_topk:  # the target's top-k at every prompt position
+                vocab.observe(top_ids(target.get_output_embeddings(), features, target_topk))
         stats.prefill_time = time.perf_counter() - t0
         n, tokens = input_ids.shape[1], [root]
         index = ContextLookup(input_ids[0]) if tree.lookup else None
