@@ -106,6 +106,21 @@ def test_training_lowers_loss_and_resumes_exactly(tmp_path):
               autocast=False, token_budget=128, warmup_steps=2, save_every_s=0.0), steps=12)
 
 
+def test_training_walks_epochs_of_different_batch_counts(tmp_path):
+    # each epoch packs its shuffled length buckets anew, so an epoch can hold fewer batches
+    # than the first (a 32-minute run once stopped with an IndexError at such an epoch)
+    target = tiny_target()
+    fs = compute_features(target, sequences(8), autocast=False)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=2, token_budget=96, autocast=False,
+                      save_every_s=math.inf)
+    counts = [len(make_batches(fs.lengths(), cfg.token_budget, e, cfg.seed)) for e in range(4)]
+    assert min(counts[1:]) < counts[0]  # the case this test is about
+    steps = sum(counts)
+    out = train(EagleHead.for_target(target), fs, tmp_path, seconds=math.inf, config=cfg,
+                steps=steps)
+    assert out["steps"] == steps and out["epochs"] == pytest.approx(4.0)
+
+
 @pytest.mark.parametrize("faster", [True, False])  # an AMX / AVX512-BF16 CPU, an AVX2 one
 def test_bf16_only_where_this_cpu_runs_it_faster(tmp_path, monkeypatch, faster):
     # an emulated bf16 (AVX2: measured 8x slower than fp32) must not slow training down

@@ -196,11 +196,25 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
     head.train()
     last_save = time.perf_counter()
     epoch_batches: dict[int, list] = {}
-    steps_per_epoch = len(make_batches(lengths, config.token_budget, 0, config.seed))
+    # each epoch's shuffle packs the length buckets anew: its batch count may differ
+    epoch_sizes: list[int] = []
+
+    def locate(step: int) -> tuple[int, int]:
+        """(epoch, batch index in it) of a global step."""
+        epoch = 0
+        while True:
+            if epoch == len(epoch_sizes):
+                epoch_sizes.append(len(make_batches(lengths, config.token_budget, epoch,
+                                                    config.seed)))
+            if step < epoch_sizes[epoch]:
+                return epoch, step
+            step -= epoch_sizes[epoch]
+            epoch += 1
+
     while state["elapsed"] < seconds:
         if state["total_steps"] is not None and state["step"] >= state["total_steps"]:
             break
-        epoch, index = divmod(state["step"], steps_per_epoch)
+        epoch, index = locate(state["step"])
         if epoch not in epoch_batches:
             epoch_batches = {epoch: make_batches(lengths, config.token_budget, epoch, config.seed)}
         t0 = time.perf_counter()
@@ -233,7 +247,8 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
     atomic_save(checkpoint(), ckpt_path)
     head.eval()
     recent = state["history"][-50:] or [(float("nan"), float("nan"))]
-    return {"steps": state["step"], "epochs": state["step"] / steps_per_epoch,
+    epoch, index = locate(state["step"])
+    return {"steps": state["step"], "epochs": epoch + index / epoch_sizes[epoch],
             "seconds": state["elapsed"], "tokens": state["tokens"],
             "last_loss": sum(r[0] for r in recent) / len(recent),
             "last_agreement": sum(r[1] for r in recent) / len(recent),
