@@ -328,3 +328,25 @@ def test_top_ids_ranks_as_the_head(bf16, monkeypatch):
         scorers.top_ids(head, hidden, 0)
     with pytest.raises(ValueError, match=r"hidden must be \[N, 64\]"):
         scorers.top_ids(head, hidden[:, :10], 3)
+
+
+# Why: the packed dense baseline must score as the plain head does (same ids, values within
+# a GEMM's rounding) for the packed row counts and for the others, and decode the same.
+def test_packed_scorer_scores_as_the_plain_head():
+    from microspec_compile.spec import PackedScorer
+
+    target = tiny_target(bigram=True)
+    plain = TopkScorer(target.lm_head, 4)
+    packed = PackedScorer(plain, (1, 4))
+    assert sorted(packed.packings) == [1, 4]
+    assert all(p.count == 1 for p in packed.packings.values())  # the head's one linear
+    with torch.inference_mode():
+        for rows in (1, 4, 3):  # packed, packed, plain
+            hidden = torch.randn(rows, 64)
+            values, ids = packed(hidden)
+            ref_values, ref_ids = plain(hidden)
+            assert torch.equal(ids, ref_ids)
+            torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+    head, shape, ids = oracle_head(target), TreeConfig(depth=2, top_k=4, total_tokens=6), prompt()
+    out, _ = eagle_generate(target, head, packed, ids, 16, shape)
+    assert torch.equal(out, autoregressive_generate(target, ids, 16)[0])

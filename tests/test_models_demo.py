@@ -312,8 +312,9 @@ def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(report))
     for key in ("date", "hardware", "settings", "summary", "speedup_microspec_vs_dense",
-                "speedup_microspec_vs_target", "identical_to_target", "warmup_s",
-                "recompiles_during_timing", "microspec_counters", "outputs", "records", "chart"):
+                "speedup_microspec_vs_dense_packed", "speedup_microspec_vs_target",
+                "identical_to_target", "warmup_s", "recompiles_during_timing",
+                "microspec_counters", "outputs", "records", "chart"):
         assert key in data, key
     assert data["hardware"]["torch"] == torch.__version__ and data["hardware"].get("cpu_model")
     for key in ("tree", "max_new_tokens", "runs", "prompts", "verify_packed_linears",
@@ -331,7 +332,7 @@ def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
         assert data["summary"][way]["draft_step_ms"] > 0
         assert data["identical_to_target"][way] is True
     assert data["summary"]["microspec"]["speedup_vs_dense"] > 0
-    for other in ("lookup", "eagle-only"):  # the default tree looks up: both parts alone
+    for other in ("dense-packed", "lookup", "eagle-only"):  # lookup by default: parts alone
         assert data["summary"]["microspec"][f"speedup_vs_{other}"] > 0
     assert 0 <= data["summary"]["microspec"]["lookup_share"] <= 1
     assert data["summary"]["eagle-only"]["lookup_share"] == 0  # lookup off: no round looks up

@@ -177,6 +177,7 @@ def test_evaluation_prompts_are_held_out_of_training():
     assert len(held) > 200  # MT-bench turns and HumanEval prompts
     pairs = training_prompts(30)
     assert len(pairs) == 30
+    assert training_prompts(0) == []  # --original-prompts 0: none (it once gave one)
     assert not any(" ".join(user.split()).lower() in held for user, _ in pairs)
 
 
@@ -353,6 +354,11 @@ def test_model_card_states_data_training_and_both_agreements(tmp_path):
     training["ce_weight"] = 1.0
     write_model_card(tmp_path / "card.md", report)
     assert "--ce-weight 1.0" in (tmp_path / "card.md").read_text()
+    # code the target continued is listed even without code trained on with its own bodies
+    report["data"].update({"code-regenerated_answers": 4, "code-regenerated_answer_tokens": 40,
+                           "code-original_answers": 0, "code-original_answer_tokens": 0})
+    write_model_card(tmp_path / "card.md", report)
+    assert "continued by the target from their docstring" in (tmp_path / "card.md").read_text()
     # fine-tuned twice: both earlier stages are listed, newest first
     stage = {"held_out": {"agreement": 0.3}, "training": training, "data": {"sequence_tokens": 9}}
     report["initialised_from"] = {**stage, "initialised_from": {

@@ -9,11 +9,11 @@
 from .chain import autoregressive_generate, speculative_generate, vocabulary_of
 from .eagle import EagleDrafter, TreeConfig, eagle_generate, pack_head_linears
 from .lookup import ContextLookup, lookup_generate
-from .scorers import SubsetTopkScorer, TopkScorer
+from .scorers import PackedScorer, SubsetTopkScorer, TopkScorer
 from .stats import SpecStats
 from .tree import DraftTree, accept_greedy, accept_sampling, select_tree
 
 __all__ = ["SpecStats", "autoregressive_generate", "speculative_generate", "vocabulary_of",
-           "EagleDrafter", "TopkScorer", "SubsetTopkScorer", "TreeConfig", "eagle_generate",
+           "EagleDrafter", "TopkScorer", "SubsetTopkScorer", "PackedScorer", "TreeConfig", "eagle_generate",
            "pack_head_linears", "DraftTree", "ContextLookup", "lookup_generate",
            "accept_greedy", "accept_sampling", "select_tree"]

@@ -5,17 +5,23 @@
   (the graph is a lone head: the loop observes token ids itself);
 * :class:`SubsetTopkScorer` over a fixed subset of rows (FR-Spec: the most frequent
   tokens), renormalised over the subset, ids mapped back to the vocabulary;
+* :class:`PackedScorer`: a scorer whose fp32 CPU linears run prepacked for each row
+  count it is called with (``kernels.PackedLinears``): the dense head as fast as this
+  project can make it on a CPU, the strong baseline;
 * :func:`top_ids`: the target's top-k ids at many positions (the prompt's, which
   MicroSpec's policy adds to the vocabulary), in bf16 where the CPU has bf16 products.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from ..analysis.results import cpu_flags
+from ..kernels.packed_linear import PackedLinears
 
-__all__ = ["TopkScorer", "SubsetTopkScorer", "top_ids", "fast_bf16_products"]
+__all__ = ["TopkScorer", "SubsetTopkScorer", "PackedScorer", "top_ids", "fast_bf16_products"]
 
 # an LM-head weight's bf16 copy lives on the weight (as its vocabulary does):
 # (weight._version when copied, copy)
@@ -59,6 +65,26 @@ class SubsetTopkScorer(nn.Module):
     def forward(self, hidden: torch.Tensor):
         values, index = torch.log_softmax(hidden @ self.weight.t(), dim=-1).topk(self.k, dim=-1)
         return values, self.ids[index]
+
+
+class PackedScorer:
+    """``scorer`` (eager) with its fp32 CPU linears packed for each of ``rows`` row counts.
+
+    On CPU a plain fp32 product of a few rows can repack the whole weight per call:
+    SmolLM2's 49152 x 576 head on an AMD EPYC with AVX512-BF16 took 20.0 ms for 4 rows
+    with ``F.linear`` or Inductor and 4.2 ms packed by oneDNN (7.7 against 3.7 ms for 1
+    row).  ``PackedLinears`` times the kernels and keeps the fastest per row count; other
+    row counts take the plain product.  Each packing holds a copy of the weights.
+    """
+
+    def __init__(self, scorer: nn.Module, rows: tuple[int, ...]):
+        self.scorer = scorer
+        self.packings = {r: PackedLinears(scorer, r) for r in sorted(set(rows))}
+
+    def __call__(self, hidden: torch.Tensor):
+        rows = hidden.numel() // hidden.shape[-1]
+        with self.packings.get(rows) or contextlib.nullcontext():
+            return self.scorer(hidden)
 
 
 def fast_bf16_products(device: torch.device) -> bool:

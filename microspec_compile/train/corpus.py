@@ -57,6 +57,8 @@ def training_prompts(limit: int, skip: int = 0) -> list[tuple[str, str]]:
     """
     held = held_out_texts()
     pairs = []
+    if limit <= 0:
+        return pairs
     for conv in sharegpt_conversations(skip=skip):
         user, answer = conv[0].strip(), conv[1].strip()
         if not user or not answer or _normalise(user) in held:

@@ -211,7 +211,7 @@ def _data_lines(d: dict, p: dict) -> list[str]:
         f"{d['regenerated_answer_tokens']} answer tokens;",
         f"- {d['original_answers']} more first turns with ShareGPT's own answers: "
         f"{d['original_answer_tokens']} answer tokens;"]
-    if d.get("code-original_answers"):
+    if d.get("code-original_answers") or d.get("code-regenerated_answers"):
         lines += [
             f"- {d['code-regenerated_answers']} documented Python standard-library functions "
             f"(raw text, no template) continued by the target from their docstring (up to "
