@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="target alone vs EAGLE-2 with a dense / FR-Spec / microspec head",
         description="Decode held-out prompts (MT-bench, HumanEval; or --prompt) with SmolLM2-135M-"
                     "Instruct: the target alone, and EAGLE-2 tree speculative decoding with the "
-                    "shipped EAGLE head whose LM head is dense (Inductor), a fixed frequent "
+                    "shipped EAGLE head whose LM head is dense (Inductor, or prepacked per row "
+                    "count), a fixed frequent "
                     "quarter of the vocabulary (FR-Spec), or compiled by the microspec backend. "
                     "--draft early-exit runs the older chain demo (an early-exit draft). Prints a "
                     "table, writes a JSON file and a PNG chart.",

@@ -270,13 +270,13 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
 
 def format_eagle_table(report: dict) -> str:
     """The summary table as text."""
-    head = (f"{'way':<10} {'tok/s':>7} {'vs target':>9} {'tok/verif':>9} {'lookup':>6} "
+    head = (f"{'way':<12} {'tok/s':>7} {'vs target':>9} {'tok/verif':>9} {'lookup':>6} "
             f"{'coverage':>8} {'|S| mean':>8} {'draft ms':>8} {'verify ms':>9} {'warm-up s':>9}")
     lines = [head, "-" * len(head)]
     for way in report["summary"]:
         s = report["summary"][way]
         tok_verif = s["tokens_per_target_step"] if way != "target" else None
-        lines.append(f"{way:<10} {fmt(s['tokens_per_s'], '7.2f')} "
+        lines.append(f"{way:<12} {fmt(s['tokens_per_s'], '7.2f')} "
                      f"{fmt(s['speedup_vs_target'], '8.2f')}x {fmt(tok_verif, '9.2f')} "
                      f"{fmt(s.get('lookup_share'), '6.2f')} {fmt(s['coverage'], '8.3f')} "
                      f"{fmt(s['mean_vocab_size'], '8.0f')} "
