@@ -196,33 +196,31 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
     head.train()
     last_save = time.perf_counter()
     epoch_batches: dict[int, list] = {}
-    # each epoch's shuffle packs the length buckets anew: its batch count may differ
-    epoch_sizes: list[int] = []
+
+    def batches(epoch: int) -> list:
+        if epoch not in epoch_batches:
+            epoch_batches[epoch] = make_batches(lengths, config.token_budget, epoch, config.seed)
+        return epoch_batches[epoch]
 
     def locate(step: int) -> tuple[int, int]:
-        """(epoch, batch index in it) of a global step."""
+        """(epoch, batch index in it) of a global step: each epoch's shuffle packs the
+        length buckets anew, so its batch count may differ from the first's."""
         epoch = 0
-        while True:
-            if epoch == len(epoch_sizes):
-                epoch_sizes.append(len(make_batches(lengths, config.token_budget, epoch,
-                                                    config.seed)))
-            if step < epoch_sizes[epoch]:
-                return epoch, step
-            step -= epoch_sizes[epoch]
+        while step >= len(batches(epoch)):
+            step -= len(batches(epoch))
             epoch += 1
+        return epoch, step
 
     while state["elapsed"] < seconds:
         if state["total_steps"] is not None and state["step"] >= state["total_steps"]:
             break
         epoch, index = locate(state["step"])
-        if epoch not in epoch_batches:
-            epoch_batches = {epoch: make_batches(lengths, config.token_budget, epoch, config.seed)}
         t0 = time.perf_counter()
         total = state["total_steps"] or max(config.warmup_steps * 2, 1000)
         for group in opt.param_groups:
             group["lr"] = config.lr * _lr_factor(state["step"], total, config.warmup_steps)
         noise_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + state["step"])
-        loss, agree, rows = eagle_loss(head, *batch_tensors(data, epoch_batches[epoch][index]),
+        loss, agree, rows = eagle_loss(head, *batch_tensors(data, batches(epoch)[index]),
                                        noise=config.noise, ce_weight=config.ce_weight,
                                        generator=noise_gen, autocast=config.autocast,
                                        rollout_weight=config.rollout_weight)
@@ -248,7 +246,7 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
     head.eval()
     recent = state["history"][-50:] or [(float("nan"), float("nan"))]
     epoch, index = locate(state["step"])
-    return {"steps": state["step"], "epochs": epoch + index / epoch_sizes[epoch],
+    return {"steps": state["step"], "epochs": epoch + index / len(batches(epoch)),
             "seconds": state["elapsed"], "tokens": state["tokens"],
             "last_loss": sum(r[0] for r in recent) / len(recent),
             "last_agreement": sum(r[1] for r in recent) / len(recent),
