@@ -328,6 +328,8 @@ def test_top_ids_ranks_as_the_head(bf16, monkeypatch):
         scorers.top_ids(head, hidden, 0)
     with pytest.raises(ValueError, match=r"hidden must be \[N, 64\]"):
         scorers.top_ids(head, hidden[:, :10], 3)
+    with pytest.raises(TypeError, match="float features"):
+        scorers.top_ids(head, torch.ones(2, 64, dtype=torch.int64), 3)
 
 
 # Why: the packed dense baseline must score as the plain head does (same ids, values within

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import importlib.metadata
 import os
 import platform
@@ -56,8 +57,10 @@ SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"
               "amx_tile", "amx_bf16", "amx_int8")
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read); read once
+    per process (``spec.scorers.top_ids`` asks on every request)."""
     try:
         line = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("flags")), "")

@@ -71,10 +71,11 @@ class PackedScorer:
     """``scorer`` (eager) with its fp32 CPU linears packed for each of ``rows`` row counts.
 
     On CPU a plain fp32 product of a few rows can repack the whole weight per call:
-    SmolLM2's 49152 x 576 head on an AMD EPYC with AVX512-BF16 took 20.0 ms for 4 rows
-    with ``F.linear`` or Inductor and 4.2 ms packed by oneDNN (7.7 against 3.7 ms for 1
-    row).  ``PackedLinears`` times the kernels and keeps the fastest per row count; other
-    row counts take the plain product.  Each packing holds a copy of the weights.
+    a head of SmolLM2's shape (49152 x 576, random weights) on an AMD EPYC with
+    AVX512-BF16 took 20.0 ms for 4 rows with ``F.linear`` or Inductor and 4.2 ms packed by
+    oneDNN (7.7 against 3.7 ms for 1 row).  ``PackedLinears`` times the kernels and keeps
+    the fastest per row count; other row counts take the plain product.  Each packing
+    holds a copy of the weights.
     """
 
     def __init__(self, scorer: nn.Module, rows: tuple[int, ...]):
@@ -117,6 +118,8 @@ def top_ids(lm_head: nn.Module, hidden: torch.Tensor, k: int, rows: int = 256) -
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden must be float features, got dtype {hidden.dtype}")
     if hidden.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden must be [N, {weight.shape[1]}], got {list(hidden.shape)}")
     if fast_bf16_products(weight.device) and weight.dtype != torch.bfloat16:
