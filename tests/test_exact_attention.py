@@ -1,12 +1,11 @@
 """Exact decoding attention (``spec.attention.decoding_session``): a verification's rows are
 the one-token steps' rows, bit for bit, for a target that rounds activations to bf16."""
-import pytest
 import torch
 from test_eagle_tree import tiny_target
-from test_int4_linear import q4_1_model
+from test_int4_linear import needs_int4, q4_1_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from microspec_compile.kernels.int4_linear import int4_kernel_available, quantize_exact_int4
+from microspec_compile.kernels.int4_linear import quantize_exact_int4
 from microspec_compile.spec.attention import decoding_session
 from microspec_compile.spec.cache import DecodingCache
 from microspec_compile.spec.tree import DraftTree, causal_mask
@@ -18,9 +17,6 @@ from microspec_compile.spec.verify import (
     target_session,
     verify_tree,
 )
-
-needs_int4 = pytest.mark.skipif(not int4_kernel_available(),
-                                reason="this torch build has no CPU int4 kernel")
 
 # siblings (masked gaps between a node's keys), a chain under a sibling, depths 0-3
 TREE = DraftTree(torch.tensor([5, 7, 9, 11, 13, 17, 19]), torch.tensor([-1, 0, 0, 0, 1, 3, 5]),

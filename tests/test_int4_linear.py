@@ -22,8 +22,9 @@ from microspec_compile.spec import (
     lookup_generate,
 )
 
-pytestmark = pytest.mark.skipif(not int4_kernel_available(),
+needs_int4 = pytest.mark.skipif(not int4_kernel_available(),
                                 reason="this torch build has no CPU int4 kernel")
+pytestmark = needs_int4
 
 
 def q4_1(weight: torch.Tensor) -> torch.Tensor:
