@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# GPU check of microspec-compile in one run (about 8 minutes at most on an H200).
+# GPU check of microspec-compile in one run (--quick: under 5 minutes; else 8).
 #
-#   a. native kernel tests: tests/test_kernels.py and tests/test_async_gather.py (CUDA
-#      tensors, compiled Triton; the async gather, its capture and the compiled step);
-#   b. no host sync: the ops (observe / observe_async / sparse head) and the compiled
-#      draft step, async and sync gather, with and without CUDA graphs, under
-#      torch.cuda.set_sync_debug_mode("error");
+#   a. native kernel tests: tests/test_kernels.py, tests/test_async_gather.py and
+#      tests/test_device_guards.py (CUDA tensors, compiled Triton; the kernels agreeing
+#      through evictions, the async gather, its capture, the compiled step, the loops
+#      and the training step on CUDA under the device guard). --quick: their cuda cases
+#      (-m cuda) but the Inductor-path compile and the training step;
+#   b. no host sync: the ops (observe / observe_async / sparse head, through evictions)
+#      and the compiled draft step, async and sync gather (--quick: async), with and
+#      without CUDA graphs, under torch.cuda.set_sync_debug_mode("error");
 #   c. the compiled EAGLE-2-shaped draft step at Llama-3-8B shapes (bf16, random weights,
 #      one decoder layer over a 512-token KV cache, 1 row then 10 rows per depth, depth 6):
 #      dense vs microspec sync vs microspec async, each with and without CUDA graphs, with
-#      the memory-bandwidth floor beside each figure;
+#      the memory-bandwidth floor beside each figure (--quick: dense and microspec async,
+#      CUDA graphs only);
 #   d. a full EAGLE-2 round (draft tree + tree verification): Llama-3-8B-shaped target with
-#      4 layers, random weights, bf16; dense vs microspec head; greedy outputs must agree.
+#      4 layers (--quick: 2), random weights, bf16; dense vs microspec head; greedy outputs
+#      must agree.
 #
-# Each step runs under its own time limit; a failed step is recorded and the next one
-# runs. Writes bench/results/gpu_check.txt (override with $GPU_CHECK_OUT): every step's
-# output, then a table of the steps. Exit status: 1 if any step failed (or no GPU).
-# Usage: bash bench/gpu_check.sh [--quick]     (--quick: fewer tests and iterations)
+# Each step runs under its own time limit and stops at its first failure (pytest -x, the
+# scripts' --fail-fast); a failed step is recorded and the next one runs. Writes
+# bench/results/gpu_check.txt (override with $GPU_CHECK_OUT): every step's output, then a
+# table of the steps. Exit status: 1 if any step failed (or no GPU).
+# Usage: bash bench/gpu_check.sh [--quick]     (--quick: fewer tests, providers, iterations)
 # Runs the machine's own python3 (or $PY); installs nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,21 +72,26 @@ if ! "$PY" -c "import microspec_compile.kernels.async_gather" 2>>"$OUT"; then
     exit 1
 fi
 
-# Limits add up to 480 s (8 minutes) in both modes.
-PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
+# Limits add up to 285 s with --quick (under 5 minutes: a rerun fits in a session's GPU time), to
+# 480 s without. Every step stops at its first failure: pytest -x, the scripts --fail-fast.
+PYTEST=("$PY" -m pytest -q -x -p no:cacheprovider)
+TESTS=(tests/test_kernels.py tests/test_async_gather.py tests/test_device_guards.py)
 if [ "$QUICK" = 1 ]; then
-    step "a. kernel tests (quick)" 120 "${PYTEST[@]}" tests/test_async_gather.py \
-        tests/test_kernels.py -k "cuda or opcheck or observe or sm90"
-    step "b1. no host sync: ops" 40 "$PY" bench/gpu_head_latency.py --sync-check
-    step "b2. no host sync: step" 70 "$PY" bench/gpu_draft_step.py --sync-check --shape smollm2
-    step "c. draft step (quick)" 150 "$PY" bench/gpu_draft_step.py --quick
-    step "d. EAGLE-2 round (quick)" 100 "$PY" bench/gpu_eagle_round.py --quick
+    step "a. kernel tests (quick)" 80 "${PYTEST[@]}" "${TESTS[@]}" -m cuda \
+        -k "not inductor and not None-cuda and not training"
+    step "b1. no host sync: ops" 30 "$PY" bench/gpu_head_latency.py --sync-check --fail-fast
+    step "b2. no host sync: step" 75 "$PY" bench/gpu_draft_step.py --sync-check --shape smollm2 \
+        --providers ms_async --fail-fast
+    step "c. draft step (quick)" 50 "$PY" bench/gpu_draft_step.py --quick --cuda-graphs-only \
+        --providers dense,ms_async --fail-fast
+    step "d. EAGLE-2 round (quick)" 50 "$PY" bench/gpu_eagle_round.py --quick --fail-fast
 else
-    step "a. kernel tests" 140 "${PYTEST[@]}" tests/test_async_gather.py tests/test_kernels.py
-    step "b1. no host sync: ops" 40 "$PY" bench/gpu_head_latency.py --sync-check
-    step "b2. no host sync: step" 70 "$PY" bench/gpu_draft_step.py --sync-check --shape smollm2
-    step "c. draft step" 140 "$PY" bench/gpu_draft_step.py
-    step "d. EAGLE-2 round" 90 "$PY" bench/gpu_eagle_round.py
+    step "a. kernel tests" 160 "${PYTEST[@]}" "${TESTS[@]}"
+    step "b1. no host sync: ops" 30 "$PY" bench/gpu_head_latency.py --sync-check --fail-fast
+    step "b2. no host sync: step" 70 "$PY" bench/gpu_draft_step.py --sync-check --shape smollm2 \
+        --fail-fast
+    step "c. draft step" 130 "$PY" bench/gpu_draft_step.py --fail-fast
+    step "d. EAGLE-2 round" 90 "$PY" bench/gpu_eagle_round.py --fail-fast
 fi
 
 log "=== steps ==="

@@ -17,13 +17,15 @@ dense, the active ones for microspec) over the bandwidth of a large device copy
 measured in the same run; the L2 is flushed before each step.
 
 ``--sync-check`` instead runs a few steps of the microspec providers under
-``torch.cuda.set_sync_debug_mode("error")`` (after their warm-up): a host sync raises.
+``torch.cuda.set_sync_debug_mode("error")`` (after their warm-up): a host sync raises
+(with ``--cpu-smoke``: the same steps on CPU, unchecked, a smoke test of the script).
+``--fail-fast``: stop at the first failed provider (exit 1) instead of going on.
 
 Usage::
 
     python bench/gpu_draft_step.py [--quick] [--out FILE]       # CUDA, Llama-3-8B shapes
     python bench/gpu_draft_step.py --sync-check --shape smollm2
-    python bench/gpu_draft_step.py --cpu-smoke [--eager]       # tiny shapes on CPU
+    python bench/gpu_draft_step.py --cpu-smoke [--eager] [--sync-check]  # tiny, on CPU
 """
 from __future__ import annotations
 
@@ -126,9 +128,8 @@ def run_table(args) -> list[str]:
              f"{vocab.size}/{args.capacity}; copy bandwidth {bw:.0f} GB/s; medians of "
              f"{args.iters}",
              f"{'provider':<14}{'ms/step':>10}{'floor ms':>10}{'x floor':>9}{'compile s':>11}"]
-    modes = [False] if args.no_cuda_graphs else [False, True]
     with torch.no_grad():
-        for cuda_graphs in modes:
+        for cuda_graphs in graph_modes(args):
             for provider in args.providers:
                 name = provider + ("+cg" if cuda_graphs else "")
                 rows = shape.vocab if provider == "dense" else vocab.size
@@ -142,6 +143,9 @@ def run_table(args) -> list[str]:
                 except Exception as e:  # one broken provider must not hide the others
                     lines.append(f"{name:<14}  failed: {type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:150] if str(e) else ''}")
+                    if args.fail_fast:
+                        emit_table(lines, args.out)
+                        raise
                     continue
                 lines.append(f"{name:<14}{ms:>10.3f}{floor:>10.3f}{ms / floor:>9.1f}"
                              f"{compile_s:>11.1f}")
@@ -152,28 +156,45 @@ def run_table(args) -> list[str]:
 
 
 def sync_check(args) -> list[str]:
-    """Steps of the microspec providers under set_sync_debug_mode("error") after warm-up."""
+    """Steps of the microspec providers under set_sync_debug_mode("error") after warm-up
+    (on CPU: the same steps, unchecked)."""
     dev, shape, dtype, weight, body, vocab, root = setup(args)
+    cuda = dev.type == "cuda"
     lines = []
     with torch.no_grad():
-        for provider in ("ms_async", "ms_sync"):
-            for cuda_graphs in (False, True):
+        for provider in [p for p in args.providers if p != "dense"]:
+            for cuda_graphs in graph_modes(args):
                 name = provider + ("+cg" if cuda_graphs else "")
                 fn = build(provider, cuda_graphs, weight, body, args)
                 for _ in range(3):  # compile, CUDA-graph warm-up, record
                     tree_step(fn, root)
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("error")
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error")
                 try:
                     for _ in range(3):
                         tree_step(fn, root)
-                    lines.append(f"{name}: no host sync in 3 compiled tree steps: OK")
+                    lines.append(f"{name}: no host sync in 3 compiled tree steps: OK" if cuda
+                                 else f"{name}: 3 compiled tree steps ran (CPU: unchecked)")
                 except Exception as e:
                     lines.append(f"{name}: FAILED: {type(e).__name__}: {str(e).splitlines()[0]}")
+                    if args.fail_fast:
+                        emit_table(lines, args.out)
+                        raise
                 finally:
-                    torch.cuda.set_sync_debug_mode(0)
-                torch.cuda.synchronize()
+                    if cuda:
+                        torch.cuda.set_sync_debug_mode(0)
+                if cuda:
+                    torch.cuda.synchronize()
     return lines
+
+
+def graph_modes(args) -> list[bool]:
+    """Whether each run uses CUDA graphs: both, or only one (``--no-cuda-graphs``,
+    ``--cuda-graphs-only``)."""
+    if args.no_cuda_graphs:
+        return [False]
+    return [True] if args.cuda_graphs_only else [False, True]
 
 
 def main(argv=None):
@@ -188,6 +209,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--flush-mb", type=int, default=256)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--cuda-graphs-only", action="store_true",
+                   help="only the CUDA-graph (mode reduce-overhead) runs")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at the first failed provider (exit 1)")
     p.add_argument("--quick", action="store_true", help="fewer iterations")
     p.add_argument("--sync-check", action="store_true")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, fp32, on CPU")
@@ -204,8 +229,8 @@ def main(argv=None):
         p.error(f"unknown providers {sorted(bad)}; choose from {PROVIDERS}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --cpu-smoke")
-    if args.sync_check and args.device != "cuda":
-        sys.exit("--sync-check needs a CUDA device")
+    if args.sync_check and args.device != "cuda" and not args.cpu_smoke:
+        sys.exit("--sync-check needs a CUDA device (or --cpu-smoke for a smoke run)")
     lines = sync_check(args) if args.sync_check else run_table(args)
     if not emit_table(lines, args.out):
         sys.exit(1)

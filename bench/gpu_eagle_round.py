@@ -15,6 +15,9 @@ lossless whatever the draft proposes).
 Random weights accept almost nothing, so a round emits ~1 token: the table reports
 time per round (draft, verification, total) rather than a speed-up in tokens.
 
+``--quick``: 2 layers and 10 new tokens; ``--fail-fast``: stop at the first failed head
+(exit 1) instead of going on.
+
 Usage::
 
     python bench/gpu_eagle_round.py [--quick] [--out FILE]     # CUDA, bf16
@@ -99,6 +102,9 @@ def run(args) -> list[str]:
         except Exception as e:  # one broken head must not hide the other
             lines.append(f"{name:<11}  failed: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:150] if str(e) else ''}")
+            if args.fail_fast:
+                emit_table(lines, args.out)
+                raise
             continue
         outputs[name] = ids
         rounds = len(stats.draft_times)
@@ -121,7 +127,7 @@ def sync():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (4; --quick: 2)")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--depth", type=int, default=6)
@@ -131,9 +137,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer tokens")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, fp32, on CPU")
     p.add_argument("--eager", action="store_true", help="no Inductor (fast smoke test)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed head")
     p.add_argument("--out", type=Path, help="also append the lines to this file")
     args = p.parse_args(argv)
     args.dtype = torch.bfloat16
+    if args.layers is None:
+        args.layers = 2 if args.quick else 4
     if args.quick:
         args.new_tokens = 10
     if args.cpu_smoke:

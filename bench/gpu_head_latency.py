@@ -17,8 +17,11 @@ measured in the same run. The L2 / LLC is flushed before every timed call (a dra
 decoder layer runs between two head calls) unless ``--warm-cache``.
 
 ``--compile-check`` compiles the decode-path kernels for sm_90 without a GPU.
-``--sync-check`` instead runs a few decode steps (observe_async + sparse head, triton
-and torch paths) under ``torch.cuda.set_sync_debug_mode("error")``: any host sync raises.
+``--sync-check`` instead runs a few decode steps (observe, observe_async + sparse head,
+triton and torch paths) under ``torch.cuda.set_sync_debug_mode("error")``: any host sync
+raises (on CPU, ``--device cpu --smoke --sync-check`` runs the same steps as a smoke test;
+the CPU guard against host syncs is ``tests/test_device_guards.py``).
+``--fail-fast``: stop at the first failed provider (exit 1) instead of going on.
 
 Usage::
 
@@ -169,6 +172,9 @@ def run_table(args) -> list[str]:
                 except Exception as e:  # one broken path must not hide the others
                     lines.append(f"{name:<18}{output:<7}{n:>5}  failed: {type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:120] if str(e) else ''}")
+                    if args.fail_fast:
+                        emit_table(lines, args.out)
+                        raise
                     continue
                 lines.append(f"{name:<18}{output:<7}{n:>5}{ms:>10.4f}{fl:>10.4f}{ms / fl:>9.1f}")
     # Steady-state observe: 70 tokens of which ~5 are new (the rest already active).
@@ -182,28 +188,41 @@ def run_table(args) -> list[str]:
 
 
 def sync_check(args) -> str:
-    """Decode steps under set_sync_debug_mode("error"): observe_async + the sparse head."""
-    dev = torch.device("cuda")
+    """Decode steps under set_sync_debug_mode("error"): observe, observe_async + the sparse
+    head, through evictions; on CPU the same steps without the check (a smoke test)."""
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
     dtype = DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(1)
-    weight = (torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden ** 0.5).to(dtype).to(dev)
+    # made on the device: a 128256 x 4096 randn on the host takes seconds
+    weight = torch.randn(args.vocab, args.hidden, device=dev,
+                         generator=torch.Generator(device=dev).manual_seed(1))
+    weight = (weight / args.hidden ** 0.5).to(dtype)
     state = make_state(weight, args.cap, args.active, gen)
     steps = [(torch.randint(0, args.vocab, (70,), generator=gen).to(dev),
               torch.randn(10, args.hidden, generator=gen).to(dtype).to(dev)) for _ in range(4)]
+    steps.append((torch.randperm(args.vocab, generator=gen)[:args.cap].to(dev), steps[0][1]))
     for impl in ("triton", "torch"):  # the first pass also compiles the Triton kernels
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
+        # "torch" on CUDA: the capturable references (on CPU: the CPU kernels)
+        st = state.clone()  # each pass brings new ids and evicts
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
         try:
-            for tokens, x in steps:
-                ops.observe(state, weight, tokens, impl=impl)
-                ev = observe_async(state, weight, tokens)
-                torch.cuda.current_stream().wait_event(ev)
-                ops.sparse_topk(x, state, None, 10, "log_softmax", impl=impl)
-                ops.sparse_full(x, state, None, args.vocab, "softmax", impl=impl)
+            for tokens, x in steps:  # the last call brings up to CAP new ids: evicts
+                ops.observe(st, weight, tokens, impl=impl)
+                ev = observe_async(st, weight, tokens)
+                if ev is not None:
+                    torch.cuda.current_stream().wait_event(ev)
+                ops.sparse_topk(x, st, None, 10, "log_softmax", impl=impl)
+                ops.sparse_full(x, st, None, args.vocab, "softmax", impl=impl)
         finally:
-            torch.cuda.set_sync_debug_mode(0)
-        torch.cuda.synchronize()
-    return "no host sync in observe / observe_async / sparse_topk / sparse_full (triton, torch): OK"
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+        if cuda:
+            torch.cuda.synchronize()
+    what = "no host sync" if cuda else "ran (no sync check on CPU)"
+    return f"{what} in observe / observe_async / sparse_topk / sparse_full (triton, torch): OK"
 
 
 def compile_check(arch: int = 90) -> str:
@@ -238,12 +257,15 @@ def compile_check(arch: int = 90) -> str:
                  SPAN=i32, K=i32, mode=i32)
     compile_(tsh._merge_kernel, merge,
              dict(DO_TOPK=True, FINAL=True, STORE_LSE=False, C_IN=16, C_OUT=16, G=256))
-    claim = dict(tok_ptr="*i32", n_tok=i32, rows_ptr=bf16, ids_ptr=i64, member_ptr=i64, ls_ptr=i64,
-                 count_ptr=i64, step_ptr=i64, w_ptr=bf16, over_ptr=i64, H=i32, CAP=i32, V=i32,
-                 stride_rr=i32, stride_rk=i32, stride_wv=i32, stride_wk=i32)
-    ptx = compile_(tobs._claim_kernel, claim, dict(PIN=False, BLOCK_T=64, BLOCK_H=128)).asm["ptx"]
-    assert "atom" in ptx, "the claim kernel lost its atomics"
-    return f"tile, merge and claim kernels compiled for sm_{arch}"
+    assign = dict(tok_ptr="*i32", n_tok=i32, ids_ptr=i64, member_ptr=i64, ls_ptr=i64,
+                  count_ptr=i64, step_ptr=i64, work_ptr=i64, CAP=i32, V=i32)
+    ptx = compile_(tobs._assign_kernel, assign,
+                   dict(PIN=False, BLOCK_T=1024, BLOCK_C=1024)).asm["ptx"]
+    assert "atom" in ptx, "the assign kernel lost its atomics"
+    copy = dict(work_ptr=i64, n_tok=i32, rows_ptr=bf16, w_ptr=bf16, H=i32, CAP=i32,
+                stride_rr=i32, stride_rk=i32, stride_wv=i32, stride_wk=i32)
+    compile_(tobs._copy_kernel, copy, dict(BLOCK_T=64, BLOCK_H=128))
+    return f"tile, merge, assign and copy kernels compiled for sm_{arch}"
 
 
 def main(argv=None):
@@ -264,6 +286,8 @@ def main(argv=None):
     p.add_argument("--warm-cache", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="skip the Inductor providers")
     p.add_argument("--sync-check", action="store_true")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at the first failed provider (exit 1)")
     p.add_argument("--compile-check", action="store_true",
                    help="compile the kernels for sm_90 (no GPU needed) and exit")
     p.add_argument("--out", type=Path, help="also append the table to this file")

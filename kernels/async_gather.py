@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 
 from .dispatch import kernel
-from .ops import check_tokens
+from .ops import check_tokens, host_reads
 from .state import VocabState
 
 __all__ = ["GatherStream", "gather_stream", "capture_problem"]
@@ -133,7 +133,7 @@ def observe_start_op(
     Same arguments and final state as ``microspec::observe``; on CUDA the state may be
     read only after ``microspec::observe_wait``.
     """
-    check_tokens(tokens, weight.shape[0])
+    check_tokens(tokens, weight.shape[0], host_reads(rows.device, impl))
     if tokens.device != rows.device:
         tokens = tokens.to(rows.device, non_blocking=True)
     state = VocabState(rows, ids, member, last_seen, count, step)
@@ -206,8 +206,8 @@ def capture_problem(device: torch.device, impl: str = "auto") -> Optional[str]:
     try:
         vocab, hidden, cap = 64, 16, 32
         gen = torch.Generator().manual_seed(0)
-        weight = torch.randn(vocab, hidden, generator=gen).to(device)
-        x = torch.randn(2, hidden, generator=gen).to(device)
+        weight = torch.randn(vocab, hidden, generator=gen, device="cpu").to(device)
+        x = torch.randn(2, hidden, generator=gen, device="cpu").to(device)
         tokens = torch.arange(0, 20, device=device)
         eager = VocabState.empty(vocab, hidden, cap, device=device)
         captured = eager.clone()

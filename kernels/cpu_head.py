@@ -77,9 +77,10 @@ def observe_cpu(state: VocabState, weight, tokens, pin=False):
         observe_reference(state, weight, tokens, pin)
         return
     present = [s for s, _ in ((s, p) for _, (p, s) in last.items()) if s >= 0]
-    stamp = _refresh(state, torch.tensor(present, dtype=torch.int64), pin)
-    new_ids = torch.tensor(new, dtype=torch.int64)
-    dest = torch.arange(start, start + len(new))
+    host = flat.device  # the CPU kernels' tensors are host tensors by design
+    stamp = _refresh(state, torch.tensor(present, dtype=torch.int64, device=host), pin)
+    new_ids = torch.tensor(new, dtype=torch.int64, device=host)
+    dest = torch.arange(start, start + len(new), device=host)
     state.ids[dest] = new_ids
     state.member[new_ids] = dest
     state.rows[dest] = weight[new_ids].to(state.rows.dtype)

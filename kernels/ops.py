@@ -26,22 +26,37 @@ from typing import Optional
 
 import torch
 
-from .dispatch import kernel
+from .dispatch import kernel, kernel_family
 from .reference import NORMALIZE_MODES
 from .state import VocabState
 
 _LIB = "microspec"
 
 
-def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
-    """Raise ValueError unless ``tokens`` is an integer tensor (ids in ``[0, vocab_size)`` on CPU)."""
+def check_tokens(tokens: torch.Tensor, vocab_size: int, host_check: bool = True) -> None:
+    """Raise ValueError unless ``tokens`` is an integer tensor whose ids are in ``[0, vocab_size)``.
+
+    The range is checked on the host only when ``host_check`` and the ids are on the host
+    already (the CPU kernels: a read costs nothing there). Elsewhere it would be a host
+    sync per call (and illegal in CUDA-graph capture), so it is made device-side instead:
+    every kernel ignores ids outside the range (``reference.observe_reference``,
+    ``triton_observe``). User input is checked once per request, off the hot path: the
+    decoding loops check the prompt's ids on the host (``spec.verify.check_request``).
+    """
     if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"token ids must be an integer tensor, got dtype {tokens.dtype}")
-    if tokens.numel() and tokens.device.type == "cpu":
+    if host_check and tokens.numel() and tokens.device.type == "cpu":
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")
+
+
+def host_reads(device: torch.device, impl: str) -> bool:
+    """Whether the ops may read tensor values on the host: only the CPU kernels, where a
+    read costs nothing (``dispatch.kernel_family``). The capturable references and the
+    Triton kernels never do, on any device: the same code runs on CUDA."""
+    return kernel_family(device, impl) == "cpu"
 
 
 @torch.library.custom_op(
@@ -60,7 +75,7 @@ def observe_op(
     impl: str = "auto",
 ) -> None:
     """Add unseen ``tokens`` to the vocabulary state in place (see ``observe_reference``)."""
-    check_tokens(tokens, weight.shape[0])
+    check_tokens(tokens, weight.shape[0], host_reads(rows.device, impl))
     if tokens.device != rows.device:
         tokens = tokens.to(rows.device, non_blocking=True)
     state = VocabState(rows, ids, member, last_seen, count, step)
@@ -85,10 +100,11 @@ def _check_head_args(hidden: torch.Tensor, rows: torch.Tensor, normalize: str) -
         raise ValueError(f"hidden is on {hidden.device} but the head state is on {rows.device}")
 
 
-def _check_not_empty(count: torch.Tensor) -> None:
+def _check_not_empty(count: torch.Tensor, impl: str) -> None:
     # An all-masked row would give NaN probabilities downstream (and NaN
-    # comparisons can accept wrong draft tokens), so an empty vocabulary is an error.
-    if count.device.type == "cpu":
+    # comparisons can accept wrong draft tokens), so an empty vocabulary is an error:
+    # raised on the host by the CPU kernels, asserted on the device elsewhere (no sync).
+    if host_reads(count.device, impl):
         if int(count) == 0:
             raise ValueError(_EMPTY)
     else:
@@ -116,7 +132,7 @@ def sparse_topk_op(
     _check_head_args(hidden, rows, normalize)
     if not 1 <= k <= rows.shape[0] - 1:
         raise ValueError(f"k must be in [1, capacity={rows.shape[0] - 1}], got {k}")
-    _check_not_empty(count)
+    _check_not_empty(count, impl)
     flat = hidden.reshape(-1, hidden.shape[-1])
     values, token_ids = kernel("sparse_topk", hidden.device, impl)(
         flat, rows, ids, count, bias, k, normalize)
@@ -143,7 +159,7 @@ def sparse_full_op(
 ) -> torch.Tensor:
     """Full-vocabulary output ``[N, vocab_size]``; inactive entries -inf (0 for softmax)."""
     _check_head_args(hidden, rows, normalize)
-    _check_not_empty(count)
+    _check_not_empty(count, impl)
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = kernel("sparse_full", hidden.device, impl)(
         flat, rows, ids, count, bias, vocab_size, normalize)

@@ -2,8 +2,9 @@
 
 These functions define the semantics every other implementation (the CPU ops, the
 Triton kernels, the Inductor lowering) is tested against. They are written without
-host synchronisation (no ``.item()``, ``.tolist()``, ``nonzero()``), so on CUDA they
-are also a valid, capturable fallback.
+host synchronisation (no ``.item()``, ``.tolist()``, ``nonzero()``, no Python value
+written into a tensor element), so on CUDA they are also a valid, capturable fallback;
+``tests/test_device_guards.py`` runs them under a guard that rejects each of these.
 
 The state layout is ``kernels/state.py`` (``VocabState``).
 """
@@ -33,17 +34,22 @@ def observe_reference(
         The state tensors (layout in ``kernels/state.py``); updated in place.
     weight : [V, H]
         The full LM-head weight; only the rows of new tokens are read.
-    tokens : any shape, integer
-        Token ids in ``[0, V)``; duplicates and ids already present are allowed.
+    tokens : any shape, integer, on the state's device
+        Token ids; duplicates and ids already present are allowed. Ids outside
+        ``[0, V)`` are ignored, on the device (checking them would need a host read:
+        ``ops.check_tokens`` checks host tensors, off the hot path).
     pin : bool
         Mark these tokens as pinned (never evicted).
 
     Notes
     -----
     All tokens of one call count as equally recent. Present tokens get their
-    last-seen step refreshed. New tokens go to free rows first, then replace the
-    least recently observed rows that are neither pinned nor touched by this
-    call. If one call brings more new tokens than that, the ones that occur
+    last-seen step refreshed. New tokens go to free rows first (in row order), then
+    replace the rows that are neither pinned nor touched by this call, in order of
+    ``(last_seen, token id)``: the least recently observed first, the lower id on
+    ties. The order depends on ids and steps only, never on rows, so every kernel and
+    device that sees the same calls holds the same ids (``tests/test_kernels.py``). If
+    one call brings more new tokens than free plus evictable rows, the ones that occur
     latest in ``tokens`` win (the same outcome as observing them one by one).
     """
     rows, ids, member, last_seen, count, step = state
@@ -54,6 +60,7 @@ def observe_reference(
     step.add_(1)
     if n == 0:
         return
+    flat = torch.where((flat >= 0) & (flat < vocab), flat, vocab)  # out of range: scratch V
     stamp = torch.full_like(step, PINNED) if pin else step.clone()
     now = stamp.expand(n)
 
@@ -64,24 +71,27 @@ def observe_reference(
     is_last[:-1] = sorted_tok[1:] != sorted_tok[:-1]
     present_slot = member[sorted_tok]
     present = is_last & (present_slot >= 0)
-    new = is_last & (present_slot < 0)
+    new = is_last & (present_slot < 0) & (sorted_tok < vocab)
 
     # Refresh present tokens first so that eviction below cannot pick them.
-    # A pinned row stays pinned.
+    # A pinned row stays pinned. Scratch entries are reset with fills (views), never by
+    # writing a Python scalar into an element: on CUDA that is a blocking host copy and
+    # illegal in CUDA-graph capture.
     touch_slot = torch.where(present, present_slot, cap)
     kept = last_seen[touch_slot]
     last_seen.index_put_((touch_slot,), torch.where(kept == PINNED, kept, now))
-    last_seen[cap] = 0
+    last_seen[cap:].zero_()
 
-    # Candidate rows, best first: free rows in index order, then unpinned rows
-    # that this call did not touch, least recently seen first.
+    # Candidate rows, best first: free rows in index order, then unpinned rows that
+    # this call did not touch by (last_seen, token id): sorted by id, then stably by key.
     slot_index = torch.arange(cap, device=rows.device)
     free = slot_index >= count
     live_ls = last_seen[:cap]
     key = torch.where(free, slot_index - cap - 1, live_ls)
     evictable = free | (live_ls < step)
     key = torch.where(evictable, key, PINNED)
-    candidates = torch.argsort(key, stable=True)
+    by_id = torch.argsort(ids[:cap], stable=True)
+    candidates = by_id[torch.argsort(key[by_id], stable=True)]
     available = evictable.sum()
 
     # New tokens in order of (last) occurrence; the latest `available` of them win.
@@ -99,12 +109,12 @@ def observe_reference(
     old_tok = torch.where(dest < cap, ids[dest], vocab)
     member.index_put_((old_tok,), torch.full_like(old_tok, -1))
     member.index_put_((new_tok,), dest)
-    member[vocab] = -1
+    member[vocab:].fill_(-1)
     ids.index_put_((dest,), new_tok)
-    ids[cap] = vocab
+    ids[cap:].fill_(vocab)
     rows.index_copy_(0, dest, weight[new_tok.clamp(max=vocab - 1)].to(rows.dtype))
     last_seen.index_put_((dest,), now)
-    last_seen[cap] = 0
+    last_seen[cap:].zero_()
     n_free = (cap - count).clamp(min=0)
     count.add_(torch.minimum(keep.sum(), n_free))
 

@@ -104,6 +104,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
         if id(vocab) not in states:
             fakes = [fake_tensor(t) for t in vocab.state()]
             states[id(vocab)] = add_state_placeholders(graph, f"microspec{len(vocabs)}", fakes)
+            vocab.in_graph = True  # its capacity is final from now on (ActiveVocab.merge)
             vocabs.append(vocab)
             starts[id(vocab)] = []
             if config.observe_inputs:

@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from .kernels.dispatch import check_path
@@ -15,6 +15,9 @@ from .kernels.dispatch import check_path
 # CUDA graphs are CUDA_GRAPH_MODES.
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+# The capacity of a vocabulary that no side asks a capacity for.
+DEFAULT_CAPACITY = 4096
 
 # Opt-in in the backend (the transposed product rounds differently); the demo turns
 # it on for the target's verification with DEMO_SMALL_BATCH_LINEAR rows.
@@ -35,8 +38,12 @@ class MicrospecConfig:
 
     Parameters
     ----------
-    capacity : rows of the compact head buffer (the most active tokens at once)
-    pinned_ids : token ids always active and never evicted (EOS, BOS, ...)
+    capacity : rows of the compact head buffer (the most active tokens at once); None
+        (left out): ``DEFAULT_CAPACITY``, unless another side of the same vocabulary
+        (the observer, ``vocab_of``, another backend) asks for one
+    pinned_ids : token ids always active and never evicted (EOS, BOS, ...); None (left
+        out) or empty: none asked for here, the other sides' pins apply.  Settings that
+        two sides give must agree; one left out never conflicts (``ActiveVocab.merge``)
     min_vocab_size : a Linear with fewer output features is not treated as a head
     head : if set, only a head whose weight's graph name contains this string
     observe_inputs : observe the ids feeding the embedding on every call
@@ -56,8 +63,8 @@ class MicrospecConfig:
         ``"reduce-overhead"`` / ``"max-autotune"`` capture CUDA graphs on CUDA
     """
 
-    capacity: int = 4096
-    pinned_ids: tuple = field(default_factory=tuple)
+    capacity: Optional[int] = None
+    pinned_ids: Optional[tuple] = None
     min_vocab_size: int = 1000
     head: Optional[str] = None
     observe_inputs: bool = True
@@ -74,8 +81,9 @@ class MicrospecConfig:
             raise ValueError(f"mode must be one of {' / '.join(MODES)}, got {self.mode!r}")
         if self.mode != "default" and not self.inductor:
             raise ValueError(f"mode={self.mode!r} needs inductor=True (it sets Inductor options)")
-        object.__setattr__(self, "pinned_ids", tuple(int(i) for i in self.pinned_ids))
-        if self.capacity < 1:
+        if self.pinned_ids is not None:
+            object.__setattr__(self, "pinned_ids", tuple(int(i) for i in self.pinned_ids))
+        if self.capacity is not None and self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
         check_small_batch_linear(self.small_batch_linear)
         check_path(self.path)

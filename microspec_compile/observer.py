@@ -2,11 +2,16 @@
 
 ``target.compile(backend=microspec_compile.observer(draft))`` compiles the target
 with plain Inductor after one addition to its graph: right after the target's LM
-head, ``topk(logits, k=3).indices`` at every position it scores is observed into
-the draft's active vocabulary (``microspec::observe``, in place, inside the
-graph). The target's outputs are untouched, so they stay bit-identical (unless
+head, ``topk(logits, k=3).indices`` at every position it scores becomes an extra
+output of the compiled graph, which the wrapper observes into the draft's active
+vocabulary (``microspec::observe``, in place) and strips before returning. The
+target's outputs are untouched, so they stay bit-identical (unless
 ``small_batch_linear`` is set: a faster CPU verification that rounds differently,
 see ``kernels/small_batch_linear.py``).
+
+The target's graph does not take the vocabulary's state tensors as inputs, so a
+capacity the draft's backend asks for later, when the target ran first, can still
+reallocate the state (``ActiveVocab.merge``): the compile order does not matter.
 
 Why it helps (the MicroSpec / NanoSpec vocabulary policy: after every verification
 the target's top-3 at each verified position joins the draft's active set): the
@@ -25,9 +30,8 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from .config import MicrospecConfig
-from .graph import clone_graph, compile_graph, fake_tensor, real_values, warn_no_head
+from .graph import clone_graph, compile_graph, real_values, warn_no_head
 from .passes.match_head import find_heads
-from .passes.sparse_head import add_placeholders, add_state_placeholders
 from .vocab import ActiveVocab, head_weight, vocab_for_weight
 
 # The MicrospecConfig fields the observer uses; the others (head, observe_inputs,
@@ -37,9 +41,10 @@ OBSERVER_SETTINGS = ("capacity", "pinned_ids", "min_vocab_size", "inductor", "sm
 
 def add_target_topk(gm: fx.GraphModule, example_inputs: Sequence, vocab: ActiveVocab, k: int,
                     config: MicrospecConfig):
-    """Clone ``gm`` and observe the top-``k`` ids of its LM head into ``vocab``.
+    """Clone ``gm`` and append the top-``k`` ids of each of its LM heads to its outputs.
 
-    Returns the new graph module, or None when the graph has no head.
+    Returns ``(new_gm, heads)``, ``heads`` the number of id outputs appended after the
+    original ones, or None when the graph has no head of the draft's vocabulary size.
     """
     clone = clone_graph(gm)
     values = real_values(clone, example_inputs)
@@ -48,21 +53,22 @@ def add_target_topk(gm: fx.GraphModule, example_inputs: Sequence, vocab: ActiveV
     if not heads:
         return None
     graph = clone.graph
-    state = add_state_placeholders(graph, "draft", [fake_tensor(t) for t in vocab.state()])
-    (weight,) = add_placeholders(graph, ["draft_weight"], [fake_tensor(vocab.weight)])
+    top_ids = []
     for head in heads:
         logits = head.linear
         with graph.inserting_after(logits):
             top = graph.call_method("topk", (logits, k), {"dim": -1})
         with graph.inserting_after(top):
-            ids = graph.call_function(operator.getitem, (top, 1))
-        with graph.inserting_after(ids):
-            graph.call_function(torch.ops.microspec.observe.default,
-                                (*state, weight, ids, False, "auto"))
+            top_ids.append(graph.call_function(operator.getitem, (top, 1)))
         counters["microspec"]["target_topk_inserted"] += 1
+    output = graph.find_nodes(op="output")[0]
+    outs = output.args[0]
+    if not isinstance(outs, (tuple, list)):
+        raise TypeError(f"microspec observer: a graph output that is not a tuple ({type(outs)})")
+    output.args = ((*outs, *top_ids),)
     graph.lint()
     clone.recompile()
-    return clone, [*vocab.state(), vocab.weight]
+    return clone, len(top_ids)
 
 
 def observer(draft: torch.nn.Module, k: int = 3, **config) -> Callable:
@@ -74,9 +80,11 @@ def observer(draft: torch.nn.Module, k: int = 3, **config) -> Callable:
     k : how many of the target's best tokens per scored position; 0 compiles the
         target the same way with no top-k (to measure what the signal adds)
     **config : the ``MicrospecConfig`` fields in ``OBSERVER_SETTINGS``: ``capacity`` /
-        ``pinned_ids`` size the draft's vocabulary if the observer creates it first
-        (and must match it otherwise), ``min_vocab_size`` finds the target's head,
-        ``inductor`` / ``small_batch_linear`` compile the target's graph
+        ``pinned_ids`` configure the draft's vocabulary like the draft's backend does
+        (given on both sides they must agree; left out on one side, the other's
+        apply, whichever compiles first: ``ActiveVocab.merge``), ``min_vocab_size``
+        finds the target's head, ``inductor`` / ``small_batch_linear`` compile the
+        target's graph
 
     Raises
     ------
@@ -106,11 +114,14 @@ def _compile_target(gm, example_inputs, *, vocab: ActiveVocab, k: int, config: M
     if rewritten is None:
         warn_no_head(config.min_vocab_size, config)
         return compile_target(gm, list(example_inputs))
-    clone, extra = rewritten
-    compiled = compile_target(clone, list(example_inputs) + extra)
+    clone, heads = rewritten
+    compiled = compile_target(clone, list(example_inputs))
 
     def run(*args):
         counters["microspec"]["target_observe_calls"] += 1
-        return compiled(*args, *extra)
+        outs = compiled(*args)
+        for ids in outs[len(outs) - heads:]:
+            vocab.observe(ids)
+        return outs[: len(outs) - heads]
 
     return run

@@ -6,6 +6,13 @@ recompiles and graph breaks all see one vocabulary. All tensors are allocated
 once, on the head weight's device (rows in its dtype), and only ever updated in
 place: the compiled graphs take them as extra inputs and see new contents without
 guards or recompiles.
+
+Several sides configure one vocabulary: the draft's backend, the target's
+observer and ``vocab_of``, each with its own ``capacity`` / ``pinned_ids``, in
+whatever order they first run.  :meth:`ActiveVocab.merge` makes that order
+irrelevant: settings that two sides give must agree, a setting one side leaves
+out (None) never conflicts, and a given value wins over the default even when it
+arrives after the vocabulary was created.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from typing import Iterable
 
 import torch
 
+from .config import DEFAULT_CAPACITY
 from .kernels import ops
 from .kernels.state import PINNED, VocabState
 
@@ -37,6 +45,9 @@ class ActiveVocab:
     ----------
     rows, ids, member, last_seen, count, step
         The fields of :meth:`state`, a ``VocabState`` (layout in ``kernels/state.py``).
+    capacity_given, pins_given : bool
+        Whether some side asked for this capacity / these pins (False: the defaults,
+        which a side that asks for a value replaces; see :meth:`merge`).
     """
 
     def __init__(self, weight: torch.Tensor, capacity: int = 4096, pinned_ids: Iterable[int] = ()):
@@ -54,6 +65,9 @@ class ActiveVocab:
             raise ValueError(f"{len(set(self.pinned_ids))} pinned ids do not fit in capacity {capacity}")
         self._state = VocabState.empty(vocab, hidden, capacity, weight.dtype, weight.device)
         self.observed_calls = 0
+        self.capacity_given = True
+        self.pins_given = bool(self.pinned_ids)
+        self.in_graph = False  # set when a compiled graph takes the state tensors as inputs
         self.reset()
 
     # -- state as graph inputs -------------------------------------------------
@@ -66,6 +80,83 @@ class ActiveVocab:
         if name in VocabState._fields and "_state" in self.__dict__:
             return getattr(self.__dict__["_state"], name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # -- settings from several sides ---------------------------------------------
+    def merge(self, capacity: int | None = None, pinned_ids: Iterable[int] | None = None) -> None:
+        """Take one side's settings into this vocabulary, whichever side came first.
+
+        ``None`` (and, for ``pinned_ids``, an empty list: pins only add ids) means
+        "left out": it never conflicts.  A given value must equal one another side
+        gave; over a default it wins: new pins are added at once, a new capacity
+        reallocates the state (keeping the active ids, the most recent first) as long
+        as no compiled graph holds the state tensors yet.
+
+        Raises
+        ------
+        ValueError
+            Two sides gave different values (the message names the setting and both
+            values), or a new capacity arrives after a compiled graph took the state.
+        """
+        pins = tuple(dict.fromkeys(int(i) for i in pinned_ids)) if pinned_ids else ()
+        new_capacity = None
+        if capacity is not None:
+            if capacity < 1:
+                raise ValueError(f"capacity must be >= 1, got {capacity}")
+            wanted = min(int(capacity), self.vocab_size)
+            if wanted != self.capacity:
+                if self.capacity_given:
+                    raise ValueError(
+                        f"this LM-head weight already has a microspec vocabulary of capacity "
+                        f"{self.capacity}; capacity={capacity} was asked for now: give the "
+                        "backend, the observer and vocab_of the same capacity (or leave it "
+                        "out on all but one)")
+                if self.in_graph:
+                    raise ValueError(
+                        f"this LM-head weight's microspec vocabulary already serves a compiled "
+                        f"graph with the default capacity {self.capacity}; capacity={capacity} "
+                        "was asked for now, too late to reallocate it: give the same capacity "
+                        "to the side that compiled first (backend(...), observer(...) or "
+                        "vocab_of(...)), or leave it out")
+                new_capacity = wanted
+        if pins and self.pins_given and set(pins) != set(self.pinned_ids):
+            raise ValueError(
+                f"this LM-head weight already has a microspec vocabulary with pinned_ids="
+                f"{list(self.pinned_ids)}; pinned_ids={list(pins)} was asked for now: give the "
+                "backend, the observer and vocab_of the same pinned ids (or leave them out on "
+                "all but one)")
+        all_pins = tuple(dict.fromkeys(self.pinned_ids + pins))
+        room = self.capacity if new_capacity is None else new_capacity
+        if len(all_pins) > room:
+            raise ValueError(f"{len(all_pins)} pinned ids do not fit in capacity {room}")
+        if new_capacity is not None:
+            self._reallocate(new_capacity, () if self.pins_given else pins)
+        if capacity is not None:
+            self.capacity_given = True
+        if pins and not self.pins_given:
+            self.pinned_ids = all_pins
+            self.pins_given = True
+            self.observe(torch.tensor(pins, dtype=torch.int64, device=self.rows.device), pin=True)
+
+    @torch.no_grad()
+    def _reallocate(self, capacity: int, new_pins: tuple = ()) -> None:
+        """A new state of ``capacity`` rows: the pinned ids, room for ``new_pins``, then the
+        most recently observed other ids that fit (they share one observation step)."""
+        old = self._state
+        n = old.size
+        ids, seen = old.ids[:n], old.last_seen[:n]
+        pinned = ids[seen == PINNED]
+        room = capacity - len(set(pinned.tolist()) | set(new_pins))
+        others = ids[seen != PINNED][torch.argsort(seen[seen != PINNED])]  # oldest first
+        others = others[max(0, others.numel() - room):]
+        self._state = VocabState.empty(self.vocab_size, old.rows.shape[1], capacity,
+                                       old.rows.dtype, old.rows.device)
+        self.capacity = capacity
+        self._known_nonempty = False
+        weight = self.weight.detach()
+        if pinned.numel():
+            ops.observe(self._state, weight, pinned, True)
+        if others.numel():
+            ops.observe(self._state, weight, others, False)
 
     # -- public API ------------------------------------------------------------
     @torch.no_grad()
@@ -134,33 +225,29 @@ class ActiveVocab:
         return f"ActiveVocab(size={self.size}, capacity={self.capacity}, vocab_size={self.vocab_size})"
 
 
-def vocab_for_weight(weight: torch.Tensor, capacity: int, pinned_ids: Iterable[int]) -> ActiveVocab:
-    """The registered vocabulary of ``weight``, created on first use.
+def vocab_for_weight(weight: torch.Tensor, capacity: int | None = None,
+                     pinned_ids: Iterable[int] | None = None) -> ActiveVocab:
+    """The registered vocabulary of ``weight``, created on first use, with one side's settings.
+
+    ``capacity`` / ``pinned_ids`` left out (None) take the defaults (``DEFAULT_CAPACITY``,
+    no pins) or whatever another side gave; given ones are merged into an existing
+    vocabulary by :meth:`ActiveVocab.merge`.
 
     Raises
     ------
     ValueError
-        If ``weight`` already has a vocabulary of another capacity (after clamping to
-        V) or other pinned ids: e.g. ``observer(draft, capacity=512)`` followed by
-        ``backend(capacity=4096)`` would otherwise silently get 512.
+        If another side gave another capacity (after clamping to V) or other pinned
+        ids: e.g. ``observer(draft, capacity=512)`` and ``backend(capacity=4096)``
+        would otherwise silently get 512 (or 4096, in the other order).
     """
     vocab = lookup(weight)
     if vocab is None:
-        vocab = ActiveVocab(weight, capacity, pinned_ids)
+        vocab = ActiveVocab(weight, DEFAULT_CAPACITY if capacity is None else capacity,
+                            pinned_ids or ())
+        vocab.capacity_given = capacity is not None
         setattr(weight, _ATTR, vocab)
         return vocab
-    wanted = min(capacity, vocab.vocab_size)
-    if wanted != vocab.capacity:
-        raise ValueError(
-            f"this LM-head weight already has a microspec vocabulary of capacity "
-            f"{vocab.capacity}; capacity={capacity} was asked for now: give the backend and "
-            "the observer the same capacity")
-    pinned = tuple(int(i) for i in pinned_ids)
-    if sorted(set(pinned)) != sorted(set(vocab.pinned_ids)):
-        raise ValueError(
-            f"this LM-head weight already has a microspec vocabulary with pinned_ids="
-            f"{list(vocab.pinned_ids)}; pinned_ids={list(pinned)} was asked for now: give the "
-            "backend and the observer the same pinned ids")
+    vocab.merge(capacity, pinned_ids)
     return vocab
 
 
@@ -200,9 +287,10 @@ def vocab_of(module: torch.nn.Module, *, capacity: int | None = None,
     Works on the module compiled in place (``model.compile(backend="microspec")``)
     and on the ``OptimizedModule`` that ``torch.compile(model)`` returns, before or
     after its first call.  Before the first call it creates the vocabulary of the
-    module's LM-head weight, so that ids can be observed first: give it the
-    backend's ``capacity`` and ``pinned_ids`` (defaults: the backend's defaults; a
-    mismatch raises when the backend compiles).
+    module's LM-head weight, so that ids can be observed first.  ``capacity`` /
+    ``pinned_ids`` follow the backend's rule (:meth:`ActiveVocab.merge`): left out,
+    they take the defaults or what the backend or observer gives; given, they must
+    agree with what those give.
 
     Raises
     ------
@@ -210,11 +298,5 @@ def vocab_of(module: torch.nn.Module, *, capacity: int | None = None,
     ValueError : ``capacity`` / ``pinned_ids`` differ from the existing vocabulary's
     """
     found = find_vocab(module)
-    if found is not None and capacity is None and pinned_ids is None:
-        return found
-    from .config import MicrospecConfig
-
-    base = found if found is not None else MicrospecConfig()
     weight = found.weight if found is not None else head_weight(module, min_vocab_size)
-    return vocab_for_weight(weight, base.capacity if capacity is None else capacity,
-                            base.pinned_ids if pinned_ids is None else pinned_ids)
+    return vocab_for_weight(weight, capacity, pinned_ids)

@@ -10,6 +10,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: the CUDA case of a device-parameterized test (bench/gpu_check.sh "
+                   "--quick runs these: -m cuda)")
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test compiles from scratch: no cache hits or recompile limits across tests."""

@@ -229,8 +229,10 @@ def test_existing_vocabulary_with_other_settings_is_a_clear_error():
     compiled = torch.compile(head, backend=mc.backend(capacity=4096))
     with torch.no_grad(), pytest.raises(Exception, match="capacity 512.*capacity=4096"):
         compiled(torch.randn(2, H))
-    with pytest.raises(ValueError, match=r"pinned_ids=\[\].*pinned_ids=\[7\]"):
-        mc.vocab.vocab_for_weight(head.weight, 512, [7])
+    # pins left out by the observer are adopted; pins given on both sides must agree
+    assert mc.vocab.vocab_for_weight(head.weight, 512, [7]).pinned_ids == (7,)
+    with pytest.raises(ValueError, match=r"pinned_ids=\[7\].*pinned_ids=\[8\]"):
+        mc.vocab.vocab_for_weight(head.weight, 512, [8])
     assert mc.vocab.vocab_for_weight(head.weight, 512, []).capacity == 512  # same settings: fine
 
 

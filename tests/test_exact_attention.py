@@ -5,6 +5,7 @@ from test_eagle_tree import tiny_target
 from test_int4_linear import needs_int4, q4_1_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from microspec_compile.hf import cache_kwargs
 from microspec_compile.kernels.int4_linear import quantize_exact_int4
 from microspec_compile.spec.attention import decoding_session
 from microspec_compile.spec.cache import DecodingCache
@@ -111,7 +112,8 @@ def test_the_models_own_causal_call_prefills_as_the_explicit_mask_does():
             if explicit:
                 logits.append(prefill(target, ids, cache)[1])
             else:
-                logits.append(target(input_ids=ids, cache=cache, use_cache=True).logits[0])
+                logits.append(target(input_ids=ids, use_cache=True,
+                                     **cache_kwargs(target, cache)).logits[0])
     assert torch.equal(*logits)
 
 
@@ -120,7 +122,8 @@ def test_the_decoding_cache_grows_and_keeps_its_rows_in_place():
     cache = DecodingCache(tiny_target().config)
     chunks = [torch.randn(1, 2, n, 16) for n in (300, 300, 5)]
     for chunk in chunks[:2]:  # 600 rows: past the first buffer's 512
-        keys, values = cache.update(chunk, -chunk, 0)
+        for index in reversed(range(len(cache.layers))):  # every layer, as a forward does
+            keys, values = cache.update(chunk, -chunk, index)
     layer = cache.layers[0]
     assert torch.equal(keys, torch.cat(chunks[:2], -2)) and torch.equal(values, -keys)
     buffer = layer.key_buffer

@@ -16,7 +16,8 @@ class LruModel:
     """A plain-Python restatement of the observe semantics, slot by slot.
 
     Free slots fill in index order; when full, the unpinned slots not touched by
-    this call are evicted least-recently-seen first (ties: lower slot first). A
+    this call are evicted least-recently-seen first (ties: lower token id first, so
+    the evicted ids never depend on the slots the ids happen to sit in). A
     call bringing more new ids than that keeps the ids occurring latest.
     """
 
@@ -37,8 +38,8 @@ class LruModel:
                 owned[t][1] = stamp
         new = sorted((p, t) for t, p in last_pos.items() if t not in owned)
         free = list(range(len(self.slots), self.capacity))
-        old = sorted((s[1], i) for i, s in enumerate(self.slots) if s[1] < self.step)
-        targets = free + [i for _, i in old]
+        old = sorted((s[1], s[0], i) for i, s in enumerate(self.slots) if s[1] < self.step)
+        targets = free + [i for *_, i in old]
         new = new[max(0, len(new) - len(targets)):]
         for (_, token), slot in zip(new, targets):
             if slot < len(self.slots):

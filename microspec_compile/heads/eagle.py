@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..hf import cache_kwargs, check_cache_grew
+
 __all__ = ["EagleConfig", "EagleHead", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 CONFIG_FILE = "eagle_config.json"
@@ -112,15 +114,18 @@ class EagleHead(nn.Module):
 
     @classmethod
     def for_target(cls, target: nn.Module, config: EagleConfig | None = None) -> "EagleHead":
-        """A freshly initialised head sharing ``target``'s embedding and LM head."""
+        """A freshly initialised head sharing ``target``'s embedding and LM head, in its
+        LM head's dtype and on its device."""
         config = config or EagleConfig.from_target(target.config)
         head = cls(config, target.get_input_embeddings(), target.get_output_embeddings())
-        return head.to_dtype(target.get_output_embeddings().weight.dtype)
+        weight = target.get_output_embeddings().weight
+        return head.to_dtype(weight.dtype, weight.device)
 
-    def to_dtype(self, dtype: torch.dtype) -> "EagleHead":
-        """Cast the head's own modules only (``Module.to`` would cast the shared target's)."""
+    def to_dtype(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "EagleHead":
+        """Cast the head's own modules only (``Module.to`` would cast the shared target's),
+        and move them to ``device`` when given (the shared modules' device)."""
         for module in (self.fc, self.layer, self.rotary_emb):
-            module.to(dtype)
+            module.to(device=device, dtype=dtype)
         return self
 
     def _check_shared(self) -> None:
@@ -172,8 +177,14 @@ class EagleHead(nn.Module):
         embeds = self.embed_tokens(input_ids).to(features.dtype)
         x = self.fc(torch.cat([embeds, features], dim=-1))
         rope = self.rotary_emb(x, position_ids=position_ids)
-        return self.layer(x, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=cache, use_cache=cache is not None, position_embeddings=rope)
+        if cache is None:
+            return self.layer(x, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, position_embeddings=rope)
+        cached = cache.get_seq_length()
+        out = self.layer(x, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, position_embeddings=rope, **cache_kwargs(self.layer, cache))
+        check_cache_grew(cache, cached, input_ids.shape[1], "the EAGLE head's layer")
+        return out
 
     def rollout_hidden(self, input_ids: torch.Tensor, hidden: torch.Tensor,
                        position_ids: torch.Tensor, cache) -> torch.Tensor:
@@ -255,5 +266,6 @@ class EagleHead(nn.Module):
         missing = set(head.trainable_state()) - set(state)
         if missing:
             raise ValueError(f"the EAGLE weights at {directory} lack {sorted(missing)[:4]}")
-        head.to_dtype(dtype).load_state_dict(state, strict=False)
+        head.to_dtype(dtype, target.get_output_embeddings().weight.device).load_state_dict(
+            state, strict=False)
         return head.eval()

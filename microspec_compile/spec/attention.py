@@ -48,6 +48,16 @@ EXACT_SDPA = "microspec_exact_sdpa"
 EXACT_ROWS = 64  # queries up to this many rows (steps, verifications) attend in fp64
 
 
+def _mask_for(attention_mask: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``attention_mask`` ``[.., T, S]`` for ``key`` ``[.., S, D]``; a mask of another length
+    means the cache was not written (or was cropped wrongly): an error, never a trim."""
+    if attention_mask.shape[-1] != key.shape[-2]:
+        raise RuntimeError(f"attention mask covers {attention_mask.shape[-1]} keys but the "
+                           f"layer has {key.shape[-2]}: the KV cache and the mask disagree "
+                           f"(a cache the model did not write?)")
+    return attention_mask
+
+
 def gqa_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0,
                        scaling: float | None = None, **kwargs):
@@ -70,7 +80,7 @@ def gqa_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: to
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     out = F.scaled_dot_product_attention(query, key, value,
-                                         attn_mask=attention_mask[..., : key.shape[-2]],
+                                         attn_mask=_mask_for(attention_mask, key),
                                          scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 
@@ -84,14 +94,14 @@ def exact_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: 
     rows = query.shape[2]
     if attention_mask is None and rows > 1:  # the model's implicit causal mask, made explicit:
         # a prefill then computes what the tree loops' explicit-mask prefill does
-        attention_mask = causal_mask(key.shape[-2] - rows, rows, query.dtype).to(query.device)
+        attention_mask = causal_mask(key.shape[-2] - rows, rows, query.dtype, device=query.device)
     if (key.dtype != torch.float64 or rows > EXACT_ROWS or dropout
             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
         return gqa_sdpa_attention(module, query, key.to(query.dtype), value.to(query.dtype),
                                   attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     mask = attention_mask
     if mask is not None:
-        mask = mask[..., : key.shape[-2]]
+        mask = _mask_for(mask, key)
         mask = mask if mask.dtype == torch.bool else mask.double()
     out = F.scaled_dot_product_attention(query.double(), key, value, attn_mask=mask,
                                          scale=scaling,

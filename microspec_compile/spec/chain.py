@@ -37,6 +37,7 @@ import time
 
 import torch
 
+from ..hf import cache_kwargs, check_cache_grew
 from .stats import SpecStats, finish
 from .verify import crop_cache, target_session
 
@@ -55,12 +56,27 @@ def _choose(logits: torch.Tensor, sample: bool, temperature: float, generator):
     if not sample:
         return logits.argmax(-1), None
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+    return _draw(probs, generator).squeeze(-1), probs
+
+
+def _rng_device(generator) -> torch.device:
+    """Where draws with ``generator`` are made: its device (None: the host)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """``multinomial(probs, 1)`` drawn where ``generator`` lives (no generator: where
+    ``probs`` are), returned on ``probs``' device."""
+    if generator is None:
+        return torch.multinomial(probs, 1)
+    return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
 
 
 def _forward(model, ids: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
-    out = model(input_ids=ids, cache=cache, use_cache=True,
-                logits_to_keep=1 if last_only else 0)
+    cached = cache.get_seq_length()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1 if last_only else 0,
+                **cache_kwargs(model, cache))
+    check_cache_grew(cache, cached, ids.shape[1], f"{type(model).__name__}'s forward")
     return out.logits[0]
 
 
@@ -166,7 +182,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
         drafted = torch.cat(drafted)
         if vocab is not None:  # S as the draft saw it, before the target adds its top-3
             t = time.perf_counter()
-            in_vocab = vocab.contains(torch.arange(vocab.vocab_size))
+            in_vocab = vocab.contains(torch.arange(vocab.vocab_size, device=vocab.rows.device))
             stats.vocab_sizes.append(vocab.size)
             t_stats += time.perf_counter() - t
 
@@ -187,7 +203,8 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
             while n < gamma:
                 x_n = drafted[n]
                 ratio = p[n, x_n] / q_probs[n][0, x_n]
-                if torch.rand((), generator=generator) >= torch.clamp(ratio, max=1.0):
+                u = torch.rand((), generator=generator, device=_rng_device(generator))
+                if u >= torch.clamp(ratio, max=1.0):
                     break
                 n += 1
             if n < gamma:  # resample from the residual norm(max(p - q, 0))
@@ -196,12 +213,12 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
                 dist = residual / total if total > 0 else p[n]
             else:
                 dist = p[gamma]
-            bonus = torch.multinomial(dist, 1, generator=generator)[0]
+            bonus = _draw(dist, generator)[0]
         emitted = drafted[:n].tolist() + [int(bonus)]
         tokens.extend(emitted)
         stats.accepted.append(n)
         if vocab is not None:
-            stats.covered += int(in_vocab[torch.tensor(emitted)].sum())
+            stats.covered += int(in_vocab[torch.tensor(emitted, device=in_vocab.device)].sum())
             stats.checked += len(emitted)
 
         # 4. Roll back both caches to prompt + emitted tokens minus the last one.

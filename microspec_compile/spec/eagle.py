@@ -128,7 +128,7 @@ class EagleDrafter:
         m, n, dev = tokens.numel(), self.committed, features.device
         positions = torch.arange(n, n + m, device=dev).view(1, -1)
         hidden = self.head.hidden(tokens.view(1, -1).to(dev), features.view(1, m, -1), positions,
-                                  causal_mask(n, m, features.dtype).to(dev), self.cache)[0]
+                                  causal_mask(n, m, features.dtype, device=dev), self.cache)[0]
         self.committed += m
         logp, ids = self.scorer(hidden[-1:])
         return hidden[-1], logp[0], ids[0]
@@ -147,7 +147,7 @@ class EagleDrafter:
         total = k
         for d in range(1, self.tree.depth + 1):
             allowed = torch.cat([torch.ones(k, n, dtype=torch.bool, device=dev), ancestors, eye], 1)
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(
                 ~allowed, torch.finfo(dtype).min)[None, None]
             positions = torch.full((1, k), n + d - 1, device=dev)
             with self.packed:

@@ -75,10 +75,10 @@ class ContextLookup:
 
 
 def chain_tree(root: int, chain: list[int]) -> DraftTree:
-    """The root followed by ``chain`` as one path."""
+    """The root followed by ``chain`` as one path (on the host, as every ``DraftTree``)."""
     t = len(chain) + 1
-    return DraftTree(torch.tensor([root, *chain]), torch.arange(-1, t - 1),
-                     torch.arange(t))
+    return DraftTree(torch.tensor([root, *chain], device="cpu"),
+                     torch.arange(-1, t - 1, device="cpu"), torch.arange(t, device="cpu"))
 
 
 @torch.inference_mode()

@@ -54,11 +54,12 @@ class SpecStats:
 
 
 def finish(ids: torch.Tensor, tokens: list, max_new: int, eos, stats, t0, t_stats=0.0):
-    """Truncate ``tokens`` at ``max_new`` / EOS, close ``stats``; ``(prompt + tokens, stats)``."""
+    """Truncate ``tokens`` at ``max_new`` / EOS, close ``stats``; ``(prompt + tokens, stats)``
+    on the prompt ``ids``' device."""
     tokens = tokens[:max_new]
     if eos is not None and eos in tokens:
         tokens = tokens[: tokens.index(eos) + 1]
     stats.new_tokens = len(tokens)
     stats.stats_time = t_stats
     stats.total_time = time.perf_counter() - t0 - t_stats
-    return torch.cat([ids[0], torch.tensor(tokens, dtype=ids.dtype)]), stats
+    return torch.cat([ids[0], torch.tensor(tokens, dtype=ids.dtype, device=ids.device)]), stats

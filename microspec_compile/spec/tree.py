@@ -1,6 +1,7 @@
 """A draft token tree (EAGLE-2) and its acceptance by the target.
 
-A tree of ``T`` nodes is stored in breadth-first order, parents before children:
+A tree of ``T`` nodes is stored in breadth-first order, parents before children, on
+the host (the loops choose and walk it there; one transfer per round):
 
     tokens  [T] int64   node 0 is the root (the last token the target emitted)
     parents [T] int64   parent node of each node (-1 for the root)
@@ -30,14 +31,19 @@ import torch
 __all__ = ["DraftTree", "select_tree", "accept_greedy", "accept_sampling", "causal_mask"]
 
 
-def causal_mask(past: int, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive ``[1, 1, rows, past + rows]`` mask: row ``r`` sees the past and rows ``<= r``."""
-    allowed = torch.ones(rows, past + rows, dtype=torch.bool).tril(past)
+def causal_mask(past: int, rows: int, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Additive ``[1, 1, rows, past + rows]`` mask: row ``r`` sees the past and rows ``<= r``.
+
+    ``device``: where the model runs (the loops always pass it; None: the default device).
+    """
+    allowed = torch.ones(rows, past + rows, dtype=torch.bool, device=device).tril(past)
     return _additive(allowed, dtype)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    mask = torch.zeros(allowed.shape, dtype=dtype)
+    """``allowed [T, S]`` bool as an additive ``[1, 1, T, S]`` mask on ``allowed``'s device."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
@@ -54,7 +60,8 @@ class DraftTree:
         t = self.tokens.numel()
         if self.parents.numel() != t or self.depths.numel() != t or t == 0:
             raise ValueError("tokens, parents and depths must have the same non-zero length")
-        if int(self.parents[0]) != -1 or bool((self.parents[1:] >= torch.arange(1, t)).any()):
+        later = torch.arange(1, t, device=self.parents.device)
+        if int(self.parents[0]) != -1 or bool((self.parents[1:] >= later).any()):
             raise ValueError("node 0 must be the root and every parent must come before its child")
 
     def __len__(self) -> int:
@@ -63,14 +70,17 @@ class DraftTree:
     def ancestors(self) -> torch.Tensor:
         """``[T, T]`` bool: ``[i, j]`` when node ``j`` is node ``i`` or one of its ancestors."""
         t = len(self)
-        anc = torch.eye(t, dtype=torch.bool)
+        anc = torch.eye(t, dtype=torch.bool, device=self.parents.device)
         for i in range(1, t):
             anc[i] |= anc[int(self.parents[i])]
         return anc
 
-    def attention_mask(self, past: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Additive ``[1, 1, T, past + T]`` mask: each node sees the past and its ancestors."""
-        allowed = torch.cat([torch.ones(len(self), past, dtype=torch.bool), self.ancestors()], 1)
+    def attention_mask(self, past: int, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str | None = None) -> torch.Tensor:
+        """Additive ``[1, 1, T, past + T]`` mask: each node sees the past and its ancestors,
+        on ``device`` (the model's; None: the default device)."""
+        allowed = torch.cat([torch.ones(len(self), past, dtype=torch.bool, device=device),
+                             self.ancestors().to(device)], 1)
         return _additive(allowed, dtype)
 
     def position_ids(self, past: int) -> torch.Tensor:
@@ -121,9 +131,9 @@ def select_tree(root_token: int, tokens: torch.Tensor, parents: torch.Tensor,
             p = par[p]
     nodes = sorted(kept, key=lambda c: (dep[c], -sc[c], c))
     index = {c: i + 1 for i, c in enumerate(nodes)}
-    return DraftTree(torch.tensor([root_token] + [tok[c] for c in nodes]),
-                     torch.tensor([-1] + [index.get(par[c], 0) for c in nodes]),
-                     torch.tensor([0] + [dep[c] for c in nodes]))
+    return DraftTree(torch.tensor([root_token] + [tok[c] for c in nodes], device="cpu"),
+                     torch.tensor([-1] + [index.get(par[c], 0) for c in nodes], device="cpu"),
+                     torch.tensor([0] + [dep[c] for c in nodes], device="cpu"))
 
 
 def accept_greedy(tree: DraftTree, target_ids: torch.Tensor) -> tuple[list[int], int]:
@@ -156,7 +166,8 @@ def accept_sampling(tree: DraftTree, target_probs: torch.Tensor,
 
     Parameters
     ----------
-    target_probs : [T, V] the target's (temperature-scaled) distribution at every node
+    target_probs : [T, V] the target's (temperature-scaled) distribution at every node, on
+        the host, like ``generator`` (the draws are made there)
 
     Returns
     -------
@@ -171,7 +182,7 @@ def accept_sampling(tree: DraftTree, target_probs: torch.Tensor,
         accepted = None
         for child in kids[node]:
             x = tokens[child]
-            if torch.rand((), generator=generator, dtype=torch.float64) < p[x]:
+            if torch.rand((), generator=generator, dtype=torch.float64, device="cpu") < p[x]:
                 accepted = child
                 break
             p[x] = 0.0

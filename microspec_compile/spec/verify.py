@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from ..hf import cache_kwargs, check_cache_grew
 from ..kernels import small_batch_linear  # noqa: F401  (registers the op)
 from ..kernels.int4_linear import count_int4_linears
 from .attention import decoding_session
@@ -50,6 +51,8 @@ def choose_token(logits_row: torch.Tensor, sample: bool, temperature: float, gen
     if not sample:
         return int(logits_row.argmax())
     probs = torch.softmax(logits_row.double() / temperature, -1)
+    if generator is not None:  # drawn where the generator lives (a CPU one: on the host)
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -65,8 +68,10 @@ def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
     """
     base = getattr(target, target.base_model_prefix)
     dev = target.get_output_embeddings().weight.device
+    cached = cache.get_seq_length()
     out = base(input_ids=ids.to(dev), attention_mask=attention_mask.to(dev),
-               position_ids=position_ids.to(dev), cache=cache, use_cache=True)
+               position_ids=position_ids.to(dev), use_cache=True, **cache_kwargs(base, cache))
+    check_cache_grew(cache, cached, ids.shape[1], "the target's forward")
     features = out.last_hidden_state[0]
     scored = features if logits_rows is None else features[-logits_rows:]
     head = target.get_output_embeddings()
@@ -81,9 +86,10 @@ def prefill(target, input_ids: torch.Tensor, cache, dtype: torch.dtype = torch.f
     """Features ``[P, H]`` and logits of the prompt ``[1, P]`` (the cache then holds it):
     ``[P, V]``, or ``[1, V]`` for the last position only (``all_logits=False``: a loop that
     reads no prompt position's logits skips the LM head over the whole prompt)."""
-    p = input_ids.shape[1]
-    return target_forward(target, input_ids, cache, torch.arange(p).view(1, -1),
-                          causal_mask(0, p, dtype), logits_rows=None if all_logits else 1)
+    p, dev = input_ids.shape[1], input_ids.device
+    return target_forward(target, input_ids, cache, torch.arange(p, device=dev).view(1, -1),
+                          causal_mask(0, p, dtype, device=dev),
+                          logits_rows=None if all_logits else 1)
 
 
 def verify_tree(target, tree: DraftTree, cache, past: int, dtype: torch.dtype = torch.float32,
@@ -96,8 +102,9 @@ def verify_tree(target, tree: DraftTree, cache, past: int, dtype: torch.dtype = 
     (features [T, H], logits [T, V]); the cache grows by ``T`` rows (see
     :func:`keep_path_rows`)
     """
+    dev = target.get_output_embeddings().weight.device  # the tree is on the host, its mask not
     return target_forward(target, tree.tokens.view(1, -1), cache, tree.position_ids(past),
-                          tree.attention_mask(past, dtype), head_rows)
+                          tree.attention_mask(past, dtype, device=dev), head_rows)
 
 
 def packings(verify_linears) -> list:
@@ -147,14 +154,17 @@ def keep_path_rows(cache, past: int, path: list[int]) -> None:
     round; a ``spec.cache.DecodingCache`` then writes the next rows after the view).
     """
     moved = [i for i, p in enumerate(path) if p != i]
-    dst = torch.tensor([past + i for i in moved], dtype=torch.int64)
-    src = torch.tensor([past + path[i] for i in moved], dtype=torch.int64)
-    length = past + len(path)
+    dst = torch.tensor([past + i for i in moved], dtype=torch.int64, device="cpu")
+    src = torch.tensor([past + path[i] for i in moved], dtype=torch.int64, device="cpu")
+    length, on_device = past + len(path), {}  # device -> (dst, src): one copy, not one per layer
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None:
             continue
         if moved:
-            d, s = dst.to(layer.keys.device), src.to(layer.keys.device)
+            dev = layer.keys.device
+            if dev not in on_device:
+                on_device[dev] = dst.to(dev), src.to(dev)
+            d, s = on_device[dev]
             layer.keys[:, :, d] = layer.keys[:, :, s]  # the gathered rows are a copy: safe
             layer.values[:, :, d] = layer.values[:, :, s]
         layer.keys = layer.keys[:, :, :length]

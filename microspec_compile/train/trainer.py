@@ -64,7 +64,7 @@ class TrainConfig:
 def make_batches(lengths: torch.Tensor, token_budget: int, epoch: int, seed: int) -> list[list[int]]:
     """Length-bucketed batches of at most ``token_budget`` padded tokens, shuffled per epoch."""
     gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-    jitter = torch.rand(len(lengths), generator=gen)  # shuffle within equal lengths
+    jitter = torch.rand(len(lengths), generator=gen, device="cpu")  # shuffle in equal lengths
     order = sorted(range(len(lengths)), key=lambda s: (int(lengths[s]) // 32, float(jitter[s])))
     batches, batch, width = [], [], 0
     for s in order:
@@ -76,12 +76,13 @@ def make_batches(lengths: torch.Tensor, token_budget: int, epoch: int, seed: int
         width = w
     if batch:
         batches.append(batch)
-    perm = torch.randperm(len(batches), generator=gen).tolist()
+    perm = torch.randperm(len(batches), generator=gen, device="cpu").tolist()
     return [batches[k] for k in perm]
 
 
-def batch_tensors(data: FeatureSet, batch: list[int]):
-    """Padded pair tensors of a batch.
+def batch_tensors(data: FeatureSet, batch: list[int], device=None):
+    """Padded pair tensors of a batch, assembled on the host from the cached features and
+    moved to ``device`` (None: left on the host).
 
     Returns
     -------
@@ -91,16 +92,17 @@ def batch_tensors(data: FeatureSet, batch: list[int]):
     seqs = [data.sequence(s) for s in batch]
     width = max(len(ids) for ids, _, _ in seqs)
     hidden = data.features.shape[1]
-    ids = torch.zeros(len(seqs), width, dtype=torch.int64)
-    feats = torch.zeros(len(seqs), width, hidden)
-    mask = torch.zeros(len(seqs), width - 1, dtype=torch.bool)
+    ids = torch.zeros(len(seqs), width, dtype=torch.int64, device="cpu")
+    feats = torch.zeros(len(seqs), width, hidden, device="cpu")
+    mask = torch.zeros(len(seqs), width - 1, dtype=torch.bool, device="cpu")
     for row, (s_ids, s_feats, prompt_len) in enumerate(seqs):
         t = len(s_ids)
         ids[row, :t] = s_ids
         feats[row, :t] = s_feats.float()
         mask[row, max(prompt_len - 2, 0): t - 1] = True
-    positions = torch.arange(width - 1).expand(len(seqs), -1)
-    return ids[:, 1:], feats[:, :-1], feats[:, 1:], positions, mask
+    positions = torch.arange(width - 1, device="cpu").expand(len(seqs), -1)
+    out = ids[:, 1:], feats[:, :-1], feats[:, 1:], positions, mask
+    return out if device is None else tuple(t.to(device) for t in out)
 
 
 def eagle_loss(head: EagleHead, tokens, inputs, targets, positions, mask, *,
@@ -109,11 +111,12 @@ def eagle_loss(head: EagleHead, tokens, inputs, targets, positions, mask, *,
     """``(loss, top-1 agreement, rows)`` of one batch (see the module docstring)."""
     from transformers import DynamicCache
 
-    if noise > 0:
-        u = torch.rand(inputs.shape, generator=generator)
+    if noise > 0:  # drawn where the generator lives (the same noise on every device)
+        rng = generator.device if generator is not None else inputs.device
+        u = torch.rand(inputs.shape, generator=generator, device=rng).to(inputs.device)
         inputs = inputs + (u - 0.5) * noise * 512 / inputs.shape[1]
     deeper = rollout_weight > 0 and tokens.shape[1] >= 2
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=autocast):
         cache = DynamicCache(config=head.attention_config) if deeper else None
         hidden = head.hidden(tokens, inputs, positions, cache=cache)
         if deeper:
@@ -160,8 +163,10 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
     ``last_loss``, ``last_agreement`` (mean of the last 50 steps), ``autocast`` (as run)
     """
     config = config or TrainConfig()
-    if config.autocast is None:
-        config = replace(config, autocast=bf16_is_faster())
+    device = head.fc.weight.device  # batches are assembled on the host and moved there
+    if config.autocast is None:  # bf16 is native on CUDA; a CPU measures it
+        config = replace(config, autocast=bf16_is_faster() if device.type == "cpu"
+                         else device.type == "cuda")
     torch.manual_seed(config.seed)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -220,7 +225,7 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
         for group in opt.param_groups:
             group["lr"] = config.lr * _lr_factor(state["step"], total, config.warmup_steps)
         noise_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + state["step"])
-        loss, agree, rows = eagle_loss(head, *batch_tensors(data, batches(epoch)[index]),
+        loss, agree, rows = eagle_loss(head, *batch_tensors(data, batches(epoch)[index], device),
                                        noise=config.noise, ce_weight=config.ce_weight,
                                        generator=noise_gen, autocast=config.autocast,
                                        rollout_weight=config.rollout_weight)
