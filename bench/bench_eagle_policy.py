@@ -23,14 +23,18 @@ import argparse
 import torch
 from torch import nn
 
-import microspec_compile as ms
 from microspec_compile.data import encode
 from microspec_compile.eagle_demo import WARMUP_PROMPTS, default_head_dir, load_frequent_ids
 from microspec_compile.heads import EagleHead
-from microspec_compile.kernels.packed_linear import PackedLinears
 from microspec_compile.measure import measure_ways, summarize
 from microspec_compile.models import load_causal_lm
-from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate, pack_head_linears
+from microspec_compile.spec import (
+    DecoderConfig,
+    TreeConfig,
+    pack_head_linears,
+    pack_verification,
+    prepare,
+)
 
 from bench_eagle_tree import tuning_prompts
 from common import append_rows, loadavg
@@ -61,20 +65,16 @@ def main() -> None:
     core = tuple(int(i) for i in load_frequent_ids(head_dir)[: args.core])
     settings = {"paper": (3, (eos,)), "no-topk": (0, (eos,)),
                 "paper+core": (3, tuple(dict.fromkeys((eos, *core))))}
-    packed = PackedLinears(target, tree.total_tokens)
+    packed = pack_verification(target, tree)
     head_linears = pack_head_linears(head, tree)
 
     def way(topk: int, pinned: tuple):
-        module = TopkScorer(copied_head(target.get_output_embeddings()), tree.top_k)
-        vocab = ms.vocab_of(module, capacity=capacity, pinned_ids=pinned)
-        scorer = torch.compile(module, backend=ms.backend(capacity=capacity, pinned_ids=pinned),
-                               dynamic=True)
-
-        def generate(ids, seed):
-            return eagle_generate(target, head, scorer, ids, args.max_new_tokens, tree,
-                                  vocab=vocab, target_topk=topk, eos_token_id=eos,
-                                  verify_linears=packed, draft_linears=head_linears)
-        return generate
+        # a copy of the LM head: each policy's vocabulary of its own
+        decoder = prepare(target, head, DecoderConfig(tree=tree, capacity=capacity,
+                                                      pinned_ids=pinned, target_topk=topk),
+                          verify_linears=packed, draft_linears=head_linears,
+                          lm_head=copied_head(target.get_output_embeddings()))
+        return lambda ids, seed: decoder.generate(ids, args.max_new_tokens, eos_token_id=eos)
 
     ways = {name: way(*settings[name]) for name in POLICIES}
     prompts = tuning_prompts(3, 3)

@@ -26,13 +26,12 @@ import time
 
 import torch
 
-import microspec_compile as ms
 from microspec_compile.data import encode, humaneval_problems, mtbench_questions
 from microspec_compile.eagle_demo import TARGET_WEIGHTS, apply_target_weights, default_head_dir
 from microspec_compile.heads import EagleHead
 from microspec_compile.kernels.packed_linear import PackedLinears
 from microspec_compile.models import load_causal_lm
-from microspec_compile.spec import TopkScorer, TreeConfig, autoregressive_generate, eagle_generate, pack_head_linears
+from microspec_compile.spec import DecoderConfig, TreeConfig, autoregressive_generate, prepare
 from microspec_compile.spec.tree import causal_mask
 from microspec_compile.spec.verify import crop_cache, target_forward, target_session
 
@@ -123,30 +122,22 @@ def main() -> None:
         grid = [(*(int(v) for v in shape.split("x")), 0)[:4] for shape in args.grid.split(",")]
     prompts = tuning_prompts(2, 2) if args.quick else tuning_prompts(3, 3)
     inputs = [encode(tokenizer, p) for p in prompts]
-    scorers = {}
-    lm_head = target.get_output_embeddings()
     # one compiled scorer per top_k, all the same forward: room for each one's graphs
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(
-        {shape[1] for shape in grid}))
-    vocab = None
-    for k in sorted({shape[1] for shape in grid}):
-        module = TopkScorer(lm_head, k)
-        vocab = ms.vocab_of(module, pinned_ids=(eos,))
-        scorers[k] = torch.compile(module, backend=ms.backend(pinned_ids=(eos,)), dynamic=True)
-    packs = {t: PackedLinears(target, t)
-             for t in sorted({t for shape in grid for t in TreeConfig(*shape).verified_sizes()})}
-    head_packs = {k: pack_head_linears(head, TreeConfig(1, k, 1)) for k in scorers}
-
-    def packings(shape):
-        return [packs[t] for t in TreeConfig(*shape).verified_sizes()]
+    top_ks = sorted({shape[1] for shape in grid})
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               8 * len(top_ks))
+    packs = [PackedLinears(target, t)  # one packing of the target per verified size, shared
+             for t in sorted({t for shape in grid for t in TreeConfig(*shape).verified_sizes()})]
+    per_k = {k: prepare(target, head, DecoderConfig(tree=TreeConfig(*next(
+                 s for s in grid if s[1] == k)), pinned_ids=(eos,)), verify_linears=packs)
+             for k in top_ks}
+    decoders = {shape: per_k[shape[1]].with_tree(TreeConfig(*shape)) for shape in grid}
 
     results = {shape: [] for shape in grid}
     alone, ratios = [], {shape: [] for shape in grid}
     accepted = {shape: [] for shape in grid}
     for shape in grid:  # warm-up: compile each row count once
-        eagle_generate(target, head, scorers[shape[1]], inputs[0], 8, TreeConfig(*shape),
-                       vocab=vocab, eos_token_id=eos, verify_linears=packings(shape),
-                       draft_linears=head_packs[shape[1]])
+        decoders[shape].generate(inputs[0], 8, eos_token_id=eos)
     for run in range(args.runs):
         # prompt by prompt, the target alone first: a drift of the machine's speed hits all alike
         tokens = {way: 0.0 for way in ["target", *grid]}
@@ -156,10 +147,7 @@ def main() -> None:
             tokens["target"] += st.new_tokens
             seconds["target"] += st.total_time
             for shape in grid:
-                _, st = eagle_generate(target, head, scorers[shape[1]], ids, args.max_new_tokens,
-                                       TreeConfig(*shape), vocab=vocab, eos_token_id=eos,
-                                       verify_linears=packings(shape),
-                                       draft_linears=head_packs[shape[1]])
+                _, st = decoders[shape].generate(ids, args.max_new_tokens, eos_token_id=eos)
                 tokens[shape] += st.new_tokens
                 seconds[shape] += st.total_time
                 accepted[shape].append(st.tokens_per_verification())

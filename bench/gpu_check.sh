@@ -6,7 +6,7 @@
 #      through evictions, the async gather, its capture, the compiled step, the loops
 #      and the training step on CUDA under the device guard). --quick: their cuda cases
 #      (-m cuda) but the Inductor-path compile and the training step;
-#   b. no host sync: the ops (observe / observe_async / sparse head, through evictions)
+#   b. no host sync: the ops (observe / observe_start + observe_wait / sparse head, through evictions)
 #      and the compiled draft step, async and sync gather (--quick: async), with and
 #      without CUDA graphs, under torch.cuda.set_sync_debug_mode("error");
 #   c. the compiled EAGLE-2-shaped draft step at Llama-3-8B shapes (bf16, random weights,

@@ -17,8 +17,8 @@ measured in the same run. The L2 / LLC is flushed before every timed call (a dra
 decoder layer runs between two head calls) unless ``--warm-cache``.
 
 ``--compile-check`` compiles the decode-path kernels for sm_90 without a GPU.
-``--sync-check`` instead runs a few decode steps (observe, observe_async + sparse head,
-triton and torch paths) under ``torch.cuda.set_sync_debug_mode("error")``: any host sync
+``--sync-check`` instead runs a few decode steps (observe, observe_start / observe_wait +
+sparse head, triton and torch paths) under ``torch.cuda.set_sync_debug_mode("error")``: any host sync
 raises (on CPU, ``--device cpu --smoke --sync-check`` runs the same steps as a smoke test;
 the CPU guard against host syncs is ``tests/test_device_guards.py``).
 ``--fail-fast``: stop at the first failed provider (exit 1) instead of going on.
@@ -48,7 +48,7 @@ from microspec_compile.kernels import ops  # noqa: E402
 from microspec_compile.kernels.inductor_head import compile_with_decompositions  # noqa: E402
 from microspec_compile.kernels.reference import observe_reference  # noqa: E402
 from microspec_compile.kernels.state import VocabState  # noqa: E402
-from microspec_compile.kernels.triton_observe import observe_async, observe_triton  # noqa: E402
+from microspec_compile.kernels.triton_observe import observe_triton  # noqa: E402
 
 from common import emit_table  # noqa: E402
 
@@ -188,8 +188,9 @@ def run_table(args) -> list[str]:
 
 
 def sync_check(args) -> str:
-    """Decode steps under set_sync_debug_mode("error"): observe, observe_async + the sparse
-    head, through evictions; on CPU the same steps without the check (a smoke test)."""
+    """Decode steps under set_sync_debug_mode("error"): observe, the asynchronous gather
+    (observe_start / observe_wait) + the sparse head, through evictions; on CPU the same
+    steps without the check (a smoke test)."""
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     dtype = DTYPES[args.dtype]
@@ -211,9 +212,8 @@ def sync_check(args) -> str:
         try:
             for tokens, x in steps:  # the last call brings up to CAP new ids: evicts
                 ops.observe(st, weight, tokens, impl=impl)
-                ev = observe_async(st, weight, tokens)
-                if ev is not None:
-                    torch.cuda.current_stream().wait_event(ev)
+                ops.observe_start(st, weight, tokens, impl=impl)
+                ops.observe_wait(x, tokens, st)
                 ops.sparse_topk(x, st, None, 10, "log_softmax", impl=impl)
                 ops.sparse_full(x, st, None, args.vocab, "softmax", impl=impl)
         finally:
@@ -222,7 +222,8 @@ def sync_check(args) -> str:
         if cuda:
             torch.cuda.synchronize()
     what = "no host sync" if cuda else "ran (no sync check on CPU)"
-    return f"{what} in observe / observe_async / sparse_topk / sparse_full (triton, torch): OK"
+    return (f"{what} in observe / observe_start / observe_wait / sparse_topk / sparse_full "
+            "(triton, torch): OK")
 
 
 def compile_check(arch: int = 90) -> str:

@@ -1,6 +1,8 @@
 """The asynchronous gather inside a compiled graph: ``observe_start`` / ``observe_wait``.
 
-Two ``torch.library`` ops that the backend inserts instead of ``microspec::observe``
+Two ``torch.library`` ops (defined in ``ops.py``, their side stream in
+``side_stream.py``; this module holds the ordering argument and the capture probe)
+that the backend inserts instead of ``microspec::observe``
 (``passes/sparse_head.py``) when ``MicrospecConfig.async_gather`` is on::
 
     observe_start(state, weight, tokens)      where observe was: before the embedding
@@ -46,144 +48,14 @@ observe with one warning when it fails.
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Optional
 
 import torch
 
-from .dispatch import kernel
-from .ops import check_tokens, host_reads
+from . import ops
 from .state import VocabState
 
-__all__ = ["GatherStream", "gather_stream", "capture_problem"]
-
-_STREAMS: dict = {}  # (device index, count.data_ptr()) -> GatherStream
-
-
-class GatherStream:
-    """The side stream and the fork / join events of one vocabulary on one CUDA device.
-
-    Parameters
-    ----------
-    device : torch.device
-        A CUDA device.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.stream = torch.cuda.Stream(device=device)
-        self.fork = torch.cuda.Event()
-        self.join = torch.cuda.Event()
-
-    def start(self, launch, *read) -> None:
-        """Run ``launch()`` on the side stream after all work queued so far; record ``join``.
-
-        ``read`` are tensors of the current stream that the side stream reads: outside
-        a capture their memory is kept from reuse until the side kernels are done
-        (``record_stream``); inside one the graph's pool owns them.
-        """
-        current = torch.cuda.current_stream(self.device)
-        self.fork.record(current)
-        self.stream.wait_event(self.fork)
-        with torch.cuda.stream(self.stream):
-            launch()
-        self.join.record(self.stream)
-        if not torch.cuda.is_current_stream_capturing():
-            for tensor in read:
-                tensor.record_stream(self.stream)
-
-    def wait(self) -> None:
-        """Make the current stream wait for the last gather started (a no-op before any)."""
-        torch.cuda.current_stream(self.device).wait_event(self.join)
-
-
-def gather_stream(state: VocabState) -> GatherStream:
-    """The :class:`GatherStream` of a CUDA vocabulary state, created on first use.
-
-    Keyed by the state's ``count`` tensor (allocated once per vocabulary, never moved);
-    the entry goes away with that tensor.
-    """
-    count = state.count
-    key = (count.device.index, count.data_ptr())
-    found = _STREAMS.get(key)
-    if found is None:
-        found = _STREAMS[key] = GatherStream(count.device)
-        weakref.finalize(count, _STREAMS.pop, key, None)
-    return found
-
-
-_STATE = ("rows", "ids", "member", "last_seen", "count", "step")
-
-
-@torch.library.custom_op("microspec::observe_start", mutates_args=_STATE)
-def observe_start_op(
-    rows: torch.Tensor,
-    ids: torch.Tensor,
-    member: torch.Tensor,
-    last_seen: torch.Tensor,
-    count: torch.Tensor,
-    step: torch.Tensor,
-    weight: torch.Tensor,
-    tokens: torch.Tensor,
-    pin: bool = False,
-    impl: str = "auto",
-) -> None:
-    """Start adding unseen ``tokens`` to the state: on CUDA on the side stream, else now.
-
-    Same arguments and final state as ``microspec::observe``; on CUDA the state may be
-    read only after ``microspec::observe_wait``.
-    """
-    check_tokens(tokens, weight.shape[0], host_reads(rows.device, impl))
-    if tokens.device != rows.device:
-        tokens = tokens.to(rows.device, non_blocking=True)
-    state = VocabState(rows, ids, member, last_seen, count, step)
-    run = kernel("observe", rows.device, impl)
-    if rows.device.type != "cuda":
-        run(state, weight, tokens, pin)
-        return
-    gather_stream(state).start(lambda: run(state, weight, tokens, pin), tokens, weight)
-
-
-@observe_start_op.register_fake
-def _(rows, ids, member, last_seen, count, step, weight, tokens, pin=False, impl="auto"):
-    return None
-
-
-@torch.library.custom_op("microspec::observe_wait", mutates_args=("rows", "ids", "count"))
-def observe_wait_op(
-    hidden: torch.Tensor,
-    tokens: torch.Tensor,
-    rows: torch.Tensor,
-    ids: torch.Tensor,
-    count: torch.Tensor,
-) -> None:
-    """Join the gather: the current stream waits on the vocabulary's ``join`` event.
-
-    ``hidden`` (the head's input) and ``tokens`` (the gathered ids) are only read, to
-    order the wait after the layers and keep ``tokens`` alive; ``rows`` / ``ids`` /
-    ``count`` are declared mutated (not written) so that the head is ordered after
-    it (module docstring).  A no-op on CPU.
-    """
-    if count.device.type == "cuda":
-        gather_stream(VocabState(rows, ids, None, None, count, None)).wait()
-
-
-@observe_wait_op.register_fake
-def _(hidden, tokens, rows, ids, count):
-    return None
-
-
-# ------------------------------------------------------------------ VocabState wrappers
-
-def observe_start(state: VocabState, weight: torch.Tensor, tokens: torch.Tensor,
-                  pin: bool = False, impl: str = "auto") -> None:
-    """``microspec::observe_start`` on a state (arguments as ``ops.observe``)."""
-    torch.ops.microspec.observe_start(*state, weight, tokens, pin, impl)
-
-
-def observe_wait(hidden: torch.Tensor, tokens: torch.Tensor, state: VocabState) -> None:
-    """``microspec::observe_wait`` on a state: ``hidden [..., H]`` is the head's input."""
-    torch.ops.microspec.observe_wait(hidden, tokens, state.rows, state.ids, state.count)
+__all__ = ["capture_problem"]
 
 
 @functools.cache
@@ -213,10 +85,9 @@ def capture_problem(device: torch.device, impl: str = "auto") -> Optional[str]:
         captured = eager.clone()
 
         def step(state):
-            observe_start(state, weight, tokens, impl=impl)
-            observe_wait(x, tokens, state)
-            return torch.ops.microspec.sparse_topk(x, state.rows, state.ids, state.count, None,
-                                                   4, "none", impl)
+            ops.observe_start(state, weight, tokens, impl=impl)
+            ops.observe_wait(x, tokens, state)
+            return ops.sparse_topk(x, state, None, 4, "none", impl)
 
         expected = step(eager)
         side = torch.cuda.Stream(device=device)

@@ -33,7 +33,6 @@ import torch
 
 IMPLS = ("auto", "torch", "triton")
 PATHS = ("auto", "torch", "inductor", "triton")
-OPS = ("observe", "sparse_topk", "sparse_full")
 
 # family -> op -> (module of this package, function name)
 _FAMILIES = {
@@ -68,7 +67,8 @@ def kernel_family(device: torch.device, impl: str = "auto") -> str:
 
 
 def kernel(op: str, device: torch.device, impl: str = "auto") -> Callable:
-    """The function implementing ``op`` (one of ``OPS``) on ``device`` for ``impl``.
+    """The function implementing ``op`` (``"observe"``, ``"sparse_topk"`` or
+    ``"sparse_full"``) on ``device`` for ``impl``.
 
     Returns
     -------

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.microspec)
+from . import ops  # noqa: F401  (defines torch.ops.microspec)
 from .reference import compact_logits, full_epilogue, normalize_scores, topk_epilogue
 
 

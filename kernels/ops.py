@@ -1,16 +1,22 @@
-"""``torch.library`` custom ops of the sparse LM head and the vocabulary gather.
+"""Every ``microspec::`` op of the sparse LM head and the vocabulary gather, in one place.
 
-Three ops, each with a fake (meta) implementation so that Dynamo, AOTAutograd and
-Inductor can trace them with symbolic shapes, and a device implementation:
+Importing this module defines the five ops (``OPS``), each with its fake (meta)
+implementation so that Dynamo, AOTAutograd and Inductor can trace them with symbolic
+shapes; no other module of the package defines or registers one:
 
-``microspec::observe``      mutates the vocabulary state (adds unseen ids).
-``microspec::sparse_topk``  top-k (argmax is k=1) over the active rows.
-``microspec::sparse_full``  full-vocabulary logits / probabilities / log-probs.
+``microspec::observe``        mutates the vocabulary state (adds unseen ids).
+``microspec::sparse_topk``    top-k (argmax is k=1) over the active rows.
+``microspec::sparse_full``    full-vocabulary logits / probabilities / log-probs.
+``microspec::observe_start``  ``observe``, on CUDA on the vocabulary's side stream.
+``microspec::observe_wait``   the current stream waits for that gather (a no-op on CPU).
 
-On CPU the ops run ``cpu_head.py`` (pure torch, value-dependent shortcuts), on
-CUDA the Triton kernels when Triton imports, else the capturable references of
-``reference.py``; ``impl`` picks explicitly: ``"auto"`` (per device), ``"torch"``,
-``"triton"``. The choice is made in one place, ``kernels/dispatch.py``.
+The implementations stay in their own modules and are looked up here: the kernels
+through ``dispatch.kernel`` (on CPU ``cpu_head.py``, pure torch with value-dependent
+shortcuts; on CUDA the Triton kernels when Triton imports, else the capturable
+references of ``reference.py``; ``impl`` picks explicitly: ``"auto"`` (per device),
+``"torch"``, ``"triton"``), the side stream of the asynchronous gather in
+``side_stream.py`` (why its order holds through Inductor: ``async_gather.py``), the
+Inductor lowering of the head ops in ``inductor_head.py`` (which imports this module).
 
 The registered schemas are flat (``torch.library`` ops take tensors, not tuples);
 call them through the wrappers at the end of this module, which take a
@@ -19,6 +25,8 @@ call them through the wrappers at the end of this module, which take a
     observe(state, weight, tokens, pin=False)
     sparse_topk(hidden, state, bias, k, normalize)
     sparse_full(hidden, state, bias, vocab_size, normalize)
+    observe_start(state, weight, tokens, pin=False)
+    observe_wait(hidden, tokens, state)
 """
 from __future__ import annotations
 
@@ -28,9 +36,13 @@ import torch
 
 from .dispatch import kernel, kernel_family
 from .reference import NORMALIZE_MODES
+from .side_stream import gather_stream
 from .state import VocabState
 
 _LIB = "microspec"
+# The ops this module defines, as ``torch.ops.microspec.<name>``.
+OPS = ("observe", "sparse_topk", "sparse_full", "observe_start", "observe_wait")
+_STATE = ("rows", "ids", "member", "last_seen", "count", "step")
 
 
 def check_tokens(tokens: torch.Tensor, vocab_size: int, host_check: bool = True) -> None:
@@ -59,9 +71,16 @@ def host_reads(device: torch.device, impl: str) -> bool:
     return kernel_family(device, impl) == "cpu"
 
 
-@torch.library.custom_op(
-    f"{_LIB}::observe", mutates_args=("rows", "ids", "member", "last_seen", "count", "step")
-)
+def _observed(tokens: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+              impl: str) -> torch.Tensor:
+    """The observe ops' ``tokens``, checked (``check_tokens``) and on the state's device."""
+    check_tokens(tokens, weight.shape[0], host_reads(rows.device, impl))
+    if tokens.device != rows.device:
+        tokens = tokens.to(rows.device, non_blocking=True)
+    return tokens
+
+
+@torch.library.custom_op(f"{_LIB}::observe", mutates_args=_STATE)
 def observe_op(
     rows: torch.Tensor,
     ids: torch.Tensor,
@@ -75,11 +94,8 @@ def observe_op(
     impl: str = "auto",
 ) -> None:
     """Add unseen ``tokens`` to the vocabulary state in place (see ``observe_reference``)."""
-    check_tokens(tokens, weight.shape[0], host_reads(rows.device, impl))
-    if tokens.device != rows.device:
-        tokens = tokens.to(rows.device, non_blocking=True)
     state = VocabState(rows, ids, member, last_seen, count, step)
-    kernel("observe", rows.device, impl)(state, weight, tokens, pin)
+    kernel("observe", rows.device, impl)(state, weight, _observed(tokens, weight, rows, impl), pin)
 
 
 @observe_op.register_fake
@@ -171,6 +187,62 @@ def _(hidden, rows, ids, count, bias, vocab_size, normalize, impl="auto"):
     return hidden.new_empty((*hidden.shape[:-1], vocab_size))
 
 
+@torch.library.custom_op(f"{_LIB}::observe_start", mutates_args=_STATE)
+def observe_start_op(
+    rows: torch.Tensor,
+    ids: torch.Tensor,
+    member: torch.Tensor,
+    last_seen: torch.Tensor,
+    count: torch.Tensor,
+    step: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    pin: bool = False,
+    impl: str = "auto",
+) -> None:
+    """Start adding unseen ``tokens`` to the state: on CUDA on the side stream, else now.
+
+    Same arguments and final state as ``microspec::observe``; on CUDA the state may be
+    read only after ``microspec::observe_wait`` (``side_stream.GatherStream``).
+    """
+    tokens = _observed(tokens, weight, rows, impl)
+    state = VocabState(rows, ids, member, last_seen, count, step)
+    run = kernel("observe", rows.device, impl)
+    if rows.device.type != "cuda":
+        run(state, weight, tokens, pin)
+        return
+    gather_stream(state).start(lambda: run(state, weight, tokens, pin), tokens, weight)
+
+
+@observe_start_op.register_fake
+def _(rows, ids, member, last_seen, count, step, weight, tokens, pin=False, impl="auto"):
+    return None
+
+
+@torch.library.custom_op(f"{_LIB}::observe_wait", mutates_args=("rows", "ids", "count"))
+def observe_wait_op(
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    rows: torch.Tensor,
+    ids: torch.Tensor,
+    count: torch.Tensor,
+) -> None:
+    """Join the gather: the current stream waits on the vocabulary's ``join`` event.
+
+    ``hidden`` (the head's input) and ``tokens`` (the gathered ids) are only read, to
+    order the wait after the layers and keep ``tokens`` alive; ``rows`` / ``ids`` /
+    ``count`` are declared mutated (not written) so that the head is ordered after
+    it (``async_gather.py``).  A no-op on CPU.
+    """
+    if count.device.type == "cuda":
+        gather_stream(VocabState(rows, ids, None, None, count, None)).wait()
+
+
+@observe_wait_op.register_fake
+def _(hidden, tokens, rows, ids, count):
+    return None
+
+
 # ------------------------------------------------------------------ VocabState wrappers
 
 def observe(state: VocabState, weight: torch.Tensor, tokens: torch.Tensor, pin: bool = False,
@@ -202,6 +274,12 @@ def sparse_full(hidden: torch.Tensor, state: VocabState, bias: Optional[torch.Te
                                            vocab_size, normalize, impl)
 
 
-# The asynchronous gather's ops (``observe_start`` / ``observe_wait``) live in their own
-# module; importing it here registers every ``torch.ops.microspec`` op at once.
-from . import async_gather  # noqa: E402, F401
+def observe_start(state: VocabState, weight: torch.Tensor, tokens: torch.Tensor,
+                  pin: bool = False, impl: str = "auto") -> None:
+    """``microspec::observe_start`` on a state (arguments as :func:`observe`)."""
+    torch.ops.microspec.observe_start(*state, weight, tokens, pin, impl)
+
+
+def observe_wait(hidden: torch.Tensor, tokens: torch.Tensor, state: VocabState) -> None:
+    """``microspec::observe_wait`` on a state: ``hidden [..., H]`` is the head's input."""
+    torch.ops.microspec.observe_wait(hidden, tokens, state.rows, state.ids, state.count)

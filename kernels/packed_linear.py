@@ -67,8 +67,7 @@ def _onednn_pack(weight: torch.Tensor, bias, rows: int):
 
 
 def _transposed(weight: torch.Tensor, bias, rows: int):
-    """No packing: ``(W @ x^T)^T``, which streams ``W`` once (what the graph op
-    ``microspec::small_batch_linear`` computes; called here without its dispatch)."""
+    """No packing: ``(W @ x^T)^T``, which streams ``W`` once."""
 
     def product(x: torch.Tensor) -> torch.Tensor:
         if x.numel() != rows * weight.shape[1]:  # another row count: the ordinary product

@@ -119,15 +119,6 @@ class VocabState(NamedTuple):
         """The state on ``device`` (a copy unless it is there already)."""
         return VocabState(*(t.to(device) for t in self))
 
-    def gather_stream(self):
-        """The side stream and fork / join events of this vocabulary's asynchronous gather.
-
-        CUDA only, created on first use (``kernels/async_gather.py``).
-        """
-        from .async_gather import gather_stream
-
-        return gather_stream(self)
-
     def live_ids(self):
         """``[size]`` int64 view of the active token ids."""
         return self.ids[: self.size]

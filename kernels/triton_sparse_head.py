@@ -27,10 +27,9 @@ as value ``-inf`` (0 for softmax) and id ``-1`` like the reference.
 
 Launches per call: top-k 2 (tile + one merge level up to 4096 keys per row, e.g. 256
 tiles of 16 candidates); full raw logits 2 (fill + tile); full probabilities or
-log-probabilities 4 (fill, tile, merge, scatter); ``sparse_head_triton`` gives both
-outputs from one tile pass. Differences from the reference, all on degenerate input:
-with count 0 the values are the fill (the reference's softmax of an all -inf row is
-NaN); live rows always rank above inactive ones, even when a live probability
+log-probabilities 4 (fill, tile, merge, scatter). Differences from the reference, all on
+degenerate input: with count 0 the values are the fill (the reference's softmax of an
+all -inf row is NaN); live rows always rank above inactive ones, even when a live probability
 underflows to the 0 of the inactive rows (torch.topk may then pick either).
 """
 from __future__ import annotations
@@ -346,9 +345,3 @@ def sparse_full_triton(hidden, rows, ids, count, bias, vocab_size, normalize="no
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     return _launch(hidden, rows, ids, count, bias, 0, normalize, vocab_size)[2]
 
-
-def sparse_head_triton(hidden, rows, ids, count, bias, k, vocab_size, normalize="none"):
-    """Both outputs from one pass over the rows: ``(values [N, k], token_ids [N, k], full [N, V])``."""
-    if not 1 <= k <= _MAX_K:
-        raise ValueError(f"the Triton sparse head supports 1 <= k <= {_MAX_K}, got {k}")
-    return _launch(hidden, rows, ids, count, bias, k, normalize, vocab_size)

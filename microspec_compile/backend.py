@@ -54,8 +54,7 @@ log = logging.getLogger(__name__)
 def compile_config(gm: fx.GraphModule, example_inputs: list, config: MicrospecConfig) -> Callable:
     """``graph.compile_graph`` with the settings of ``config`` (its kernel path included)."""
     return compile_graph(gm, example_inputs, inductor=config.inductor,
-                         decompose=decomposes(config.path),
-                         small_batch_linear=config.small_batch_linear, mode=config.mode)
+                         decompose=decomposes(config.path), mode=config.mode)
 
 
 def use_async_gather(config: MicrospecConfig, device) -> bool:

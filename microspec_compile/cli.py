@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import DEMO_SMALL_BATCH_LINEAR, check_small_batch_linear
 from .spec.eagle import TreeConfig
 
 __all__ = ["build_parser", "main"]
@@ -61,9 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target-topk", type=int, default=3,
                       help="target top-k added to the draft's vocabulary per scored position "
                            "(the paper's signal); 0: off, to measure what it adds")
-    demo.add_argument("--small-batch-linear", type=int, default=DEMO_SMALL_BATCH_LINEAR,
-                      help="the target's LM head computes 2..N rows as W @ x^T (its "
-                           "verification of a tree / of gamma+1 tokens, faster on CPU); 0: off")
     demo.add_argument("--no-packed-verify", action="store_true",
                       help="EAGLE only: verify with plain F.linear instead of MKL-prepacked fp32 "
                            "linears packed for the tree's size")
@@ -98,10 +94,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("microspec demo: --target-topk must be >= 0")
         if args.lookup < 0:
             raise SystemExit("microspec demo: --lookup must be >= 0 (0: off)")
-        try:
-            check_small_batch_linear(args.small_batch_linear)
-        except ValueError:
-            raise SystemExit("microspec demo: --small-batch-linear must be 0 (off) or >= 2") from None
         import torch
 
         from .measure import demo_threads
@@ -115,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
             run_eagle_demo(args.prompt, max_new_tokens=args.max_new_tokens, tree=tree,
                            runs=args.runs, sample=args.sample, temperature=args.temperature,
                            seed=args.seed, capacity=args.capacity, target_topk=args.target_topk,
-                           small_batch_linear=args.small_batch_linear,
                            packed_verify=not args.no_packed_verify,
                            target_weights=args.target_weights,
                            model=args.model, head_dir=args.head, out=args.out,
@@ -128,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                  temperature=args.temperature, seed=args.seed, capacity=args.capacity,
                  model=args.model, target_layers=args.target_layers,
                  target_inductor=args.target_inductor, target_topk=args.target_topk,
-                 small_batch_linear=args.small_batch_linear, out=args.out, chart=not args.no_chart,
+                 out=args.out, chart=not args.no_chart,
                  progress=not args.no_progress)
     elif args.command == "train-eagle":
         from .train import main as train_main

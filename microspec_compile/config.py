@@ -1,8 +1,7 @@
 """``MicrospecConfig``: the backend's settings, their one set of defaults and checks.
 
 ``microspec_compile.backend(**config)`` and ``microspec_compile.observer(draft,
-**config)`` build one; the demo and its command line reuse its checks
-(:func:`check_small_batch_linear`) instead of writing them again.
+**config)`` build one.
 """
 from __future__ import annotations
 
@@ -18,19 +17,6 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 # The capacity of a vocabulary that no side asks a capacity for.
 DEFAULT_CAPACITY = 4096
-
-# Opt-in in the backend (the transposed product rounds differently); the demo turns
-# it on for the target's verification with DEMO_SMALL_BATCH_LINEAR rows.
-DEMO_SMALL_BATCH_LINEAR = 16
-
-
-def check_small_batch_linear(rows: int) -> int:
-    """``rows`` if it is a valid ``small_batch_linear`` (0 = off, or >= 2), else ValueError."""
-    if rows < 0 or rows == 1:
-        raise ValueError("small_batch_linear must be 0 (off) or the most rows to transpose "
-                         f"(>= 2), got {rows}")
-    return rows
-
 
 @dataclass(frozen=True)
 class MicrospecConfig:
@@ -50,10 +36,6 @@ class MicrospecConfig:
     path : kernel path for the sparse head, ``"auto"``, ``"torch"``, ``"inductor"``
         or ``"triton"`` (translated in one place, ``kernels/dispatch.py``)
     inductor : whether to compile the rewritten graph with Inductor (else run it eagerly)
-    small_batch_linear : if >= 2, tall Linears (LM heads) run as
-        ``microspec::small_batch_linear``: ``W @ x^T`` for 2..this many fp32 CPU
-        rows, about 2x faster for a target verifying drafted tokens; rounds
-        differently, so 0 (off) by default (``kernels/small_batch_linear.py``)
     async_gather : with ``observe_inputs``, observe through ``microspec::observe_start``
         / ``observe_wait``: on CUDA the new rows are gathered on a side stream while
         the decoder layers run, and the head waits on an event just before it reads
@@ -70,7 +52,6 @@ class MicrospecConfig:
     observe_inputs: bool = True
     path: str = "auto"
     inductor: bool = True
-    small_batch_linear: int = 0
     async_gather: bool = True
     mode: str = "default"
 
@@ -85,7 +66,6 @@ class MicrospecConfig:
             object.__setattr__(self, "pinned_ids", tuple(int(i) for i in self.pinned_ids))
         if self.capacity is not None and self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
-        check_small_batch_linear(self.small_batch_linear)
         check_path(self.path)
 
     @property

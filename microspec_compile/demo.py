@@ -34,7 +34,6 @@ import torch
 
 from .analysis.plotting import bar_panel, pyplot, save_figure
 from .analysis.results import machine_info
-from .config import DEMO_SMALL_BATCH_LINEAR
 from .data import default_prompts, encode
 from .measure import fmt, measure_ways, run_fields, summarize, write_report
 from .models import early_exit_draft, load_causal_lm
@@ -48,7 +47,7 @@ WARMUP_PROMPTS = ("List three colours of the rainbow.",
 
 
 def _build(target, draft_layers: int, capacity: int, pinned: tuple, target_inductor: bool,
-           target_topk: int = 3, small_batch_linear: int = DEMO_SMALL_BATCH_LINEAR):
+           target_topk: int = 3):
     """Compile the models in place; returns ``{way: (target, draft, vocab)}`` and notes.
 
     The target is compiled once, with ``microspec_compile.observer(sparse)``
@@ -57,10 +56,7 @@ def _build(target, draft_layers: int, capacity: int, pinned: tuple, target_induc
     costs the same everywhere and only the draft's backend differs between
     ``dense`` and ``microspec``.  By default the observed target graph runs
     without Inductor (Dynamo capture only): on this CPU Inductor gains the
-    30-layer target little and costs minutes of compilation per graph.  The
-    target's LM head runs as ``microspec::small_batch_linear`` (its verification
-    of ``gamma + 1`` rows as ``W @ x^T``, about 2x faster on CPU; one-token
-    steps, hence the target-alone way, are unchanged).
+    30-layer target little and costs minutes of compilation per graph.
 
     Everything is compiled with ``dynamic=True``: one graph for prefill and
     one per decode width, whatever the prompt and cache lengths.
@@ -72,15 +68,13 @@ def _build(target, draft_layers: int, capacity: int, pinned: tuple, target_induc
     dense.compile(backend="inductor", dynamic=True)
     sparse.compile(backend=ms.backend(capacity=capacity, pinned_ids=pinned), dynamic=True)
     target.compile(backend=ms.observer(sparse, k=target_topk, capacity=capacity,
-                                       pinned_ids=pinned, inductor=target_inductor,
-                                       small_batch_linear=small_batch_linear), dynamic=True)
+                                       pinned_ids=pinned, inductor=target_inductor), dynamic=True)
     vocab = ms.vocab_of(sparse)  # created by observer(); also found through the shared weight
     ways = {"target": (target, None, vocab), "dense": (target, dense, None),
             "microspec": (target, sparse, vocab)}
     notes = {"target_backend": f"observer(sparse draft, k={target_topk}) + "
                                + ("inductor" if target_inductor else "no inductor (FX graph)"),
              "target_topk_observed": target_topk,
-             "target_small_batch_linear": small_batch_linear,
              "dense_draft_backend": "inductor", "microspec_draft_backend": "microspec",
              "dynamic": True}
     return ways, notes
@@ -103,7 +97,7 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
              gamma: int = 4, runs: int = 3, sample: bool = False, temperature: float = 1.0,
              seed: int = 0, capacity: int = 4096, model=None,
              target_layers: int | None = None, target_inductor: bool = False,
-             target_topk: int = 3, small_batch_linear: int = DEMO_SMALL_BATCH_LINEAR,
+             target_topk: int = 3,
              out: str | os.PathLike | None = "demo_results.json", chart: bool = True,
              progress: bool = True, verbose: bool = True) -> dict:
     """Run the three ways on real prompts and write the results.
@@ -133,9 +127,6 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
     target_topk : int
         The target's top-k observed into the draft's vocabulary (the paper's
         signal); 0 measures the draft without it.
-    small_batch_linear : int
-        The target's LM head computes 2..this many rows as ``W @ x^T`` (faster
-        verification on CPU; see ``kernels/small_batch_linear.py``); 0: off.
     out : path, optional
         JSON output path; the PNG chart goes next to it (``.png``).
 
@@ -166,7 +157,7 @@ def run_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64, draf
     limit = max(torch._dynamo.config.recompile_limit, 64)
     with torch._dynamo.config.patch(recompile_limit=limit):
         ways, notes = _build(target, draft_layers, capacity, pinned, target_inductor,
-                             target_topk, small_batch_linear)
+                             target_topk)
         generators = {w: (lambda ids, seed, m=ways[w]: _generate(m, ids, args, seed)) for w in WAYS}
         res = measure_ways(generators, [p["name"] for p in items], inputs, warm, runs, seed,
                            progress)

@@ -38,7 +38,6 @@ import torch
 
 from .analysis.plotting import bar_panel, pyplot, save_figure
 from .analysis.results import machine_info
-from .config import DEMO_SMALL_BATCH_LINEAR
 from .data import default_prompts, encode
 from .heads import EagleHead
 from .kernels.int4_linear import count_int4_linears, int4_kernel_available, quantize_exact_int4
@@ -46,14 +45,14 @@ from .kernels.packed_linear import PackedLinears
 from .measure import fmt, measure_ways, run_fields, summarize, write_report
 from .models import load_causal_lm
 from .spec import (
-    PackedScorer,
-    SubsetTopkScorer,
-    TopkScorer,
+    Decoder,
+    DecoderConfig,
     TreeConfig,
     autoregressive_generate,
-    eagle_generate,
     lookup_generate,
     pack_head_linears,
+    pack_verification,
+    prepare,
 )
 
 __all__ = ["EAGLE_WAYS", "TARGET_WEIGHTS", "default_head_dir", "apply_target_weights",
@@ -79,26 +78,22 @@ def load_frequent_ids(head_dir: Path) -> torch.Tensor:
 
 
 def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple, kw: dict):
-    """``{way: generate(ids, seed)}``, the microspec vocabulary and the packings' kernels."""
-    import microspec_compile as ms
+    """``{way: generate(ids, seed)}``, the microspec vocabulary and the packings' kernels.
 
-    lm_head = target.get_output_embeddings()
-    dense = torch.compile(TopkScorer(lm_head, tree.top_k), backend="inductor", dynamic=True)
-    dense_packed = PackedScorer(TopkScorer(lm_head, tree.top_k), (1, tree.top_k))
-    fixed = torch.compile(SubsetTopkScorer(lm_head, frequent, tree.top_k), backend="inductor",
-                          dynamic=True)
-    sparse_module = TopkScorer(lm_head, tree.top_k)
-    vocab = ms.vocab_of(sparse_module, capacity=capacity, pinned_ids=pinned)
-    sparse = torch.compile(sparse_module, backend=ms.backend(capacity=capacity, pinned_ids=pinned),
-                           dynamic=True)
-    # one packing of the target per verified size, shared by every way
-    packed = ([PackedLinears(target, rows) for rows in tree.verified_sizes()]
-              if kw["packed_verify"] else [])
-    head_rows = 0 if any(p.count for p in packed) else kw["small_batch_linear"]
+    Every EAGLE way is a ``spec.prepare`` decoder; they share one packing of the target per
+    verified size and one of the head's linears."""
+    packed = pack_verification(target, tree) if kw["packed_verify"] else []
     # the target alone's one-token steps through the fastest one-row products too
     one_row = PackedLinears(target, 1) if kw["packed_verify"] else contextlib.nullcontext()
     head_linears = pack_head_linears(head, tree)  # once, not per request
-    plain_tree = replace(tree, lookup=0)
+
+    def decoder(name: str) -> Decoder:
+        config = DecoderConfig(head=name, tree=tree, capacity=capacity, pinned_ids=pinned,
+                               target_topk=kw["target_topk"],
+                               frequent_ids=frequent if name == "frspec" else None,
+                               pack_target=kw["packed_verify"])
+        return prepare(target, head, config, verify_linears=packed if packed else None,
+                       draft_linears=head_linears)
 
     def target_alone(ids, seed):
         with one_row:
@@ -111,25 +106,20 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
                                eos_token_id=kw["eos_token_id"], verify_linears=packed or None,
                                **_sampling(kw, seed))
 
-    def eagle(scorer, v, shape=tree):
-        packs = [p for p in packed if p.rows in shape.verified_sizes()] or None
+    def run(dec: Decoder):
+        return lambda ids, seed: dec.generate(ids, kw["max_new_tokens"],
+                                              eos_token_id=kw["eos_token_id"],
+                                              **_sampling(kw, seed))
 
-        def generate(ids, seed):
-            return eagle_generate(target, head, scorer, ids, kw["max_new_tokens"], shape, vocab=v,
-                                  target_topk=kw["target_topk"], eos_token_id=kw["eos_token_id"],
-                                  verify_head_rows=head_rows, verify_linears=packs,
-                                  draft_linears=head_linears, **_sampling(kw, seed))
-        return generate
-
+    sparse = decoder("microspec")
     kernels = {"verify": _shape_kernels(packed[0] if packed else None),
                "draft": _shape_kernels(head_linears)}
-    ways = {"target": target_alone, "lookup": lookup_alone, "dense": eagle(dense, None),
-            "dense-packed": eagle(dense_packed, None),
-            "frspec": eagle(fixed, None), "microspec": eagle(sparse, vocab),
-            "eagle-only": eagle(sparse, vocab, plain_tree)}
+    ways = {"target": target_alone, "lookup": lookup_alone, "dense": run(decoder("dense")),
+            "dense-packed": run(decoder("dense-packed")), "frspec": run(decoder("frspec")),
+            "microspec": run(sparse), "eagle-only": run(sparse.with_tree(replace(tree, lookup=0)))}
     if not tree.lookup:  # both parts alone are the ways above
         del ways["lookup"], ways["eagle-only"]
-    return ways, vocab, kernels
+    return ways, sparse.vocab, kernels
 
 
 def apply_target_weights(target, choice: str = "auto") -> str:
@@ -169,7 +159,7 @@ def _sampling(kw: dict, seed: int) -> dict:
 def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64,
                    tree: TreeConfig | None = None, runs: int = 3, sample: bool = False,
                    temperature: float = 1.0, seed: int = 0, capacity: int = 4096,
-                   target_topk: int = 3, small_batch_linear: int = DEMO_SMALL_BATCH_LINEAR,
+                   target_topk: int = 3,
                    packed_verify: bool = True, target_weights: str = "auto", model=None,
                    head_dir=None,
                    out: str | os.PathLike | None = "demo_results.json", chart: bool = True,
@@ -184,9 +174,6 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     sample, temperature, seed : sampling mode (default greedy)
     capacity : the microspec vocabulary's capacity
     target_topk : the target's top-k per scored position fed to the vocabulary (0: off)
-    small_batch_linear : the target's LM head scores trees of 2..this many tokens as
-        ``W @ x^T`` (faster verification on CPU, in every EAGLE way alike); 0: off.
-        Not used where ``packed_verify`` packs the LM head.
     packed_verify : the EAGLE ways verify through prepacked fp32 linears of the target for
         the tree's size, and the target alone steps through them packed for one row
         (``kernels.PackedLinears``: the fastest kernel per shape, timed at load; on an AMD
@@ -219,7 +206,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     eos = tokenizer.eos_token_id
     pinned = (eos,) if eos is not None else ()
     kw = dict(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-              eos_token_id=eos, target_topk=target_topk, small_batch_linear=small_batch_linear,
+              eos_token_id=eos, target_topk=target_topk,
               packed_verify=packed_verify)
     ways, vocab, kernels = _ways(target, head, tree, frequent, capacity, pinned, kw)
     res = measure_ways(ways, [p["name"] for p in items], inputs, warm, runs, seed, progress)
@@ -249,7 +236,6 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                      "head": str(head_dir), "tree": tree.__dict__, "max_new_tokens": max_new_tokens,
                      "runs": runs, "sample": sample, "temperature": temperature if sample else None,
                      "seed": seed, "capacity": capacity, "target_topk": target_topk,
-                     "verify_small_batch_linear": small_batch_linear,
                      "verify_packed_linears": packed_verify,
                      "packing_kernels": kernels,
                      "frspec_subset": int(frequent.numel()),

@@ -12,8 +12,6 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .passes.small_batch_linear import rewrite_small_batch_linears
-
 __all__ = ["clone_graph", "real_values", "fake_tensor", "compile_graph", "warn_no_head"]
 
 
@@ -66,9 +64,8 @@ def fake_tensor(tensor: torch.Tensor):
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, *, inductor: bool = True,
-                  decompose: bool = False, small_batch_linear: int = 0,
-                  mode: str = "default") -> Callable:
-    """Compile a (rewritten) graph: optional small-batch Linears, then Inductor or eager.
+                  decompose: bool = False, mode: str = "default") -> Callable:
+    """Compile a (rewritten) graph with Inductor, or run it eagerly.
 
     Parameters
     ----------
@@ -77,7 +74,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, *, inductor: bool = 
     inductor : compile with Inductor; False runs ``gm.forward`` (the FX graph) eagerly
     decompose : compile the head ops through ``kernels.inductor_head.decompositions``
         (the ``"inductor"`` kernel path)
-    small_batch_linear : ``>= 2`` routes tall Linears through ``microspec::small_batch_linear``
     mode : torch.compile's mode; its Inductor options (``torch._inductor.list_mode_options``,
         e.g. ``triton.cudagraphs`` for ``"reduce-overhead"``) apply while compiling
 
@@ -86,9 +82,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, *, inductor: bool = 
     callable
         Takes the graph's inputs, returns its outputs.
     """
-    if small_batch_linear >= 2:
-        gm = clone_graph(gm)  # the no-head fallback passes Dynamo's own graph
-        rewrite_small_batch_linears(gm, real_values(gm, example_inputs), small_batch_linear)
     if not inductor:
         return gm.forward
     from torch._inductor import config as inductor_config

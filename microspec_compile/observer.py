@@ -5,9 +5,7 @@ with plain Inductor after one addition to its graph: right after the target's LM
 head, ``topk(logits, k=3).indices`` at every position it scores becomes an extra
 output of the compiled graph, which the wrapper observes into the draft's active
 vocabulary (``microspec::observe``, in place) and strips before returning. The
-target's outputs are untouched, so they stay bit-identical (unless
-``small_batch_linear`` is set: a faster CPU verification that rounds differently,
-see ``kernels/small_batch_linear.py``).
+target's outputs are untouched, so they stay bit-identical.
 
 The target's graph does not take the vocabulary's state tensors as inputs, so a
 capacity the draft's backend asks for later, when the target ran first, can still
@@ -36,7 +34,7 @@ from .vocab import ActiveVocab, head_weight, vocab_for_weight
 
 # The MicrospecConfig fields the observer uses; the others (head, observe_inputs,
 # path) concern the draft's own graph and are refused rather than ignored.
-OBSERVER_SETTINGS = ("capacity", "pinned_ids", "min_vocab_size", "inductor", "small_batch_linear")
+OBSERVER_SETTINGS = ("capacity", "pinned_ids", "min_vocab_size", "inductor")
 
 
 def add_target_topk(gm: fx.GraphModule, example_inputs: Sequence, vocab: ActiveVocab, k: int,
@@ -83,8 +81,7 @@ def observer(draft: torch.nn.Module, k: int = 3, **config) -> Callable:
         ``pinned_ids`` configure the draft's vocabulary like the draft's backend does
         (given on both sides they must agree; left out on one side, the other's
         apply, whichever compiles first: ``ActiveVocab.merge``), ``min_vocab_size``
-        finds the target's head, ``inductor`` / ``small_batch_linear`` compile the
-        target's graph
+        finds the target's head, ``inductor`` compiles the target's graph
 
     Raises
     ------
@@ -106,8 +103,7 @@ def observer(draft: torch.nn.Module, k: int = 3, **config) -> Callable:
 
 def _compile_target(gm, example_inputs, *, vocab: ActiveVocab, k: int, config: MicrospecConfig):
     # The target's head stays dense: no decomposition table, plain Inductor (or eager).
-    compile_target = functools.partial(compile_graph, inductor=config.inductor,
-                                       small_batch_linear=config.small_batch_linear)
+    compile_target = functools.partial(compile_graph, inductor=config.inductor)
     if k == 0:
         return compile_target(gm, list(example_inputs))
     rewritten = add_target_topk(gm, example_inputs, vocab, k, config)

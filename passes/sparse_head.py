@@ -22,6 +22,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..kernels import ops as _ops  # noqa: F401  (defines the torch.ops.microspec ops used here)
 from ..kernels.state import VocabState
 from .match_head import HeadMatch
 

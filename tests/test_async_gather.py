@@ -266,10 +266,10 @@ def test_cpu_start_is_the_synchronous_observe_and_wait_a_no_op():
     state, reference = VocabState.empty(111, 16, 4), VocabState.empty(111, 16, 4)
     for tokens in ([5, 9, 5], [1, 2, 3], [9, 60, 61, 62]):  # the last one evicts
         tokens = torch.tensor(tokens)
-        async_gather.observe_start(state, weight, tokens)
+        ops.observe_start(state, weight, tokens)
         ops.observe(reference, weight, tokens)
         before = state.clone()
-        async_gather.observe_wait(torch.randn(2, 16), tokens, state)
+        ops.observe_wait(torch.randn(2, 16), tokens, state)
         for got, unchanged, want in zip(state, before, reference):
             assert torch.equal(got, unchanged) and torch.equal(got, want)
 
@@ -323,8 +323,8 @@ def test_async_start_wait_equals_synchronous_observe(device):
     x = torch.randn(3, H, generator=gen).to(dev)
     for ids in step_inputs(6):  # 36 ids into 16 rows
         ids = ids.to(dev)
-        async_gather.observe_start(fast, weight, ids, impl="triton")
-        async_gather.observe_wait(x, ids, fast)
+        ops.observe_start(fast, weight, ids, impl="triton")
+        ops.observe_wait(x, ids, fast)
         ops.observe(slow, weight, ids, impl="torch")
         for name, a, b in zip(VocabState._fields, fast, slow):
             scratch = name in ("rows", "ids", "member", "last_seen")  # the last row / entry

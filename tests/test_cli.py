@@ -9,7 +9,6 @@ from microspec_compile.cli import build_parser, main
 @pytest.mark.parametrize("argv, message", [
     (["--gamma", "0"], "--gamma must be >= 1"),
     (["--target-topk", "-1"], "--target-topk must be >= 0"),
-    (["--small-batch-linear", "1"], "--small-batch-linear must be 0 (off) or >= 2"),
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--total-tokens", "0"], "--total-tokens must be >= 1"),
 ])
@@ -23,7 +22,7 @@ def test_help_lists_the_options(capsys):
         build_parser().parse_args(["demo", "--help"])
     text = capsys.readouterr().out
     for option in ("--prompt", "--max-new-tokens", "--draft-layers", "--target-topk",
-                   "--small-batch-linear", "--threads", "--draft", "--head", "--depth",
+                   "--threads", "--draft", "--head", "--depth",
                    "--top-k", "--total-tokens"):
         assert option in text
 

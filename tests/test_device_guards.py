@@ -406,13 +406,11 @@ def _run_family(family, device, guard):
     if family == "reference":
         observe, topk, full = (reference.observe_reference, reference.sparse_topk_reference,
                                reference.sparse_full_reference)
-        head = None
     else:
         from microspec_compile.kernels import triton_observe as tobs
         from microspec_compile.kernels import triton_sparse_head as tsh
 
-        observe, topk, full, head = (tobs.observe_triton, tsh.sparse_topk_triton,
-                                     tsh.sparse_full_triton, tsh.sparse_head_triton)
+        observe, topk, full = tobs.observe_triton, tsh.sparse_topk_triton, tsh.sparse_full_triton
     for tokens, pin in _token_calls(vocab):
         tokens = tokens.to(device)
         with guard:
@@ -421,8 +419,7 @@ def _run_family(family, device, guard):
                 for b in (None, bias):
                     topk(x, state.rows, state.ids, state.count, b, 4, normalize)
                     full(x, state.rows, state.ids, state.count, b, vocab, normalize)
-            if head is not None:
-                head(x, state.rows, state.ids, state.count, bias, 1, vocab, "log_softmax")
+            topk(x, state.rows, state.ids, state.count, bias, 1, "log_softmax")  # argmax path
     return state
 
 
@@ -437,8 +434,6 @@ def test_kernels_never_read_the_host(family):
 def test_ops_on_the_device_path_never_read_the_host(guarded_ops):
     """The registered ops as a GPU runs them (``impl="triton"``): the checks of their
     arguments included (range and empty-vocabulary checks are device-side there)."""
-    from microspec_compile.kernels import async_gather
-
     dev = KERNEL_DEVICE
     vocab, hidden, cap = 64, 16, 12
     weight = _weight(vocab, hidden).to(dev)
@@ -449,8 +444,8 @@ def test_ops_on_the_device_path_never_read_the_host(guarded_ops):
         if i % 2:
             ops.observe(state, weight, tokens, pin, impl="triton")
         else:
-            async_gather.observe_start(state, weight, tokens, pin, impl="triton")
-            async_gather.observe_wait(x, tokens, state)
+            ops.observe_start(state, weight, tokens, pin, impl="triton")
+            ops.observe_wait(x, tokens, state)
         ops.sparse_topk(x, state, None, 4, "log_softmax", impl="triton")
         ops.sparse_full(x, state, None, vocab, "softmax", impl="triton")
     guarded_ops.check()

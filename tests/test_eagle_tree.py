@@ -236,18 +236,6 @@ def test_head_save_load_roundtrip(tmp_path):
         EagleHead.load(tmp_path / "missing", target)
 
 
-def test_transposed_verification_head_same_greedy_output():
-    # verify_head_rows computes the target's head over the tree as W @ x^T (CPU speed);
-    # it only changes rounding, so the greedy output stays the target's
-    target = tiny_target(bigram=True)
-    shape = TreeConfig(depth=3, top_k=4, total_tokens=10)
-    ids = prompt()
-    out, stats = eagle_generate(target, oracle_head(target), TopkScorer(target.lm_head, 4), ids,
-                                24, shape, verify_head_rows=16)
-    assert torch.equal(out, autoregressive_generate(target, ids, 24)[0])
-    assert stats.tokens_per_verification() > 2.0
-
-
 @pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL")
 def test_packed_verification_same_greedy_output():
     # verify_linears runs the tree's forward through linears prepacked for its size (CPU

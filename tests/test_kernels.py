@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from microspec_compile.kernels import ops  # noqa: E402,F401  (registers torch.ops.microspec)
+from microspec_compile.kernels import ops  # noqa: E402  (defines torch.ops.microspec)
 from microspec_compile.kernels.reference import (  # noqa: E402
     PINNED,
     observe_reference,
@@ -148,10 +148,10 @@ def test_triton_head_edge_shapes(n_rows, hidden, cap, n_active, k, vocab, dtype,
     parent = (torch.randn(n_rows, 2, hidden, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
     x, x_dev = parent[:, 1], parent.to(DEVICE)[:, 1]
     dev = state.to(DEVICE)
-    values, token_ids, full = tsh.sparse_head_triton(
-        x_dev, dev.rows, dev.ids, dev.count, dev.bias, k, vocab, normalize)
+    args = (x_dev, dev.rows, dev.ids, dev.count, dev.bias)
+    values, token_ids = tsh.sparse_topk_triton(*args, k, normalize)
     check_topk(values, token_ids, state, x, k, normalize)
-    check_full(full, state, x, vocab, normalize)
+    check_full(tsh.sparse_full_triton(*args, vocab, normalize), state, x, vocab, normalize)
 
 
 @needs_triton
@@ -162,11 +162,11 @@ def test_triton_multilevel_merge(monkeypatch, k):
     state = _state_with(120, 12, 100, 97, torch.float32)
     x = torch.randn(2, 12, generator=torch.Generator().manual_seed(3)) * 2
     dev = state.to(DEVICE)
+    args = (x.to(DEVICE), dev.rows, dev.ids, dev.count, dev.bias)
     for normalize in NORMALIZE:
-        values, token_ids, full = tsh.sparse_head_triton(
-            x.to(DEVICE), dev.rows, dev.ids, dev.count, dev.bias, k, 120, normalize)
+        values, token_ids = tsh.sparse_topk_triton(*args, k, normalize)
         check_topk(values, token_ids, state, x, k, normalize)
-        check_full(full, state, x, 120, normalize)
+        check_full(tsh.sparse_full_triton(*args, 120, normalize), state, x, 120, normalize)
 
 
 @needs_triton
@@ -190,9 +190,10 @@ def test_triton_empty_vocabulary():
     state = _state_with(50, 8, 16, 0, torch.float32)
     x = torch.randn(3, 8)
     dev = state.to(DEVICE)
+    args = (x.to(DEVICE), dev.rows, dev.ids, dev.count, dev.bias)
     for normalize in NORMALIZE:
-        values, token_ids, full = tsh.sparse_head_triton(
-            x.to(DEVICE), dev.rows, dev.ids, dev.count, dev.bias, 4, 50, normalize)
+        values, token_ids = tsh.sparse_topk_triton(*args, 4, normalize)
+        full = tsh.sparse_full_triton(*args, 50, normalize)
         fill = 0.0 if normalize == "softmax" else float("-inf")
         assert (token_ids.cpu() == -1).all() and (values.cpu() == fill).all()
         assert (full.cpu() == fill).all()
@@ -268,7 +269,6 @@ def test_every_kernel_keeps_the_same_vocabulary(device):
     eviction ties are the rule) and overflows: the reference, the CPU kernels, the Triton
     kernels, the registered ops and the asynchronous gather all end each call in the same
     state, and the head gives the same values for the same ids."""
-    from microspec_compile.kernels import async_gather
     from microspec_compile.kernels.cpu_head import observe_cpu
 
     vocab, hidden, cap = 300, 32, 48
@@ -280,7 +280,7 @@ def test_every_kernel_keeps_the_same_vocabulary(device):
     calls.append((torch.arange(vocab - 100, vocab), False))  # more new ids than fit
     ref = empty_state(weight, cap)
     host = {"cpu": ref.clone()}
-    dev = {name: ref.clone().to(device) for name in ("triton", "op", "async", "start_wait")}
+    dev = {name: ref.clone().to(device) for name in ("triton", "op", "start_wait")}
     evicted = False
     for tokens, pin in calls:
         before = set(live_tokens(ref))
@@ -290,12 +290,9 @@ def test_every_kernel_keeps_the_same_vocabulary(device):
         t = tokens.to(device)
         tobs.observe_triton(dev["triton"].vocab_state, dev["triton"].weight, t, pin)
         torch.ops.microspec.observe(*dev["op"].vocab_state, dev["op"].weight, t, pin, "triton")
-        event = tobs.observe_async(dev["async"].vocab_state, dev["async"].weight, t, pin)
-        if event is not None:
-            torch.cuda.current_stream().wait_event(event)
         state = dev["start_wait"]
-        async_gather.observe_start(state.vocab_state, state.weight, t, pin, impl="triton")
-        async_gather.observe_wait(x.to(device), t, state.vocab_state)
+        ops.observe_start(state.vocab_state, state.weight, t, pin, impl="triton")
+        ops.observe_wait(x.to(device), t, state.vocab_state)
         want = by_token(*sparse_topk_reference(x, ref.rows, ref.ids, ref.count, None, 8,
                                                "softmax"), vocab)
         for name, state in [*host.items(), *dev.items()]:
@@ -307,37 +304,6 @@ def test_every_kernel_keeps_the_same_vocabulary(device):
                                        msg=f"{name}: other values by token id",
                                        **tol(torch.bfloat16))
     assert evicted and ref.n == cap
-
-
-@needs_triton
-def test_observe_async_cpu_runs_inline():
-    state = _state_with(20, 4, 8, 0, torch.float32)
-    assert tobs.observe_async(state.vocab_state, state.weight, torch.tensor([3, 3, 9])) is None
-    assert live_tokens(state).keys() == {3, 9}
-
-
-@needs_triton
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_observe_async_orders_with_the_head(device):
-    """Side-stream observe + wait_event (inline on CPU): the head sees the new rows, the
-    same state and the same values by token id as the synchronous observe, with evictions."""
-    state = _state_with(500, 64, 128, 40, torch.bfloat16)
-    sync, side = state.clone().to(device), state.clone().to(device)
-    x = (torch.randn(4, 64) * 2).to(torch.bfloat16).to(device)
-    for step in range(5):  # 40 + up to 5 x 70 ids into 128 rows: evicts
-        tokens = torch.randint(0, 500, (70,), generator=torch.Generator().manual_seed(step))
-        tokens = tokens.to(device)
-        tobs.observe_triton(sync.vocab_state, sync.weight, tokens)
-        ev = tobs.observe_async(side.vocab_state, side.weight, tokens)
-        del tokens  # kept alive for the side stream by record_stream
-        if ev is not None:
-            torch.cuda.current_stream().wait_event(ev)
-        got = tsh.sparse_topk_triton(x, side.rows, side.ids, side.count, None, 8, "softmax")
-        want = tsh.sparse_topk_triton(x, sync.rows, sync.ids, sync.count, None, 8, "softmax")
-        torch.testing.assert_close(by_token(*got, 500), by_token(*want, 500), equal_nan=True)
-        assert_same_state(side, sync)
-    check_invariants(side.to("cpu"))
-    assert side.to("cpu").n == 128
 
 
 # ----------------------------------------------------------------- ops and opcheck

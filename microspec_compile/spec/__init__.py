@@ -4,16 +4,19 @@
 * :mod:`.eagle`  EAGLE-2 tree drafting with an EAGLE head, verified in one target forward;
 * :mod:`.tree`   the tree layout, masks and greedy / sampling acceptance;
 * :mod:`.verify` the target's tree forward and KV-cache upkeep;
-* :mod:`.scorers` the LM-head calls (full, microspec-compiled, fixed subset).
+* :mod:`.scorers` the LM-head calls (full, microspec-compiled, fixed subset);
+* :mod:`.decoder` the entry point: ``prepare(target, head, DecoderConfig(...)).generate(...)``.
 """
 from .chain import autoregressive_generate, speculative_generate, vocabulary_of
+from .decoder import HEADS, Decoder, DecoderConfig, pack_verification, prepare
 from .eagle import EagleDrafter, TreeConfig, eagle_generate, pack_head_linears
 from .lookup import ContextLookup, lookup_generate
 from .scorers import PackedScorer, SubsetTopkScorer, TopkScorer
 from .stats import SpecStats
 from .tree import DraftTree, accept_greedy, accept_sampling, select_tree
 
-__all__ = ["SpecStats", "autoregressive_generate", "speculative_generate", "vocabulary_of",
-           "EagleDrafter", "TopkScorer", "SubsetTopkScorer", "PackedScorer", "TreeConfig", "eagle_generate",
+__all__ = ["HEADS", "Decoder", "DecoderConfig", "pack_verification", "prepare", "SpecStats",
+           "autoregressive_generate", "speculative_generate", "vocabulary_of", "EagleDrafter",
+           "TopkScorer", "SubsetTopkScorer", "PackedScorer", "TreeConfig", "eagle_generate",
            "pack_head_linears", "DraftTree", "ContextLookup", "lookup_generate",
            "accept_greedy", "accept_sampling", "select_tree"]

@@ -193,7 +193,7 @@ def _observe_verified(vocab, tree: DraftTree, logits: torch.Tensor, emitted, tar
 def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                    max_new_tokens: int, tree: TreeConfig = TreeConfig(), *, vocab=None,
                    target_topk: int = 3, sample: bool = False, temperature: float = 1.0,
-                   eos_token_id: int | None = None, generator=None, verify_head_rows: int = 0,
+                   eos_token_id: int | None = None, generator=None,
                    verify_linears=None, draft_linears=None):
     """EAGLE-2 speculative decoding of one sequence.
 
@@ -206,8 +206,6 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     vocab : the microspec vocabulary the scorer reads (reset here), or None (dense)
     target_topk : target tokens per position added to ``vocab`` (0: argmax only)
     sample, temperature, generator : sampling mode (default greedy)
-    verify_head_rows : >= 2: the target's LM head scores trees of up to this many tokens
-        as ``W @ x^T`` (faster on CPU, other rounding; ``spec.verify.target_forward``)
     verify_linears : a ``kernels.PackedLinears`` of ``target`` for ``tree.total_tokens``
         rows, or a sequence of them for ``tree.verified_sizes()`` (with ``lookup``), entered
         around each verification of that size (CPU: a plain fp32 product repacks every
@@ -270,7 +268,7 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
             stats.looked_up.append(bool(chain))
 
             features, logits, path, emitted = verify_and_accept(
-                target, draft_tree, cache, n, stats, dtype=dtype, head_rows=verify_head_rows,
+                target, draft_tree, cache, n, stats, dtype=dtype,
                 verify_linears=verify_linears, sample=sample, temperature=temperature,
                 generator=generator)
             if vocab is not None:

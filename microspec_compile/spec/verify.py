@@ -15,7 +15,6 @@ import time
 import torch
 
 from ..hf import cache_kwargs, check_cache_grew
-from ..kernels import small_batch_linear  # noqa: F401  (registers the op)
 from ..kernels.int4_linear import count_int4_linears
 from .attention import decoding_session
 from .cache import BufferedLayer
@@ -57,15 +56,10 @@ def choose_token(logits_row: torch.Tensor, sample: bool, temperature: float, gen
 
 
 def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, head_rows: int = 0,
+                   attention_mask: torch.Tensor,
                    logits_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features [T, H], logits [T, V])`` of ``ids [1, T]`` after the cached prefix
-    (``logits_rows``: the logits of the last that many rows only).
-
-    ``head_rows >= 2``: the LM head computes 2..``head_rows`` fp32 CPU rows as
-    ``W @ x^T`` (``microspec::small_batch_linear``: about 2x faster for a tree of a
-    few tokens on CPU; rounds differently from ``F.linear``), 0: ``F.linear``.
-    """
+    (``logits_rows``: the logits of the last that many rows only)."""
     base = getattr(target, target.base_model_prefix)
     dev = target.get_output_embeddings().weight.device
     cached = cache.get_seq_length()
@@ -74,11 +68,7 @@ def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
     check_cache_grew(cache, cached, ids.shape[1], "the target's forward")
     features = out.last_hidden_state[0]
     scored = features if logits_rows is None else features[-logits_rows:]
-    head = target.get_output_embeddings()
-    if head_rows >= 2:
-        return features, torch.ops.microspec.small_batch_linear(scored, head.weight, head.bias,
-                                                                head_rows)
-    return features, head(scored)
+    return features, target.get_output_embeddings()(scored)
 
 
 def prefill(target, input_ids: torch.Tensor, cache, dtype: torch.dtype = torch.float32,
@@ -92,10 +82,8 @@ def prefill(target, input_ids: torch.Tensor, cache, dtype: torch.dtype = torch.f
                           logits_rows=None if all_logits else 1)
 
 
-def verify_tree(target, tree: DraftTree, cache, past: int, dtype: torch.dtype = torch.float32,
-                head_rows: int = 0):
-    """Score every node of ``tree`` placed after ``past`` cached tokens (``head_rows``: see
-    :func:`target_forward`).
+def verify_tree(target, tree: DraftTree, cache, past: int, dtype: torch.dtype = torch.float32):
+    """Score every node of ``tree`` placed after ``past`` cached tokens.
 
     Returns
     -------
@@ -104,7 +92,7 @@ def verify_tree(target, tree: DraftTree, cache, past: int, dtype: torch.dtype = 
     """
     dev = target.get_output_embeddings().weight.device  # the tree is on the host, its mask not
     return target_forward(target, tree.tokens.view(1, -1), cache, tree.position_ids(past),
-                          tree.attention_mask(past, dtype, device=dev), head_rows)
+                          tree.attention_mask(past, dtype, device=dev))
 
 
 def packings(verify_linears) -> list:
@@ -122,7 +110,7 @@ def packing_for(verify_linears, rows: int):
 
 
 def verify_and_accept(target, tree: DraftTree, cache, past: int, stats, *,
-                      dtype: torch.dtype = torch.float32, head_rows: int = 0, verify_linears=None,
+                      dtype: torch.dtype = torch.float32, verify_linears=None,
                       sample: bool = False, temperature: float = 1.0, generator=None):
     """One round's verification of ``tree`` (timed into ``stats.target_times``) and its
     acceptance: greedy, or multi-candidate speculative sampling at ``temperature``.
@@ -134,7 +122,7 @@ def verify_and_accept(target, tree: DraftTree, cache, past: int, stats, *,
     """
     t = time.perf_counter()
     with packing_for(verify_linears, len(tree)):
-        features, logits = verify_tree(target, tree, cache, past, dtype, head_rows)
+        features, logits = verify_tree(target, tree, cache, past, dtype)
     stats.target_times.append(time.perf_counter() - t)
     if sample:
         probs = torch.softmax(logits.double() / temperature, -1).cpu()
