@@ -151,6 +151,7 @@ def _tiny_llama(layers: int, seed: int):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.mark.hf_inductor_cpu
 def test_hf_assisted_generation_is_exact_and_really_sparse():
     target, draft = _tiny_llama(2, seed=0), _tiny_llama(1, seed=1)
     # Compile in place: generate() reached through torch.compile's OptimizedModule

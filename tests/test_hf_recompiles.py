@@ -34,6 +34,7 @@ def _generate(model, prompt, **kwargs):
                               max_new_tokens=10, **kwargs)
 
 
+@pytest.mark.hf_inductor_cpu
 def test_assisted_generation_compiles_once_and_stays_lossless():
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
@@ -27,6 +29,7 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
 
 
+@pytest.mark.hf_inductor_cpu
 def test_readme_python_blocks_run_as_written(tmp_path):
     blocks = python_blocks(README.read_text())
     assert len(blocks) >= 4, "the usage, Hugging Face, EAGLE-2 and custom-loop examples"

@@ -178,6 +178,7 @@ def _tiny_llama(layers: int, seed: int):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.mark.hf_inductor_cpu
 @pytest.mark.parametrize("first", ["draft", "target"])
 def test_hf_assisted_generation_with_pins_in_either_compile_order(first):
     """README's pattern: pins (and a capacity) on the draft only, the observer with none."""
