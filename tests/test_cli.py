@@ -7,7 +7,7 @@ from microspec_compile.cli import build_parser, main
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--gamma", "0"], "--gamma must be >= 1"),
+    (["--runs", "0"], "--runs must be >= 1"),
     (["--target-topk", "-1"], "--target-topk must be >= 0"),
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--total-tokens", "0"], "--total-tokens must be >= 1"),
@@ -21,10 +21,11 @@ def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--help"])
     text = capsys.readouterr().out
-    for option in ("--prompt", "--max-new-tokens", "--draft-layers", "--target-topk",
-                   "--threads", "--draft", "--head", "--depth",
+    for option in ("--prompt", "--max-new-tokens", "--target-topk", "--model",
+                   "--threads", "--head", "--depth", "--lookup",
                    "--top-k", "--total-tokens"):
         assert option in text
+    assert "--gamma" not in text and "--draft-layers" not in text  # the chain demo is gone
 
 
 def test_train_eagle_help_and_required_out(capsys):
@@ -32,7 +33,7 @@ def test_train_eagle_help_and_required_out(capsys):
         build_parser().parse_args(["train-eagle", "--help"])
     text = capsys.readouterr().out
     for option in ("--out", "--work-dir", "--generate-minutes", "--train-minutes", "--seed",
-                   "--regen-skip", "--ce-weight"):
+                   "--regen-skip", "--ce-weight", "--ce-vocab"):
         assert option in text
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train-eagle"])  # --out is required

@@ -65,3 +65,24 @@ def test_bad_input_is_a_clear_error(pred_shape, true_shape, chunk, match):
     with pytest.raises(ValueError, match=match):
         linear_soft_cross_entropy(torch.randn(pred_shape), torch.randn(true_shape), lm_head,
                                   chunk=chunk)
+
+
+def test_rows_restrict_both_distributions_to_those_vocabulary_rows():
+    """``rows``: the same loss and gradient as a head made of those rows alone."""
+    pred, true, lm_head = _case(20, bias=True)
+    rows = torch.tensor([7, 3, 250, 11, 0, 42, 199])
+    sub = torch.nn.Linear(16, len(rows), bias=True).requires_grad_(False)
+    sub.weight.copy_(lm_head.weight[rows])
+    sub.bias.copy_(lm_head.bias[rows])
+    ref, ref_agree = _reference(pred, true, sub)
+    ref.backward()
+    ref_grad, pred.grad = pred.grad.clone(), None
+    ce, agree = linear_soft_cross_entropy(pred, true, lm_head, chunk=6, rows=rows)
+    ce.backward()
+    assert torch.allclose(ce, ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(pred.grad, ref_grad, rtol=1e-4, atol=1e-7)
+    assert int(agree) == ref_agree
+    full, _ = linear_soft_cross_entropy(pred.detach(), true, lm_head)
+    assert not torch.allclose(ce, full)  # the restriction changes the loss
+    with pytest.raises(ValueError, match="int64"):
+        linear_soft_cross_entropy(pred, true, lm_head, rows=rows.int())

@@ -76,10 +76,13 @@ def test_batch_pairs_and_loss_mask():
     assert positions[1].tolist() == list(range(9))
 
 
-def test_training_lowers_loss_and_resumes_exactly(tmp_path):
+# ce_vocab: the cross-entropy over some rows of the vocabulary (the batch's + frequent ones)
+@pytest.mark.parametrize("ce_vocab", [0, 300])
+def test_training_lowers_loss_and_resumes_exactly(tmp_path, ce_vocab):
     target = tiny_target()
     fs = compute_features(target, sequences(8), autocast=False)
-    cfg = TrainConfig(lr=3e-3, warmup_steps=2, token_budget=128, autocast=False, save_every_s=0.0)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, token_budget=128, autocast=False, save_every_s=0.0,
+                      ce_vocab=ce_vocab)
 
     torch.manual_seed(0)
     straight = EagleHead.for_target(target)
@@ -103,7 +106,8 @@ def test_training_lowers_loss_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(again.trainable_state()[key], value, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match=r"another training configuration \(lr: 0.003 there"):
         train(again, fs, tmp_path / "b", seconds=math.inf, config=TrainConfig(lr=1.0,
-              autocast=False, token_budget=128, warmup_steps=2, save_every_s=0.0), steps=12)
+              autocast=False, token_budget=128, warmup_steps=2, save_every_s=0.0,
+              ce_vocab=ce_vocab), steps=12)
 
 
 def test_training_walks_epochs_of_different_batch_counts(tmp_path):
@@ -169,7 +173,7 @@ def test_agreement_of_an_oracle_head_is_one():
 
 def test_frequent_ids_most_frequent_first():
     tokens = torch.tensor([5, 5, 5, 2, 2, 9, 1])
-    assert frequent_ids(tokens, 10, 0.3).tolist() == [5, 2, 1]  # tie 1 vs 9: lower id first
+    assert frequent_ids(tokens, 10, 3).tolist() == [5, 2, 1]  # tie 1 vs 9: lower id first
 
 
 def test_evaluation_prompts_are_held_out_of_training():
@@ -372,3 +376,15 @@ def test_model_card_states_data_training_and_both_agreements(tmp_path):
     write_model_card(tmp_path / "card.md", report)
     card = (tmp_path / "card.md").read_text()
     assert "one step deeper" not in card and "--rollout-weight" not in card
+
+
+def test_ce_rows_take_the_batch_then_the_most_frequent():
+    from microspec_compile.train.trainer import ce_rows
+
+    by_frequency = torch.tensor([5, 2, 9, 1, 0, 3, 4, 6, 7, 8])
+    tokens = torch.tensor([[9, 7, 7], [4, 9, 0]])
+    rows = ce_rows(tokens, by_frequency, 6)
+    assert rows.tolist() == [0, 4, 7, 9, 5, 2]  # the batch's ids, then the most frequent others
+    assert ce_rows(tokens, by_frequency, 3).tolist() == [0, 4, 7]
+    with pytest.raises(ValueError, match="exceeds the vocabulary"):
+        ce_rows(tokens, by_frequency, 11)

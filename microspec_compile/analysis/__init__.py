@@ -2,7 +2,6 @@
 
 - :mod:`.coverage`: the vocabulary-policy models (coverage of a policy replayed on
   token streams);
-- :mod:`.acceptance`: early-exit agreement with the target (an acceptance estimate);
 - :mod:`.results`: the machine description and the CSV result files;
 - :mod:`.plotting`: the matplotlib (Agg) helpers of the charts.
 """

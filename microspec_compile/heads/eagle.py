@@ -63,8 +63,11 @@ class EagleConfig:
         c = target_config
         heads = c.num_attention_heads
         rope = getattr(c, "rope_theta", None)
-        if rope is None:  # transformers 5 keeps it in rope_parameters
-            rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        if rope is None:  # transformers 5 keeps it in rope_parameters, per layer type for
+            # models that interleave attention kinds (Gemma 3: the global layers' is taken)
+            params = getattr(c, "rope_parameters", None) or {}
+            params = params.get("full_attention", params)
+            rope = params.get("rope_theta", 10000.0)
         return cls(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                    num_attention_heads=heads,
                    num_key_value_heads=getattr(c, "num_key_value_heads", None) or heads,

@@ -28,6 +28,13 @@ values in fp64 (``spec.cache.DecodingCache``) and queries of up to :data:`EXACT_
 attend in fp64 (:func:`exact_sdpa_attention`): the orders of summation still differ,
 by about 1e-16, which the cast back to fp32 almost always erases.  A longer query (a
 prompt's prefill, the same in every way of decoding) attends in fp32 as above.
+
+**Sliding-window layers** (Gemma 3 interleaves five of them with each global one).  The
+loops' caches keep every row of every layer, so that all layers share one row layout
+(``keep_path_rows`` and crops work on rows by position), and a sliding layer's window
+lives in its mask instead: :func:`layer_masks` turns the loops' one explicit mask into
+Hugging Face's per-kind mapping, and masks that Hugging Face builds itself apply the
+window to the full rows by position.
 """
 from __future__ import annotations
 
@@ -36,12 +43,14 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .cache import DecodingCache
 from .tree import causal_mask
 
 __all__ = ["GQA_SDPA", "EXACT_SDPA", "EXACT_ROWS", "gqa_sdpa_attention",
-           "exact_sdpa_attention", "gqa_attention", "exact_attention", "decoding_session"]
+           "exact_sdpa_attention", "gqa_attention", "exact_attention", "decoding_session",
+           "layer_masks", "full_rows_cache"]
 
 GQA_SDPA = "microspec_gqa_sdpa"
 EXACT_SDPA = "microspec_exact_sdpa"
@@ -111,9 +120,14 @@ def exact_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: 
 
 def _register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)
     AttentionInterface.register(EXACT_SDPA, exact_sdpa_attention)
+    # Hugging Face builds no mask at all for an attention name it has no mask function for:
+    # a sliding-window layer then attends causally to every row (measured on a tiny Gemma 3)
+    AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
+    AttentionMaskInterface.register(EXACT_SDPA, sdpa_mask)
 
 
 _register()
@@ -152,7 +166,47 @@ def decoding_session(model, exact: bool):
     compiled with ``torch.compile`` (in place or wrapped) keeps Hugging Face's
     ``DynamicCache``, whose layout its graphs were traced and guarded on."""
     if getattr(model, "_compiled_call_impl", None) is not None or hasattr(model, "_orig_mod"):
-        return DynamicCache(config=model.config), gqa_attention(model.config)
+        return full_rows_cache(model.config), gqa_attention(model.config)
     if exact and getattr(model.config, "_attn_implementation", None) == "sdpa":
         return DecodingCache(model.config, torch.float64), exact_attention(model.config)
     return DecodingCache(model.config), gqa_attention(model.config)
+
+
+def full_rows_cache(config) -> DynamicCache:
+    """Hugging Face's ``DynamicCache`` for ``config`` whose sliding-window layers keep every
+    row, as its full-attention layers do (module docstring)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [layer if type(layer) is DynamicLayer or not getattr(layer, "is_sliding", False)
+                    else DynamicLayer() for layer in cache.layers]
+    return cache
+
+
+def layer_masks(config, mask: torch.Tensor, position_ids: torch.Tensor):
+    """The attention mask of a loop's forward for every layer kind of ``config``.
+
+    Parameters
+    ----------
+    mask : [1, 1, T, S] additive float or bool mask over the ``S - T`` cached rows (row
+        ``j`` at position ``j``) and the ``T`` new tokens
+    position_ids : [1, T] positions of the new tokens
+
+    Returns
+    -------
+    ``mask`` itself for a model without sliding-window layers; else Hugging Face's mapping
+    ``{"full_attention": mask, "sliding_attention": mask without the keys a query's
+    window excludes}`` (key at position ``k`` seen from position ``q`` iff ``q - k <
+    sliding_window``, as Hugging Face's own sliding masks)
+    """
+    kinds = set(getattr(config, "layer_types", None) or ())
+    window = getattr(config, "sliding_window", None)
+    if "sliding_attention" not in kinds or window is None:
+        return mask
+    rows, keys = mask.shape[-2], mask.shape[-1]
+    query_pos = position_ids.reshape(-1).to(mask.device)
+    if query_pos.numel() != rows:
+        raise ValueError(f"{query_pos.numel()} positions for a mask of {rows} query rows")
+    key_pos = torch.cat([torch.arange(keys - rows, device=mask.device), query_pos])
+    too_far = (query_pos[:, None] - key_pos[None, :]) >= window
+    sliding = (mask & ~too_far if mask.dtype == torch.bool
+               else mask.masked_fill(too_far, torch.finfo(mask.dtype).min))
+    return {kind: sliding if kind == "sliding_attention" else mask for kind in kinds}

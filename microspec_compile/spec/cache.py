@@ -75,10 +75,12 @@ class BufferedLayer(DynamicLayer):
 
 
 class DecodingCache(DynamicCache):
-    """A ``DynamicCache`` whose full-attention layers are :class:`BufferedLayer` (module
-    docstring); ``dtype``: the rows' dtype (None: the model's)."""
+    """A ``DynamicCache`` whose attention layers, full and sliding-window alike, are
+    :class:`BufferedLayer` (module docstring; a sliding layer's window is applied by its
+    mask, ``spec.attention.layer_masks``); ``dtype``: the rows' dtype (None: the model's)."""
 
     def __init__(self, config, dtype: torch.dtype | None = None):
         super().__init__(config=config)
-        self.layers = [BufferedLayer(dtype) if type(layer) is DynamicLayer else layer
-                       for layer in self.layers]
+        self.layers = [BufferedLayer(dtype)
+                       if type(layer) is DynamicLayer or getattr(layer, "is_sliding", False)
+                       else layer for layer in self.layers]

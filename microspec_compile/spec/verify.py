@@ -16,7 +16,7 @@ import torch
 
 from ..hf import cache_kwargs, check_cache_grew
 from ..kernels.int4_linear import count_int4_linears
-from .attention import decoding_session
+from .attention import decoding_session, layer_masks
 from .cache import BufferedLayer
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask
 
@@ -63,8 +63,10 @@ def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
     base = getattr(target, target.base_model_prefix)
     dev = target.get_output_embeddings().weight.device
     cached = cache.get_seq_length()
-    out = base(input_ids=ids.to(dev), attention_mask=attention_mask.to(dev),
-               position_ids=position_ids.to(dev), use_cache=True, **cache_kwargs(base, cache))
+    position_ids = position_ids.to(dev)
+    masks = layer_masks(target.config, attention_mask.to(dev), position_ids)
+    out = base(input_ids=ids.to(dev), attention_mask=masks, position_ids=position_ids,
+               use_cache=True, **cache_kwargs(base, cache))
     check_cache_grew(cache, cached, ids.shape[1], "the target's forward")
     features = out.last_hidden_state[0]
     scored = features if logits_rows is None else features[-logits_rows:]

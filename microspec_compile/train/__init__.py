@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
                     "from the work directory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d, t = PipelineConfig(), TrainConfig()
-    p.add_argument("--model", default=None, help="target: local HF dir or .gguf; none: SmolLM2")
+    p.add_argument("--model", default=None, help="target: a named model (gemma3-270m, smollm2), a local HF dir "
+                        "or .gguf; none: SmolLM2")
     p.add_argument("--out", required=True, help="directory for the trained head")
     p.add_argument("--work-dir", default=None,
                    help="cache of data, features and checkpoints (default: under "
@@ -46,6 +47,10 @@ def add_parser(sub) -> None:
     p.add_argument("--ce-weight", type=float, default=t.ce_weight,
                    help="weight of the soft cross-entropy against the target's distribution "
                         "beside the feature loss (EAGLE: 0.1)")
+    p.add_argument("--ce-vocab", type=int, default=t.ce_vocab,
+                   help="vocabulary rows of the cross-entropy: the batch's tokens filled up with "
+                        "the most frequent training tokens (a cheaper objective for large "
+                        "vocabularies); 0: the full vocabulary")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
 
 
@@ -76,7 +81,8 @@ def main(args) -> int:
                               code_original=args.code_original,
                               code_generate_minutes=args.code_generate_minutes)
     tcfg = dataclasses.replace(TrainConfig(), lr=args.lr, seed=args.seed,
-                               rollout_weight=args.rollout_weight, ce_weight=args.ce_weight)
+                               rollout_weight=args.rollout_weight, ce_weight=args.ce_weight,
+                               ce_vocab=args.ce_vocab)
     bar = tqdm(desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
 
     def progress(step, total, loss, agree):
@@ -87,7 +93,8 @@ def main(args) -> int:
         bar.refresh() if step % 10 == 0 else None
 
     report = run_pipeline(target, tokenizer, work, args.out, config=cfg, train_config=tcfg,
-                          init_head=args.init_head, log=tqdm.write, progress=progress)
+                          init_head=args.init_head, log=tqdm.write, progress=progress,
+                          model=args.model)
     bar.close()
     minutes = (time.perf_counter() - t0) / 60
     print(f"budget: generate {cfg.generate_minutes} + {cfg.code_generate_minutes} min (chat, "

@@ -20,7 +20,8 @@ import torch
 from .corpus import Sequence
 from .precision import bf16_is_faster
 
-__all__ = ["FeatureSet", "starts_of", "atomic_save", "target_features", "compute_features"]
+__all__ = ["FeatureSet", "starts_of", "atomic_save", "target_features", "compute_features",
+           "frequent_ids"]
 
 
 def starts_of(lengths: torch.Tensor) -> torch.Tensor:
@@ -128,3 +129,11 @@ def compute_features(target, sequences: list[Sequence], *, autocast: bool | None
     starts = starts_of(lengths)
     return FeatureSet(torch.cat([s.ids for s in sequences]).to(torch.int32), torch.cat(feats),
                       starts, torch.tensor([s.prompt_len for s in sequences], dtype=torch.int64))
+
+
+def frequent_ids(tokens: torch.Tensor, vocab_size: int, count: int | None = None) -> torch.Tensor:
+    """The ``count`` most frequent ids of ``tokens`` (None: every id of the vocabulary),
+    most frequent first, ties broken by id (FR-Spec's fixed sub-vocabulary)."""
+    counts = torch.bincount(tokens.long(), minlength=vocab_size).double()
+    order = torch.argsort(-counts + torch.arange(vocab_size) / (2.0 * vocab_size))
+    return order[: max(1, vocab_size if count is None else int(count))]

@@ -30,12 +30,13 @@ from ..heads import EagleHead
 from .code_corpus import code_sequences, stdlib_functions
 from .corpus import Sequence, chat_prompt_ids, original_sequences, regenerate, training_prompts
 from .evaluate import agreement_by_group, evaluation_prompts, head_agreement, held_out_continuations
-from .features import FeatureSet, atomic_save, compute_features
+from .features import FeatureSet, atomic_save, compute_features, frequent_ids
 from .trainer import TrainConfig, train
 
-__all__ = ["FREQUENT_FILE", "PipelineConfig", "frequent_ids", "run_pipeline"]
+__all__ = ["FREQUENT_FILE", "FRSPEC_ROWS", "PipelineConfig", "frequent_ids", "run_pipeline"]
 
 FREQUENT_FILE = "frequent_ids.json"
+FRSPEC_ROWS = 32768  # FR-Spec's sub-vocabulary (its paper); a quarter of smaller vocabularies
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,12 @@ def _features(target, name: str, seqs: list[Sequence], work: Path, log) -> Featu
 def run_pipeline(target, tokenizer, work_dir: str | Path, out_dir: str | Path, *,
                  config: PipelineConfig = PipelineConfig(),
                  train_config: TrainConfig | None = None, init_head: str | Path | None = None,
-                 log=print, progress=None) -> dict:
+                 log=print, progress=None, model: str | None = None) -> dict:
     """Run (or resume) every stage; returns the report that the model card records.
 
     ``init_head``: a saved head to start training from (its own report is kept in
-    this one under ``"initialised_from"``); none: a fresh head.
+    this one under ``"initialised_from"``); none: a fresh head.  ``model``: how the target
+    was named (``--model``), for the model card's command line.
     """
     train_config = train_config or TrainConfig()
     t_start = time.perf_counter()
@@ -178,6 +180,8 @@ def run_pipeline(target, tokenizer, work_dir: str | Path, out_dir: str | Path, *
     log(f"held-out top-1 agreement: {quality['agreement']:.3f} over {quality['positions']} "
         f"positions ({quality['by_group']})")
     report = {
+        "target": getattr(target.config, "_name_or_path", None) or type(target).__name__,
+        "model": model,
         "data": {**{f"{name}_answers": len(seqs) for name, seqs in parts.items()},
                  **{f"{name}_answer_tokens": sum(len(s.ids) - s.prompt_len for s in seqs)
                     for name, seqs in parts.items()},
@@ -190,10 +194,11 @@ def run_pipeline(target, tokenizer, work_dir: str | Path, out_dir: str | Path, *
     }
     head.save(out_dir, metadata=report)
     write_model_card(Path(out_dir) / "MODEL_CARD.md", report)
-    frequent = frequent_ids(data.ids, head.config.vocab_size, 0.25)
+    vocab = head.config.vocab_size
+    frequent = frequent_ids(data.ids, vocab, min(FRSPEC_ROWS, vocab // 4))
     (Path(out_dir) / FREQUENT_FILE).write_text(json.dumps(
         {"counted_on": f"the {int(data.starts[-1])} training tokens (prompts and answers)",
-         "fraction": 0.25, "ids": frequent.tolist()}) + "\n")
+         "fraction": len(frequent) / vocab, "ids": frequent.tolist()}) + "\n")
     return report
 
 
@@ -230,12 +235,13 @@ def _training_line(t: dict) -> str:
             f"(mean of the last 50 steps)")
 
 
-def _reproduce_line(p: dict, t: dict, init: dict | None) -> str:
+def _reproduce_line(p: dict, t: dict, init: dict | None, model: str | None = None) -> str:
     default = asdict(PipelineConfig())
     changed = [f"--{k.replace('_', '-')} {v}" for k, v in p.items() if default.get(k, v) != v]
-    flags = " ".join([*changed, f"--lr {t['lr']}"] + (
+    flags = " ".join([*([f"--model {model}"] if model else []), *changed, f"--lr {t['lr']}"] + (
         [f"--rollout-weight {t['rollout_weight']}"] if t.get("rollout_weight") else []) + (
-        [f"--ce-weight {t['ce_weight']}"] if t["ce_weight"] != TrainConfig.ce_weight else []))
+        [f"--ce-weight {t['ce_weight']}"] if t["ce_weight"] != TrainConfig.ce_weight else []) + (
+        [f"--ce-vocab {t['ce_vocab']}"] if t.get("ce_vocab") else []))
     if not init:
         return f"Reproduce: `microspec train-eagle --out DIR {flags}` (every stage resumes)."
     return ("Reproduce: train the earlier head first (its report is in `eagle_config.json` under "
@@ -261,7 +267,7 @@ def write_model_card(path: Path, report: dict) -> None:
     d, t, h, hw = report["data"], report["training"], report["held_out"], report["hardware"]
     p, init = report["pipeline"], report.get("initialised_from")
     lines = [
-        "# EAGLE-2 draft head for SmolLM2-135M-Instruct",
+        f"# EAGLE-2 draft head for {report.get('target', 'SmolLM2-135M-Instruct')}",
         "",
         "An EAGLE-1/2 head (fc `Linear(2H, H)` + one Llama decoder layer without its input norm) "
         "that reads the target's post-norm last hidden state and the next token and predicts the "
@@ -273,7 +279,10 @@ def write_model_card(path: Path, report: dict) -> None:
         "",
         "## Training",
         f"- loss: SmoothL1(feature) + {t['ce_weight']} x soft cross-entropy against the target's "
-        f"distribution over the full vocabulary; uniform feature noise {t['noise']} x 512 / T"
+        + (f"distribution over {t['ce_vocab']} vocabulary rows per batch (the batch's own tokens, "
+           "filled up with the most frequent training tokens)" if t.get("ce_vocab") else
+           "distribution over the full vocabulary")
+        + f"; uniform feature noise {t['noise']} x 512 / T"
         + (f"; plus {t['rollout_weight']} x the same loss one step deeper on the head's own "
            "predicted features (EAGLE-3's training-time test)" if t.get("rollout_weight") else "")
         + ";",
@@ -295,14 +304,6 @@ def write_model_card(path: Path, report: dict) -> None:
         f"- {hw.get('cpu_model')}, {hw.get('cpus')} cores, torch {hw.get('torch')}; "
         f"flags: {hw.get('cpu_flags', '-')}.",
         "",
-        _reproduce_line(p, t, init),
+        _reproduce_line(p, t, init, report.get("model")),
     ]
     path.write_text("\n".join(lines) + "\n")
-
-
-def frequent_ids(tokens: torch.Tensor, vocab_size: int, fraction: float) -> torch.Tensor:
-    """The most frequent ``fraction`` of the vocabulary in ``tokens``, most frequent first
-    (FR-Spec's fixed sub-vocabulary; ties broken by id)."""
-    counts = torch.bincount(tokens.long(), minlength=vocab_size).double()
-    order = torch.argsort(-counts + torch.arange(vocab_size) / (2.0 * vocab_size))
-    return order[: max(1, int(vocab_size * fraction))]

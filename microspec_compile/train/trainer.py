@@ -17,6 +17,11 @@ step deeper on the head's own predictions (EAGLE-3's training-time test,
 it the head only ever sees the target's (noised) features, while the tree reads
 its own predictions from the second depth on.
 
+With ``ce_vocab = N > 0`` the cross-entropy is taken over N vocabulary rows only: the
+batch's own tokens (among them every greedy next token of regenerated answers), filled
+up with the most frequent training tokens (``.soft_ce``; for vocabularies where the
+full products dominate a step).
+
 Checkpoints (head, optimiser, step, schedule) are written every ``save_every``
 seconds to ``work_dir`` and atomically replaced, so a run killed at any moment
 resumes from its last checkpoint with the same batch order (seeded per epoch).
@@ -32,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from ..heads import EagleHead
-from .features import FeatureSet, atomic_save
+from .features import FeatureSet, atomic_save, frequent_ids
 from .precision import bf16_is_faster
 from .soft_ce import linear_soft_cross_entropy
 
-__all__ = ["TrainConfig", "make_batches", "batch_tensors", "eagle_loss", "train"]
+__all__ = ["TrainConfig", "make_batches", "batch_tensors", "ce_rows", "eagle_loss", "train"]
 
 
 @dataclass(frozen=True)
@@ -55,10 +60,29 @@ class TrainConfig:
     autocast: bool | None = None  # bf16 autocast; None: where bf16 is faster on this CPU
     save_every_s: float = 120.0
     rollout_weight: float = 0.0
+    ce_vocab: int = 0  # rows of the cross-entropy (module docstring); 0: the full vocabulary
 
     def __post_init__(self):
         if not self.rollout_weight >= 0:
             raise ValueError(f"rollout_weight must be >= 0 (0: off), got {self.rollout_weight}")
+        if self.ce_vocab < 0:
+            raise ValueError(f"ce_vocab must be >= 0 rows (0: the full vocabulary), got "
+                             f"{self.ce_vocab}")
+
+
+def ce_rows(tokens: torch.Tensor, by_frequency: torch.Tensor, count: int) -> torch.Tensor:
+    """``[count]`` vocabulary ids: every id in ``tokens``, then ids of ``by_frequency`` (every
+    id, most frequent first) up to ``count`` (module docstring)."""
+    vocab = by_frequency.numel()
+    if count > vocab:
+        raise ValueError(f"ce_vocab {count} exceeds the vocabulary ({vocab})")
+    taken = torch.zeros(vocab, dtype=torch.bool, device="cpu")
+    taken[tokens.reshape(-1).cpu()] = True
+    own = taken.nonzero().view(-1)
+    if own.numel() >= count:
+        return own[:count]
+    rest = by_frequency[~taken[by_frequency]][: count - own.numel()]
+    return torch.cat([own, rest])
 
 
 def make_batches(lengths: torch.Tensor, token_budget: int, epoch: int, seed: int) -> list[list[int]]:
@@ -107,8 +131,9 @@ def batch_tensors(data: FeatureSet, batch: list[int], device=None):
 
 def eagle_loss(head: EagleHead, tokens, inputs, targets, positions, mask, *,
                noise: float, ce_weight: float, generator=None, autocast: bool = True,
-               rollout_weight: float = 0.0):
-    """``(loss, top-1 agreement, rows)`` of one batch (see the module docstring)."""
+               rollout_weight: float = 0.0, ce_vocab_rows: torch.Tensor | None = None):
+    """``(loss, top-1 agreement, rows)`` of one batch (see the module docstring);
+    ``ce_vocab_rows``: the vocabulary rows of the cross-entropy (None: all)."""
     from transformers import DynamicCache
 
     if noise > 0:  # drawn where the generator lives (the same noise on every device)
@@ -124,18 +149,20 @@ def eagle_loss(head: EagleHead, tokens, inputs, targets, positions, mask, *,
             rows[:, 0] = False  # pair 0 has no prediction of its own feature
             deep_pred = head.rollout_hidden(tokens, hidden, positions, cache)[rows[:, 1:]]
     compute_dtype = torch.bfloat16 if autocast else torch.float32
-    loss, agree = _feature_and_ce_loss(head, hidden[mask], targets[mask], ce_weight, compute_dtype)
+    loss, agree = _feature_and_ce_loss(head, hidden[mask], targets[mask], ce_weight, compute_dtype,
+                                       ce_vocab_rows)
     if deeper:
         deep_loss, _ = _feature_and_ce_loss(head, deep_pred, targets[rows], ce_weight,
-                                            compute_dtype)
+                                            compute_dtype, ce_vocab_rows)
         loss = loss + rollout_weight * deep_loss
     return loss, agree, int(mask.sum())
 
 
-def _feature_and_ce_loss(head: EagleHead, pred, true, ce_weight: float, compute_dtype):
+def _feature_and_ce_loss(head: EagleHead, pred, true, ce_weight: float, compute_dtype, rows):
     """``(SmoothL1(pred, true) + ce_weight x soft CE of the LM head's scores of pred against
     the target's distribution softmax(head(true)), top-1 agreement)`` (:mod:`.soft_ce`)."""
-    ce, agree = linear_soft_cross_entropy(pred, true, head.lm_head, compute_dtype=compute_dtype)
+    ce, agree = linear_soft_cross_entropy(pred, true, head.lm_head, compute_dtype=compute_dtype,
+                                          rows=rows)
     feature_loss = F.smooth_l1_loss(pred.float(), true)
     return feature_loss + ce_weight * ce, int(agree) / pred.shape[0]
 
@@ -193,6 +220,7 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
     lengths = data.lengths()
+    by_frequency = frequent_ids(data.ids, head.config.vocab_size) if config.ce_vocab else None
 
     def checkpoint() -> dict:
         return {"head": head.trainable_state(), "optimizer": opt.state_dict(), "state": state,
@@ -225,10 +253,14 @@ def train(head: EagleHead, data: FeatureSet, work_dir: str | Path, *, seconds: f
         for group in opt.param_groups:
             group["lr"] = config.lr * _lr_factor(state["step"], total, config.warmup_steps)
         noise_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + state["step"])
-        loss, agree, rows = eagle_loss(head, *batch_tensors(data, batches(epoch)[index], device),
-                                       noise=config.noise, ce_weight=config.ce_weight,
-                                       generator=noise_gen, autocast=config.autocast,
-                                       rollout_weight=config.rollout_weight)
+        tensors = batch_tensors(data, batches(epoch)[index], device)
+        vocab_rows = (None if by_frequency is None else
+                      ce_rows(tensors[0], by_frequency, config.ce_vocab).to(device))
+        loss, agree, rows = eagle_loss(head, *tensors, noise=config.noise,
+                                       ce_weight=config.ce_weight, generator=noise_gen,
+                                       autocast=config.autocast,
+                                       rollout_weight=config.rollout_weight,
+                                       ce_vocab_rows=vocab_rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
