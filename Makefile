@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
-	$(PY) -m microspec_compile.cli demo
+	$(PY) -m microspec_compile.apps.cli demo
 
 bench: $(STAMP)
 	$(PY) bench/bench_coverage.py --quick

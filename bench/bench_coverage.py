@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from microspec_compile import data
 from microspec_compile.analysis.coverage import Stats, simulate
-from microspec_compile.frequency import FREQUENCY_LIMIT, frequent_token_ids, get_encoding
+from microspec_compile.apps import data
+from microspec_compile.apps.frequency import FREQUENCY_LIMIT, frequent_token_ids, get_encoding
 
 from common import append_rows, mode_parser
 

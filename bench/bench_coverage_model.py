@@ -41,7 +41,7 @@ SIZES = {"smoke": (1, 1, 8), "quick": (4, 4, 96), "full": (20, 20, 192)}  # mt, 
 
 
 def prompts(n_mt: int, n_he: int, tokenizer) -> list[tuple[str, list[int]]]:
-    from microspec_compile.data import humaneval_problems, mtbench_questions
+    from microspec_compile.apps.data import humaneval_problems, mtbench_questions
 
     out = []
     for q in mtbench_questions()[:n_mt]:
@@ -56,7 +56,7 @@ def prompts(n_mt: int, n_he: int, tokenizer) -> list[tuple[str, list[int]]]:
 
 def smollm2_core(tokenizer, n: int) -> tuple:
     """The ``n`` most frequent token ids of ShareGPT conversations [0, 2000)."""
-    from microspec_compile.data import sharegpt_conversations
+    from microspec_compile.apps.data import sharegpt_conversations
 
     counts = np.zeros(len(tokenizer), dtype=np.int64)
     for conversation in sharegpt_conversations(limit=CORE_CONVERSATIONS):
@@ -69,7 +69,7 @@ def generations(size: str, model, tokenizer) -> list:
     """``(dataset, tokens, top3 [T, 3], prompt_len)`` per prompt, cached on disk."""
     import pickle
 
-    from microspec_compile.frequency import cache_dir
+    from microspec_compile.apps.frequency import cache_dir
 
     path = cache_dir() / f"smollm2_generations_{size}.pkl"
     if path.exists():
@@ -89,7 +89,7 @@ def generations(size: str, model, tokenizer) -> list:
 
 @torch.inference_mode()
 def run(size: str) -> list[dict]:
-    from microspec_compile.models import load_causal_lm
+    from microspec_compile.apps.models import load_causal_lm
 
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm()

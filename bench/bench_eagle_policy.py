@@ -23,11 +23,11 @@ import argparse
 import torch
 from torch import nn
 
-from microspec_compile.data import encode
-from microspec_compile.eagle_demo import WARMUP_PROMPTS, default_head_dir, load_frequent_ids
+from microspec_compile.apps.data import encode
+from microspec_compile.apps.demo import WARMUP_PROMPTS, default_head_dir, load_frequent_ids
+from microspec_compile.apps.measure import measure_ways, summarize
+from microspec_compile.apps.models import load_causal_lm
 from microspec_compile.heads import EagleHead
-from microspec_compile.measure import measure_ways, summarize
-from microspec_compile.models import load_causal_lm
 from microspec_compile.spec import (
     DecoderConfig,
     TreeConfig,
@@ -55,11 +55,14 @@ def main() -> None:
     parser.add_argument("--core", type=int, default=512, help="frequency-core size")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--head", default=None, help="EAGLE head dir (default: the shipped one)")
+    parser.add_argument("--model", default="smollm2",
+                        help="a named model (smollm2, gemma3-270m), HF dir or .gguf")
+    parser.add_argument("--head", default=None,
+                        help="EAGLE head dir (default: the one shipped for --model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    target, tokenizer = load_causal_lm()
-    head_dir = args.head or default_head_dir()
+    target, tokenizer = load_causal_lm(args.model)
+    head_dir = args.head or default_head_dir(args.model)
     head = EagleHead.load(head_dir, target)
     eos, tree, capacity = tokenizer.eos_token_id, TreeConfig(), 4096
     core = tuple(int(i) for i in load_frequent_ids(head_dir)[: args.core])

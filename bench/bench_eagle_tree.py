@@ -26,11 +26,12 @@ import time
 
 import torch
 
-from microspec_compile.data import encode, humaneval_problems, mtbench_questions
-from microspec_compile.eagle_demo import TARGET_WEIGHTS, apply_target_weights, default_head_dir
+from microspec_compile.apps.data import encode, humaneval_problems, mtbench_questions
+from microspec_compile.apps.demo import default_head_dir
+from microspec_compile.apps.models import load_causal_lm
 from microspec_compile.heads import EagleHead
-from microspec_compile.kernels.packed_linear import PackedLinears
-from microspec_compile.models import load_causal_lm
+from microspec_compile.linears import TARGET_WEIGHTS, TargetConfig, prepare_target
+from microspec_compile.linears.packed import PackedLinears
 from microspec_compile.spec import DecoderConfig, TreeConfig, autoregressive_generate, prepare
 from microspec_compile.spec.tree import causal_mask
 from microspec_compile.spec.verify import crop_cache, target_forward, target_session
@@ -88,7 +89,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--head", default=None, help="EAGLE head dir (default: the shipped one)")
+    parser.add_argument("--model", default="smollm2",
+                        help="a named model (smollm2, gemma3-270m), HF dir or .gguf")
+    parser.add_argument("--head", default=None,
+                        help="EAGLE head dir (default: the one shipped for --model)")
     parser.add_argument("--grid", default=None,
                         help="shapes depth x top_k x total[ x lookup], comma-separated (instead of "
                              "the grid; lookup: TreeConfig.lookup, 0 when left out)")
@@ -97,9 +101,9 @@ def main() -> None:
                         help="the target's decoder linears, as the demo's --target-weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    target, tokenizer = load_causal_lm()
-    head = EagleHead.load(args.head or default_head_dir(), target)
-    weights = apply_target_weights(target, args.target_weights)
+    target, tokenizer = load_causal_lm(args.model)
+    head = EagleHead.load(args.head or default_head_dir(args.model), target)
+    weights = prepare_target(target, TargetConfig(args.target_weights))
     print(f"target weights: {weights}")
     eos = tokenizer.eos_token_id
 

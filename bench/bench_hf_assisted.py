@@ -24,8 +24,8 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import microspec_compile
-from microspec_compile.data import encode, mtbench_questions
-from microspec_compile.models import early_exit_draft, load_causal_lm
+from microspec_compile.apps.data import encode, mtbench_questions
+from microspec_compile.apps.models import early_exit_draft, load_causal_lm
 
 from common import append_rows, loadavg, machine_info
 

@@ -7,13 +7,13 @@ target alone pays per token (T = 1), for SmolLM2-135M-Instruct in four set-ups:
   ``DynamicCache`` (appends by ``torch.cat``): the previous sessions' target;
 - ``fp32``: the same weights in the loops' cache (``spec.cache.DecodingCache``, rows
   written in place);
-- ``int4 dynamic``: the linears' exact 4-bit groups (``kernels.int4_linear``) with fp64
+- ``int4 dynamic``: the linears' exact 4-bit groups (``linears.int4``) with fp64
   rows appended by ``torch.cat`` (``DynamicCache``) and fp64 decoding attention;
 - ``int4``: the same in the loops' exact session (``spec.verify.target_session``: fp64
   rows written in place by ``DecodingCache``, fp64 decoding attention).
 
 The LM head stays fp32 in all four; every linear left fp32 is packed for T >= 2
-(``kernels.PackedLinears``, as the demo verifies).  The four are timed interleaved in
+(``linears.PackedLinears``, as the demo verifies).  The four are timed interleaved in
 one process, in shuffled order every round; rows go to
 ``bench/results/target_weights.csv``.
 
@@ -28,9 +28,9 @@ import statistics
 import torch
 from transformers import DynamicCache
 
-from microspec_compile.kernels.int4_linear import quantize_exact_int4
-from microspec_compile.kernels.packed_linear import PackedLinears
-from microspec_compile.models import load_causal_lm
+from microspec_compile.apps.models import load_causal_lm
+from microspec_compile.linears.int4 import quantize_exact_int4
+from microspec_compile.linears.packed import PackedLinears
 from microspec_compile.spec.attention import exact_attention, gqa_attention
 from microspec_compile.spec.tree import causal_mask
 from microspec_compile.spec.verify import target_forward, target_session

@@ -23,16 +23,16 @@ from pathlib import Path
 
 import torch
 
-from microspec_compile.heads import EagleHead
-from microspec_compile.models import load_causal_lm
-from microspec_compile.train.evaluate import (
+from microspec_compile.apps.models import load_causal_lm
+from microspec_compile.apps.train.evaluate import (
     agreement_by_group,
     evaluation_prompts,
     head_agreement,
     held_out_continuations,
 )
-from microspec_compile.train.features import FeatureSet
-from microspec_compile.train.trainer import TrainConfig, train
+from microspec_compile.apps.train.features import FeatureSet
+from microspec_compile.apps.train.trainer import TrainConfig, train
+from microspec_compile.heads import EagleHead
 
 from common import append_rows, loadavg
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from microspec_compile.cli import build_parser, main
+from microspec_compile.apps.cli import build_parser, main
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -43,7 +43,7 @@ def test_train_eagle_help_and_required_out(capsys):
 def test_demo_fails_loudly_without_head_weights(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from microspec_compile.eagle_demo import run_eagle_demo
+    from microspec_compile.apps.demo import run_eagle_demo
     from microspec_compile.heads import EagleHead
 
     target = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64,
@@ -65,7 +65,7 @@ def test_demo_fails_loudly_without_head_weights(tmp_path):
 def test_demo_threads_default_to_every_idle_core(monkeypatch, requested, busy, expected):
     import torch
 
-    from microspec_compile import measure
+    from microspec_compile.apps import measure
 
     monkeypatch.setattr(measure, "busy_cores", lambda: busy)
     said = []
@@ -77,7 +77,7 @@ def test_demo_threads_default_to_every_idle_core(monkeypatch, requested, busy, e
 def test_busy_cores_reads_a_share_of_the_cores():
     import os
 
-    from microspec_compile.measure import busy_cores
+    from microspec_compile.apps.measure import busy_cores
 
     busy = busy_cores(0.05)
     assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from microspec_compile import data
 from microspec_compile.analysis.coverage import lagged_coverage, simulate
 from microspec_compile.analysis.results import append_rows
-from microspec_compile.frequency import FREQUENCY_LIMIT, frequent_token_ids, token_counts
+from microspec_compile.apps import data
+from microspec_compile.apps.frequency import FREQUENCY_LIMIT, frequent_token_ids, token_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 

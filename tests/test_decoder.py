@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_eagle_tree import oracle_head, prompt, tiny_target
 
-from microspec_compile.kernels.packed_linear import mkl_packing_available
+from microspec_compile.linears.packed import mkl_packing_available
 from microspec_compile.spec import (
     HEADS,
     DecoderConfig,

@@ -357,10 +357,10 @@ def test_chain_loop_names_every_device(device, draft_kind):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_step_names_every_device(device, tmp_path):
+    from microspec_compile.apps.train.corpus import Sequence
+    from microspec_compile.apps.train.features import compute_features
+    from microspec_compile.apps.train.trainer import TrainConfig, train
     from microspec_compile.heads import EagleHead
-    from microspec_compile.train.corpus import Sequence
-    from microspec_compile.train.features import compute_features
-    from microspec_compile.train.trainer import TrainConfig, train
 
     target = tiny_llama()  # features are computed on the CPU and cached on the host
     gen = torch.Generator().manual_seed(0)

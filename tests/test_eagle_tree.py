@@ -5,7 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import microspec_compile as ms
 from microspec_compile.heads import EagleHead
-from microspec_compile.kernels.packed_linear import PackedLinears, mkl_packing_available
+from microspec_compile.linears.packed import PackedLinears, mkl_packing_available
 from microspec_compile.spec import (
     DraftTree,
     TopkScorer,

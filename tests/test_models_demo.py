@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from microspec_compile.models import early_exit_draft, load_causal_lm, shares_storage  # noqa: E402
+from microspec_compile.apps.models import early_exit_draft, load_causal_lm, shares_storage  # noqa: E402
 from microspec_compile.spec import (  # noqa: E402
     autoregressive_generate,
     speculative_generate,
@@ -63,7 +63,7 @@ def smollm():
         model, tokenizer = load_causal_lm()
     except FileNotFoundError as exc:
         pytest.skip(f"SmolLM2 not available: {exc}")
-    from microspec_compile.data import default_prompts, encode
+    from microspec_compile.apps.data import default_prompts, encode
 
     prompts = [encode(tokenizer, p) for p in default_prompts()]
     prompts.append(encode(tokenizer, {"text": "Name the capital of France.", "chat": True}))
@@ -204,7 +204,7 @@ def test_microspec_sampling_is_seeded_and_cold_sampling_is_greedy(smollm, sparse
 def shipped_head_and_scorer(model, eos: int, tree):
     """The shipped EAGLE head on ``model`` and its LM head compiled by microspec:
     ``(head, scorer, vocab)``."""
-    from microspec_compile.eagle_demo import default_head_dir
+    from microspec_compile.apps.demo import default_head_dir
     from microspec_compile.heads import EagleHead
     from microspec_compile.spec import TopkScorer
 
@@ -219,7 +219,7 @@ def test_shipped_eagle_head_with_microspec_is_the_targets_greedy_output(smollm):
     """The shipped EAGLE-2 head, its LM head compiled by microspec and packed verification:
     the output is the target's own greedy output, and the head drafts tokens the target
     accepts (a random head would emit about 1 token per verification)."""
-    from microspec_compile.kernels.packed_linear import PackedLinears
+    from microspec_compile.linears.packed import PackedLinears
     from microspec_compile.spec import TreeConfig, eagle_generate
 
     model, tokenizer, prompts, refs = smollm
@@ -243,7 +243,7 @@ def test_shipped_eagle_head_with_the_int4_target_is_its_greedy_output(smollm):
     exact decoding attention.  EAGLE-2 + lookup with the microspec head and the lookup alone
     emit what the int4 target emits by itself, on real prompts (a fresh model: the shared
     one stays fp32)."""
-    from microspec_compile.eagle_demo import apply_target_weights
+    from microspec_compile.linears import TargetConfig, prepare_target
     from microspec_compile.spec import (
         TreeConfig,
         autoregressive_generate,
@@ -253,7 +253,7 @@ def test_shipped_eagle_head_with_the_int4_target_is_its_greedy_output(smollm):
 
     tokenizer, prompts = smollm[1], smollm[2]
     model = load_causal_lm()[0]
-    assert apply_target_weights(model, "int4").startswith("int4 (210 ")
+    assert prepare_target(model, TargetConfig("int4")).startswith("int4 (210 ")
     eos = tokenizer.eos_token_id
     tree = TreeConfig()
     head, scorer, vocab = shipped_head_and_scorer(model, eos, tree)
@@ -268,7 +268,7 @@ def test_shipped_eagle_head_with_the_int4_target_is_its_greedy_output(smollm):
 
 def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
     """A tiny EAGLE-2 demo run (one prompt, a few tokens) writes every field it claims."""
-    from microspec_compile.eagle_demo import EAGLE_WAYS, default_head_dir, run_eagle_demo
+    from microspec_compile.apps.demo import EAGLE_WAYS, default_head_dir, run_eagle_demo
 
     model, tokenizer = smollm[:2]
     out = tmp_path / "demo_results.json"
@@ -301,7 +301,7 @@ def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
         assert data["summary"]["microspec"][f"speedup_vs_{other}"] > 0
     assert 0 <= data["summary"]["microspec"]["lookup_share"] <= 1
     assert data["summary"]["eagle-only"]["lookup_share"] == 0  # lookup off: no round looks up
-    from microspec_compile.kernels.packed_linear import KERNELS
+    from microspec_compile.linears.packed import KERNELS
     for side in ("verify", "draft"):  # the kernel chosen for every weight shape, by name
         chosen = data["settings"]["packing_kernels"][side]
         assert "576x576" in chosen and set(chosen.values()) <= set(KERNELS), (side, chosen)

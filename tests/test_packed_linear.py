@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from microspec_compile.kernels import packed_linear
-from microspec_compile.kernels.packed_linear import KERNELS, PackedLinears, choose_kernel, mkl_packing_available
+from microspec_compile.linears.packed import KERNELS, PackedLinears, choose_kernel, mkl_packing_available
 
 needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL")
 # both packings, where this build has them: the faster is chosen per CPU, so both must be right

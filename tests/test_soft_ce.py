@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from microspec_compile.train.soft_ce import linear_soft_cross_entropy
+from microspec_compile.apps.train.soft_ce import linear_soft_cross_entropy
 
 
 def _reference(pred, true, lm_head):

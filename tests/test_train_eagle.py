@@ -5,12 +5,12 @@ import pytest
 import torch
 from test_eagle_tree import VOCAB, oracle_head, tiny_target
 
+from microspec_compile.apps.train.corpus import Sequence, held_out_texts, training_prompts
+from microspec_compile.apps.train.evaluate import head_agreement
+from microspec_compile.apps.train.features import FeatureSet, compute_features, target_features
+from microspec_compile.apps.train.pipeline import frequent_ids
+from microspec_compile.apps.train.trainer import TrainConfig, batch_tensors, make_batches, train
 from microspec_compile.heads import EagleHead
-from microspec_compile.train.corpus import Sequence, held_out_texts, training_prompts
-from microspec_compile.train.evaluate import head_agreement
-from microspec_compile.train.features import FeatureSet, compute_features, target_features
-from microspec_compile.train.pipeline import frequent_ids
-from microspec_compile.train.trainer import TrainConfig, batch_tensors, make_batches, train
 
 
 def sequences(n=6, seed=0):
@@ -128,7 +128,7 @@ def test_training_walks_epochs_of_different_batch_counts(tmp_path):
 @pytest.mark.parametrize("faster", [True, False])  # an AMX / AVX512-BF16 CPU, an AVX2 one
 def test_bf16_only_where_this_cpu_runs_it_faster(tmp_path, monkeypatch, faster):
     # an emulated bf16 (AVX2: measured 8x slower than fp32) must not slow training down
-    from microspec_compile.train import corpus, features, precision, trainer
+    from microspec_compile.apps.train import corpus, features, precision, trainer
 
     for module in (precision, corpus, features, trainer):
         monkeypatch.setattr(module, "bf16_is_faster", lambda: faster)
@@ -156,7 +156,7 @@ class _Tokenizer:
 
 
 def test_bf16_measurement_answers_a_bool():
-    from microspec_compile.train.precision import bf16_is_faster
+    from microspec_compile.apps.train.precision import bf16_is_faster
 
     assert isinstance(bf16_is_faster(), bool) and bf16_is_faster() is bf16_is_faster()  # cached
 
@@ -190,7 +190,7 @@ def test_regen_skip_answers_prompts_past_the_earlier_ones():
     first = training_prompts(10)
     later = training_prompts(10, skip=200)  # conversations, not pairs: far past the first 10
     assert len(later) == 10 and not set(later) & set(first)
-    from microspec_compile.train.pipeline import PipelineConfig
+    from microspec_compile.apps.train.pipeline import PipelineConfig
 
     with pytest.raises(ValueError, match="regen_skip must be >= 0"):
         PipelineConfig(regen_skip=-1)
@@ -222,7 +222,7 @@ def only_docstring():
 
 
 def test_stdlib_functions_cut_after_the_docstring(tmp_path):
-    from microspec_compile.train.code_corpus import stdlib_functions
+    from microspec_compile.apps.train.code_corpus import stdlib_functions
 
     (tmp_path / "mod.py").write_text(LIBRARY_MODULE)
     (tmp_path / "broken.py").write_text("def f(:\n")  # unparsable files are skipped
@@ -246,7 +246,7 @@ class CharTokenizer:
 
 
 def test_code_sequences_loss_starts_after_the_header():
-    from microspec_compile.train.code_corpus import code_sequences
+    from microspec_compile.apps.train.code_corpus import code_sequences
 
     header, body = "def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "    return a + b\n"
     long_header = "#" * 300 + "\n" + header
@@ -258,7 +258,7 @@ def test_code_sequences_loss_starts_after_the_header():
 
 
 def test_agreement_by_group_weights_by_positions():
-    from microspec_compile.train.evaluate import agreement_by_group
+    from microspec_compile.apps.train.evaluate import agreement_by_group
 
     quality = {"per_sequence": [1.0, 0.0, 0.5], "per_sequence_positions": [3, 1, 4]}
     groups = agreement_by_group(["mtbench/1", "mtbench/2", "HumanEval/0"], quality)
@@ -296,7 +296,7 @@ def test_rollout_is_what_a_depth_one_tree_node_computes():
 
 
 def test_rollout_training_lowers_both_losses_and_old_checkpoints_resume(tmp_path):
-    from microspec_compile.train.trainer import eagle_loss
+    from microspec_compile.apps.train.trainer import eagle_loss
 
     target = tiny_target()
     fs = compute_features(target, sequences(8), autocast=False)
@@ -331,7 +331,7 @@ def test_rollout_training_lowers_both_losses_and_old_checkpoints_resume(tmp_path
 def test_model_card_states_data_training_and_both_agreements(tmp_path):
     from dataclasses import asdict
 
-    from microspec_compile.train.pipeline import PipelineConfig, write_model_card
+    from microspec_compile.apps.train.pipeline import PipelineConfig, write_model_card
 
     training = {**asdict(TrainConfig(rollout_weight=0.5)), "steps": 10, "epochs": 1.5,
                 "tokens": 1000, "seconds": 60.0, "last_agreement": 0.4, "last_loss": 0.7}
@@ -379,7 +379,7 @@ def test_model_card_states_data_training_and_both_agreements(tmp_path):
 
 
 def test_ce_rows_take_the_batch_then_the_most_frequent():
-    from microspec_compile.train.trainer import ce_rows
+    from microspec_compile.apps.train.trainer import ce_rows
 
     by_frequency = torch.tensor([5, 2, 9, 1, 0, 3, 4, 6, 7, 8])
     tokens = torch.tensor([[9, 7, 7], [4, 9, 0]])

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import csv
 import datetime
-import functools
 import importlib.metadata
 import os
 import platform
 import statistics
 import sys
 from pathlib import Path
+
+from ..cpu import SIMD_FLAGS, cpu_flags
 
 __all__ = ["results_dir", "cpu_flags", "machine_info", "append_rows", "percentiles", "loadavg"]
 
@@ -50,23 +51,6 @@ def _torch_version() -> str:
         return importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-#: The CPU flags that decide which kernels run (recorded with every detailed result).
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-              "amx_tile", "amx_bf16", "amx_int8")
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read); read once
-    per process (``spec.scorers.top_ids`` asks on every request)."""
-    try:
-        line = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")), "")
-    except OSError:
-        return frozenset()
-    return frozenset(line.partition(":")[2].split())
 
 
 def machine_info(detail: bool = False) -> dict:

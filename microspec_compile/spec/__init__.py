@@ -7,7 +7,7 @@
 * :mod:`.scorers` the LM-head calls (full, microspec-compiled, fixed subset);
 * :mod:`.decoder` the entry point: ``prepare(target, head, DecoderConfig(...)).generate(...)``.
 """
-from .chain import autoregressive_generate, speculative_generate, vocabulary_of
+from .chain import autoregressive_generate, speculative_generate
 from .decoder import HEADS, Decoder, DecoderConfig, pack_verification, prepare
 from .eagle import EagleDrafter, TreeConfig, eagle_generate, pack_head_linears
 from .lookup import ContextLookup, lookup_generate
@@ -16,7 +16,7 @@ from .stats import SpecStats
 from .tree import DraftTree, accept_greedy, accept_sampling, select_tree
 
 __all__ = ["HEADS", "Decoder", "DecoderConfig", "pack_verification", "prepare", "SpecStats",
-           "autoregressive_generate", "speculative_generate", "vocabulary_of", "EagleDrafter",
+           "autoregressive_generate", "speculative_generate", "EagleDrafter",
            "TopkScorer", "SubsetTopkScorer", "PackedScorer", "TreeConfig", "eagle_generate",
            "pack_head_linears", "DraftTree", "ContextLookup", "lookup_generate",
            "accept_greedy", "accept_sampling", "select_tree"]

@@ -17,7 +17,7 @@ position bias) is handed to Hugging Face's own SDPA function unchanged.
 
 **Exact decoding attention** (:func:`decoding_session`).  Greedy speculative decoding
 emits the target's own tokens only if a verification computes each row as the
-target's one-token step would.  The linears can (``kernels.int4_linear`` computes
+target's one-token step would.  The linears can (``linears.int4`` computes
 every row alike), attention cannot: the SDPA kernel's sums depend on the number of
 keys and queries (measured: a 4-token chain after 124 cached tokens rounds
 differently from its one-token steps, after 100-169 others it does not).  In fp32

@@ -38,17 +38,11 @@ import time
 import torch
 
 from ..hf import cache_kwargs, check_cache_grew
+from ..vocab import find_vocab
 from .stats import SpecStats, finish
 from .verify import crop_cache, target_session
 
-__all__ = ["autoregressive_generate", "speculative_generate", "vocabulary_of"]
-
-
-def vocabulary_of(model):
-    """The model's microspec vocabulary, or ``None`` (a dense model, or not compiled yet)."""
-    from microspec_compile.vocab import find_vocab
-
-    return find_vocab(model)
+__all__ = ["autoregressive_generate", "speculative_generate"]
 
 
 def _choose(logits: torch.Tensor, sample: bool, temperature: float, generator):
@@ -152,7 +146,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
     input_ids = input_ids.clone()  # an inference tensor, like every later input (no recompile)
     auto = isinstance(vocab, str)
     if auto:
-        vocab = vocabulary_of(draft)
+        vocab = find_vocab(draft)  # None: a dense draft, or not compiled yet
     if vocab is not None:
         vocab.reset()  # one request = one vocabulary
     stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
@@ -166,7 +160,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
         crop_cache(cache, input_ids.shape[1])  # contiguous layout from the first step on
     stats.prefill_time = time.perf_counter() - t0
     if auto and vocab is None:  # the backend creates the vocabulary on the first call
-        vocab = vocabulary_of(draft)
+        vocab = find_vocab(draft)  # None: a dense draft, or not compiled yet
     tokens = [int(cur)]
 
     while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:

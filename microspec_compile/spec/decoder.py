@@ -7,7 +7,7 @@
 for the chosen ``head`` (the microspec backend over the request's active vocabulary, the
 dense head through Inductor or prepacked, or FR-Spec's fixed subset), creates the
 microspec vocabulary, and packs the target's fp32 CPU linears for every verified tree
-size and the head's own linears for the tree's expansions (``kernels.PackedLinears``:
+size and the head's own linears for the tree's expansions (``linears.PackedLinears``:
 the fastest CPU kernel per weight shape, timed once).  Exact attention for a target with
 exact 4-bit linears is chosen per request by the loop (``spec.verify.target_session``).
 :meth:`Decoder.generate` runs :func:`spec.eagle_generate` with all of it.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..kernels.packed_linear import PackedLinears
+from ..linears.packed import PackedLinears
 from .eagle import TreeConfig, eagle_generate, pack_head_linears
 from .scorers import PackedScorer, SubsetTopkScorer, TopkScorer
 

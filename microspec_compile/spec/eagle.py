@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..heads import EagleHead
-from ..kernels.packed_linear import PackedLinears
+from ..linears.packed import PackedLinears
 from .attention import gqa_attention
 from .lookup import ContextLookup, chain_tree
 from .scorers import top_ids
@@ -206,7 +206,7 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     vocab : the microspec vocabulary the scorer reads (reset here), or None (dense)
     target_topk : target tokens per position added to ``vocab`` (0: argmax only)
     sample, temperature, generator : sampling mode (default greedy)
-    verify_linears : a ``kernels.PackedLinears`` of ``target`` for ``tree.total_tokens``
+    verify_linears : a ``linears.PackedLinears`` of ``target`` for ``tree.total_tokens``
         rows, or a sequence of them for ``tree.verified_sizes()`` (with ``lookup``), entered
         around each verification of that size (CPU: a plain fp32 product repacks every
         weight per call; other rounding), or None

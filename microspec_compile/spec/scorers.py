@@ -6,7 +6,7 @@
 * :class:`SubsetTopkScorer` over a fixed subset of rows (FR-Spec: the most frequent
   tokens), renormalised over the subset, ids mapped back to the vocabulary;
 * :class:`PackedScorer`: a scorer whose fp32 CPU linears run prepacked for each row
-  count it is called with (``kernels.PackedLinears``): the dense head as fast as this
+  count it is called with (``linears.PackedLinears``): the dense head as fast as this
   project can make it on a CPU, the strong baseline;
 * :func:`top_ids`: the target's top-k ids at many positions (the prompt's, which
   MicroSpec's policy adds to the vocabulary), in bf16 where the CPU has bf16 products.
@@ -18,8 +18,8 @@ import contextlib
 import torch
 from torch import nn
 
-from ..analysis.results import cpu_flags
-from ..kernels.packed_linear import PackedLinears
+from ..cpu import cpu_flags
+from ..linears.packed import PackedLinears
 
 __all__ = ["TopkScorer", "SubsetTopkScorer", "PackedScorer", "top_ids", "fast_bf16_products"]
 

@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..hf import cache_kwargs, check_cache_grew
-from ..kernels.int4_linear import count_int4_linears
+from ..linears import needs_exact_attention
 from .attention import decoding_session, layer_masks
 from .cache import BufferedLayer
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask
@@ -28,7 +28,7 @@ def target_session(target):
     """``(cache, attention context)`` for one request over ``target``
     (``spec.attention.decoding_session``: exact fp64 attention when the target has int4
     linears, so that its verifications compute what its one-token steps do)."""
-    return decoding_session(target, count_int4_linears(target) > 0)
+    return decoding_session(target, needs_exact_attention(target))
 
 
 def check_request(input_ids: torch.Tensor, vocab_size: int, sample: bool,

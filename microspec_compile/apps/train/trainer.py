@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..heads import EagleHead
+from ...heads import EagleHead
 from .features import FeatureSet, atomic_save, frequent_ids
 from .precision import bf16_is_faster
 from .soft_ce import linear_soft_cross_entropy

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ...heads import EagleHead
 from ..data import humaneval_problems, mtbench_questions
-from ..heads import EagleHead
 from .corpus import Sequence, chat_prompt_ids, regenerate
 from .features import target_features
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.results import machine_info
-from ..heads import EagleHead
+from ...analysis.results import machine_info
+from ...heads import EagleHead
 from .code_corpus import code_sequences, stdlib_functions
 from .corpus import Sequence, chat_prompt_ids, original_sequences, regenerate, training_prompts
 from .evaluate import agreement_by_group, evaluation_prompts, head_agreement, held_out_continuations

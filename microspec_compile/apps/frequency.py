@@ -19,7 +19,8 @@ import numpy as np
 
 from .data import sharegpt_conversations
 
-__all__ = ["FREQUENCY_LIMIT", "cache_dir", "get_encoding", "token_counts", "frequent_token_ids"]
+__all__ = ["FREQUENCY_LIMIT", "cache_dir", "get_encoding", "token_counts", "frequent_token_ids",
+           "tokenizer_counts"]
 
 #: Conversations [0, FREQUENCY_LIMIT) of ``sharegpt_conversations()`` are the default
 #: frequency slice; about 11.1k conversations exist, so ~1.1k remain for evaluation.
@@ -107,3 +108,37 @@ def frequent_token_ids(encoding_name: str, n: int, *, skip: int = 0,
     counts = token_counts(encoding_name, skip=skip, limit=limit)
     order = np.lexsort((np.arange(counts.size), -counts))  # by count desc, then id asc
     return order[: max(0, min(n, counts.size))].tolist()
+
+
+def tokenizer_counts(tokenizer, *, limit: int = FREQUENCY_LIMIT, name: str | None = None) -> np.ndarray:
+    """Occurrences of every token id of a Hugging Face ``tokenizer`` in ShareGPT's first
+    ``limit`` conversations (all turns, encoded as plain text): FR-Spec's corpus count for
+    a model whose tokenizer quicktok does not have.
+
+    Parameters
+    ----------
+    tokenizer : a Hugging Face tokenizer (``len(tokenizer)`` ids)
+    limit : conversations counted
+    name : the cache file's key (None: the tokenizer's ``name_or_path`` and size)
+
+    Returns
+    -------
+    np.ndarray
+        int64 ``[len(tokenizer)]``; cached under :func:`cache_dir`.
+    """
+    size = len(tokenizer)
+    key = name or f"{Path(str(tokenizer.name_or_path)).name}-{size}"
+    path = cache_dir() / f"counts_hf_{key}_sharegpt_0_{limit}.npy"
+    if path.exists():
+        return np.load(path)
+    counts = np.zeros(size, dtype=np.int64)
+    conversations = sharegpt_conversations(limit=limit)
+    for start in range(0, len(conversations), _BATCH):
+        texts = [turn for conv in conversations[start:start + _BATCH] for turn in conv]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = np.fromiter((i for seq in encoded for i in seq), dtype=np.int64)
+        counts += np.bincount(ids, minlength=size)[:size]
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, counts)
+    os.replace(tmp, path)
+    return counts

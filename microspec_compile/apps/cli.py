@@ -1,11 +1,11 @@
-"""Command line: ``microspec demo ...`` (also ``python -m microspec_compile.cli``)."""
+"""Command line: ``microspec demo ...`` (also ``python -m microspec_compile.apps.cli``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .spec.eagle import TreeConfig
+from ..spec.eagle import TreeConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--temperature", type=float, default=1.0, help="with --sample")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--capacity", type=int, default=4096, help="microspec vocabulary capacity")
+    demo.add_argument("--core", type=int, default=None,
+                      help="the most frequent tokens of the head's training text pinned in the "
+                           "microspec vocabulary beside MicroSpec's context policy; 0: off; "
+                           "none: the demo's default (demo.DEFAULT_CORE, 1024)")
     demo.add_argument("--model", default=None,
                       help="a named model (gemma3-270m, smollm2), a local HF checkpoint dir or "
                            ".gguf; none: gemma3-270m (Gemma 3 270M; the Gemma terms of use apply)")
@@ -89,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         from .measure import demo_threads
 
         torch.set_num_threads(demo_threads(args.threads))
-        from .eagle_demo import run_eagle_demo
+        from .demo import run_eagle_demo
 
         tree = TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens,
                           lookup=args.lookup)
         run_eagle_demo(args.prompt, max_new_tokens=args.max_new_tokens, tree=tree,
                        runs=args.runs, sample=args.sample, temperature=args.temperature,
                        seed=args.seed, capacity=args.capacity, target_topk=args.target_topk,
+                       **({} if args.core is None else {"core": args.core}),
                        packed_verify=not args.no_packed_verify,
                        target_weights=args.target_weights,
                        model=args.model, head_dir=args.head, out=args.out,

