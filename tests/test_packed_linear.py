@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from microspec_compile.kernels import packed_linear
+from microspec_compile.linears import packed as packed_linear
 from microspec_compile.linears.packed import KERNELS, PackedLinears, choose_kernel, mkl_packing_available
 
 needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch build has no MKL")
