@@ -30,7 +30,8 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def gemma():
-    """``(model, tokenizer, prompt ids, eager greedy reference)`` on one thread."""
+    """``(model, tokenizer, prompt ids [1, P], eager greedy reference [P + new])`` on one
+    thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model, tokenizer = load_causal_lm("gemma3-270m")
@@ -50,11 +51,11 @@ def test_loads_by_name_as_gemma3(gemma):
     assert config.vocab_size == 262144 and config.num_hidden_layers == 18
     assert set(config.layer_types) == {"sliding_attention", "full_attention"}
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
-    assert ref.shape[1] > ids.shape[1]
+    assert ref.numel() > ids.shape[1]  # ref: [P + new]
     with torch.inference_mode():  # our loop's greedy output is Hugging Face's
-        hf = model.generate(ids, max_new_tokens=ref.shape[1] - ids.shape[1], do_sample=False,
+        hf = model.generate(ids, max_new_tokens=ref.numel() - ids.shape[1], do_sample=False,
                             attention_mask=torch.ones_like(ids))
-    assert hf[0].tolist() == ref[0].tolist()
+    assert hf[0].tolist() == ref.tolist()
 
 
 @pytest.mark.parametrize("head", ["microspec", "frspec"])

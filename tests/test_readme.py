@@ -50,7 +50,7 @@ def test_readme_is_a_guide_and_links_what_it_quotes():
     assert "docs/RESULTS.md" in text  # the measurement history lives there
     assert "## Results" in text and text.count("\n| way |") == 1  # one current results table
     links = {target for target in re.findall(r"\]\(([^)#\s]+)\)", text) if "://" not in target}
-    assert {"docs/RESULTS.md", "bench/results/demo_eagle_smollm2.json"} <= links
+    assert {"docs/RESULTS.md", "bench/results/demo_eagle_gemma3.json"} <= links
     missing = [path for path in sorted(links) if not (ROOT / path).exists()]
     assert not missing, f"the README links files that do not exist: {missing}"
 
