@@ -73,12 +73,17 @@ def token_counts(encoding_name: str, *, skip: int = 0, limit: int = FREQUENCY_LI
     if path.exists():
         return np.load(path)
     enc = get_encoding(encoding_name)
-    counts = np.zeros(enc.n_vocab, dtype=np.int64)
-    conversations = sharegpt_conversations(limit=limit, skip=skip)
+    return _count_and_save(path, enc.n_vocab, sharegpt_conversations(limit=limit, skip=skip),
+                           lambda texts: enc.encode_batch(texts, 0, False)[0])
+
+
+def _count_and_save(path: Path, size: int, conversations, encode) -> np.ndarray:
+    """Token counts ``[size]`` of every turn of ``conversations`` (``encode``: a batch of
+    texts to one flat array of ids), saved atomically at ``path``."""
+    counts = np.zeros(size, dtype=np.int64)
     for start in range(0, len(conversations), _BATCH):
         texts = [turn for conv in conversations[start:start + _BATCH] for turn in conv]
-        tokens, _offsets = enc.encode_batch(texts, 0, False)
-        counts += np.bincount(tokens, minlength=enc.n_vocab)
+        counts += np.bincount(encode(texts), minlength=size)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, counts)
     os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
@@ -131,14 +136,9 @@ def tokenizer_counts(tokenizer, *, limit: int = FREQUENCY_LIMIT, name: str | Non
     path = cache_dir() / f"counts_hf_{key}_sharegpt_0_{limit}.npy"
     if path.exists():
         return np.load(path)
-    counts = np.zeros(size, dtype=np.int64)
-    conversations = sharegpt_conversations(limit=limit)
-    for start in range(0, len(conversations), _BATCH):
-        texts = [turn for conv in conversations[start:start + _BATCH] for turn in conv]
+
+    def encode(texts):
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        ids = np.fromiter((i for seq in encoded for i in seq), dtype=np.int64)
-        counts += np.bincount(ids, minlength=size)[:size]
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, counts)
-    os.replace(tmp, path)
-    return counts
+        return np.fromiter((i for seq in encoded for i in seq), dtype=np.int64)
+
+    return _count_and_save(path, size, sharegpt_conversations(limit=limit), encode)

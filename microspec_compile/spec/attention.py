@@ -176,8 +176,8 @@ def full_rows_cache(config) -> DynamicCache:
     """Hugging Face's ``DynamicCache`` for ``config`` whose sliding-window layers keep every
     row, as its full-attention layers do (module docstring)."""
     cache = DynamicCache(config=config)
-    cache.layers = [layer if type(layer) is DynamicLayer or not getattr(layer, "is_sliding", False)
-                    else DynamicLayer() for layer in cache.layers]
+    cache.layers = [DynamicLayer() if getattr(layer, "is_sliding", False) else layer
+                    for layer in cache.layers]
     return cache
 
 
