@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_int4_linear import needs_int4, q4_1_model
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from microspec_compile.heads import EagleHead
@@ -161,12 +162,11 @@ def test_backend_rewrites_gemmas_tied_head(softcap):
     assert "microspec.sparse_full" in "".join(code)
 
 
+@needs_int4
 def test_an_int4_gemma_decodes_its_own_greedy_output():
     """A Gemma target whose linears are exact 4-bit groups (a de-quantized Q4 GGUF) runs them
     through the int4 kernel; the loops then attend exactly, sliding layers included, and
     EAGLE-2 and the lookup emit what the int4 target emits by itself."""
-    from test_int4_linear import q4_1_model
-
     from microspec_compile.linears import TargetConfig, needs_exact_attention, prepare_target
 
     target = q4_1_model(tiny_gemma())
