@@ -48,9 +48,10 @@ import torch._inductor.config
 from tqdm import tqdm
 
 import microspec_compile
+from microspec_compile.apps.measure import interleaved_rounds
 from microspec_compile.vocab import vocab_for_weight
 
-from common import Flusher, append_rows, interleaved_rounds, loadavg, mode_parser, percentiles
+from common import Flusher, append_rows, loadavg, mode_parser, percentiles
 from draft_model import (
     DEPTHS,
     KV_LEN,
@@ -63,7 +64,7 @@ from draft_model import (
     pay_inductor_startup,
     tree_step,
 )
-from heads import TOP_K, DenseHead, SubsetHead
+from heads import TOP_K, dense_head, subset_head
 from shapes import DTYPES, SHAPES, random_weight
 
 CSV_NAME = "draft_step.csv"
@@ -122,12 +123,12 @@ def run_pair(plan: Plan, mode: str, bar) -> tuple[list, list]:
         for p in body.layer.parameters():
             if p.dim() == 2:
                 p.uniform_(-1 / math.sqrt(p.shape[1]), 1 / math.sqrt(p.shape[1]))
-    dense = DenseHead(head_w if not s.tied else body.embed_tokens.weight, body).eval()
+    dense = dense_head(head_w if not s.tied else body.embed_tokens.weight, body).eval()
     gen = torch.Generator().manual_seed(2)
     subset = torch.randperm(s.vocab, generator=gen)[:FRSPEC_SIZE].sort().values
-    frspec = SubsetHead(dense.lm_head.weight, subset, body).eval()
+    param = dense.scorer.lm_head.weight
+    frspec = subset_head(param, subset, body).eval()
     layer_only = LayerOnly(body).eval()
-    param = dense.lm_head.weight
     vocab = vocab_for_weight(param, CAPACITY, ())
     perm = torch.randperm(s.vocab, generator=gen)
     active_pool = perm[:ACTIVE]

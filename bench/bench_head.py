@@ -38,10 +38,11 @@ import torch
 from tqdm import tqdm
 
 import microspec_compile
+from microspec_compile.apps.measure import interleaved_rounds
 from microspec_compile.vocab import vocab_for_weight
 
-from common import Flusher, append_rows, interleaved_rounds, loadavg, mode_parser, percentiles
-from heads import TOP_K, DenseHead, SubsetHead
+from common import Flusher, append_rows, loadavg, mode_parser, percentiles
+from heads import TOP_K, dense_head, subset_head
 from shapes import DTYPES, SHAPES, random_weight
 
 CSV_NAME = "head.csv"
@@ -74,7 +75,7 @@ class Provider:
 
 def time_rounds(providers: list[Provider], make_input, cfg: dict, flush: Flusher,
                 rng: random.Random, bar=None) -> dict[str, list[float]]:
-    """Interleaved rounds (``common.interleaved_rounds``), a fresh input before each call (ms)."""
+    """Interleaved rounds (``apps.measure.interleaved_rounds``), a fresh input before each call (ms)."""
     current = {}
 
     def prepare(p: Provider) -> None:
@@ -116,8 +117,8 @@ def run_shape(shape: str, dtypes, rows_list, cfg: dict, mode: str, flush: Flushe
         dtype = DTYPES[dname]
         weight = master if dtype == torch.float32 else master.to(dtype)
         torch._dynamo.reset()
-        dense = DenseHead(weight).eval()
-        frspec = SubsetHead(weight, subset).eval()
+        dense = dense_head(weight).eval()
+        frspec = subset_head(weight, subset).eval()
         param = dense.lm_head.weight
         vocab = vocab_for_weight(param, CAPACITY, ())
         ms_backend = microspec_compile.backend(capacity=CAPACITY)

@@ -28,6 +28,7 @@ import statistics
 import torch
 from transformers import DynamicCache
 
+from microspec_compile.apps.measure import interleaved_rounds
 from microspec_compile.apps.models import load_causal_lm
 from microspec_compile.linears.int4 import quantize_exact_int4
 from microspec_compile.linears.packed import PackedLinears
@@ -35,7 +36,7 @@ from microspec_compile.spec.attention import exact_attention, gqa_attention
 from microspec_compile.spec.tree import causal_mask
 from microspec_compile.spec.verify import target_forward, target_session
 
-from common import append_rows, interleaved_rounds, machine_info
+from common import append_rows, machine_info
 
 
 class Float64DynamicCache(DynamicCache):

@@ -1,17 +1,14 @@
-"""The benchmarks' harness: result files, load recording, cache flushing, interleaved timing.
+"""The benchmarks' harness: result files, load recording, cache flushing, argument modes.
 
 Each benchmark script is a setup (models, providers) plus one call of
-:func:`interleaved_rounds`; rows go through :func:`append_rows`, which stamps them
-with the date and :func:`machine_info` (``microspec_compile.analysis.results``,
-shared with the demo). Results go to ``bench/results/`` unless
-``$MICROSPEC_RESULTS_DIR`` names another folder.
+``microspec_compile.apps.measure.interleaved_rounds`` (the demo's interleaving too);
+rows go through :func:`append_rows`, which stamps them with the date and
+:func:`machine_info` (``microspec_compile.analysis.results``, shared with the demo).
+Results go to ``bench/results/`` unless ``$MICROSPEC_RESULTS_DIR`` names another folder.
 """
 from __future__ import annotations
 
 import argparse
-import random
-import time
-from typing import Callable, Optional
 
 import torch
 
@@ -24,7 +21,7 @@ from microspec_compile.analysis.results import (
 )
 
 __all__ = ["append_rows", "loadavg", "machine_info", "percentiles", "results_dir", "Flusher",
-           "interleaved_rounds", "mode_parser", "emit_table"]
+           "mode_parser", "emit_table"]
 
 
 def mode_parser(doc: str, modes: dict[str, str]) -> argparse.ArgumentParser:
@@ -53,50 +50,6 @@ class Flusher:
     def __call__(self) -> None:
         if self.buf is not None:
             self.buf.fill_(1.0)
-
-
-def interleaved_rounds(fns: dict[str, Callable[[], object]], *, min_rounds: int,
-                       max_rounds: Optional[int] = None, budget_s: float = 0.0,
-                       rng: Optional[random.Random] = None, flush: Optional[Callable] = None,
-                       setup: Optional[dict] = None, on_round: Optional[Callable] = None
-                       ) -> dict[str, list[float]]:
-    """Time every callable once per round, in a shuffled order each round (milliseconds).
-
-    Parameters
-    ----------
-    fns : name -> callable with no arguments (the timed call)
-    min_rounds, max_rounds, budget_s : at least ``min_rounds``; more while under
-        ``budget_s`` seconds, at most ``max_rounds`` (default ``min_rounds``)
-    rng : the shuffling generator (default ``random.Random(0)``)
-    flush : called untimed before each timed call (e.g. a :class:`Flusher`)
-    setup : name -> callable run untimed before that name's timed call
-    on_round : called with the number of rounds done after each round (progress)
-
-    Returns
-    -------
-    dict
-        name -> list of per-call milliseconds, in round order.
-    """
-    rng = rng or random.Random(0)
-    max_rounds = min_rounds if max_rounds is None else max_rounds
-    setup = setup or {}
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    start, rounds = time.perf_counter(), 0
-    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
-        order = list(fns)
-        rng.shuffle(order)
-        for name in order:
-            if name in setup:
-                setup[name]()
-            if flush is not None:
-                flush()
-            t0 = time.perf_counter()
-            fns[name]()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
-        if on_round is not None:
-            on_round(rounds)
-    return samples
 
 
 def emit_table(lines: list[str], out=None) -> bool:

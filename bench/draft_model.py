@@ -2,7 +2,7 @@
 
 The draft is embedding -> one Llama decoder layer of the real shape (RMSNorm, GQA
 attention with RoPE over a ``KV_LEN``-position KV cache, SwiGLU MLP; random weights)
--> final RMSNorm (:class:`Body`); ``heads.DenseHead(weight, body)`` adds the LM head,
+-> final RMSNorm (:class:`Body`); ``heads.dense_head(weight, body)`` adds the LM head,
 log_softmax and topk(10). :func:`tree_step` calls it as EAGLE-2's tree expansion
 does. Also the backend wrapper that counts compiles and the Inductor helpers.
 """

@@ -1,7 +1,7 @@
 """The compiled EAGLE-2-shaped draft step on a GPU: dense vs microspec sync vs async.
 
 The draft is ``draft_model.Body`` (embedding -> one Llama decoder layer over a
-512-position KV cache -> final norm) + ``heads.DenseHead`` (LM head, log_softmax,
+512-position KV cache -> final norm) + ``heads.dense_head`` (LM head, log_softmax,
 top-10), random weights at the chosen shape (default Llama-3-8B, bf16). One tree
 step is EAGLE-2's expansion: 1 row, then 10 rows per depth, depth 6 (7 calls), the
 tree selection between calls on the device. Providers, each compiled with and
@@ -44,7 +44,7 @@ import microspec_compile as mc  # noqa: E402
 
 from common import emit_table  # noqa: E402
 from draft_model import DEPTHS, KV_LEN, Body  # noqa: E402
-from heads import TOP_K, DenseHead  # noqa: E402
+from heads import TOP_K, dense_head  # noqa: E402
 from shapes import DTYPES, SHAPES, Shape  # noqa: E402
 
 PROVIDERS = ("dense", "ms_sync", "ms_async")
@@ -74,8 +74,8 @@ def tree_step(fn, root: torch.Tensor) -> torch.Tensor:
 
 
 def build(provider: str, cuda_graphs: bool, weight, body, args):
-    """A compiled draft step for one provider (its own ``DenseHead`` over the shared body)."""
-    model = DenseHead(weight, body).eval()
+    """A compiled draft step for one provider (its own ``dense_head`` over the shared body)."""
+    model = dense_head(weight, body).eval()
     mode = "reduce-overhead" if cuda_graphs else None
     if provider == "dense":
         backend = "eager" if args.eager else "inductor"
@@ -99,7 +99,7 @@ def setup(args):
     dev = torch.device(args.device)
     shape = TINY if args.cpu_smoke else SHAPES[args.shape]
     dtype = DTYPES[args.dtype]
-    # one cache entry per provider and row count on DenseHead.forward: above the default 8
+    # one cache entry per provider and row count on the draft step's forward: above the default 8
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
@@ -111,7 +111,7 @@ def setup(args):
         body = Body(shape, dtype, weight).eval()
     # the head alone: Body wraps the same data in another Parameter (its embedding),
     # and the vocabulary belongs to the head's own weight object
-    vocab = mc.vocab_of(DenseHead(weight), capacity=args.capacity)
+    vocab = mc.vocab_of(dense_head(weight), capacity=args.capacity)
     active = min(args.active, shape.vocab)
     vocab.observe(torch.randperm(shape.vocab, generator=gen)[:active].to(dev))
     root = torch.randint(0, shape.vocab, (1, 1), generator=gen).to(dev)

@@ -6,7 +6,7 @@ For each row count (EAGLE-2 calls the head with 1 row, then 10 per depth; a whol
 
 - ``dense``            ``F.linear`` over the full [V, H] weight + log_softmax (+ topk), eager;
 - ``dense_inductor``   the same under ``torch.compile`` (skipped with ``--no-compile``);
-- ``sparse_torch``     the capturable reference (``impl="torch"`` on CUDA);
+- ``sparse_torch``     the capturable reference (``path="torch"`` on CUDA);
 - ``sparse_triton``    ``kernels/triton_sparse_head.py``;
 - ``sparse_inductor``  the op decomposed for Inductor (``kernels/inductor_head.py``);
 - ``observe_*``        one steady-state observe of 70 tokens (~5 new), triton / torch.
@@ -145,10 +145,10 @@ def run_table(args) -> list[str]:
                 logp = F.log_softmax(F.linear(x, weight).float(), -1)
                 return logp.topk(k, -1) if output == "topk" else logp.to(dtype)
 
-            def sparse(impl, x=x, output=output):
+            def sparse(path, x=x, output=output):
                 if output == "topk":
-                    return ops.sparse_topk(x, state, None, k, "log_softmax", impl=impl)
-                return ops.sparse_full(x, state, None, args.vocab, "log_softmax", impl=impl)
+                    return ops.sparse_topk(x, state, None, k, "log_softmax", path=path)
+                return ops.sparse_full(x, state, None, args.vocab, "log_softmax", path=path)
 
             def sparse_inductor(x=x, output=output):
                 gm = torch.fx.symbolic_trace(head_graph(output, k, args.vocab))
@@ -203,7 +203,7 @@ def sync_check(args) -> str:
     steps = [(torch.randint(0, args.vocab, (70,), generator=gen).to(dev),
               torch.randn(10, args.hidden, generator=gen).to(dtype).to(dev)) for _ in range(4)]
     steps.append((torch.randperm(args.vocab, generator=gen)[:args.cap].to(dev), steps[0][1]))
-    for impl in ("triton", "torch"):  # the first pass also compiles the Triton kernels
+    for path in ("triton", "torch"):  # the first pass also compiles the Triton kernels
         # "torch" on CUDA: the capturable references (on CPU: the CPU kernels)
         st = state.clone()  # each pass brings new ids and evicts
         if cuda:
@@ -211,11 +211,11 @@ def sync_check(args) -> str:
             torch.cuda.set_sync_debug_mode("error")
         try:
             for tokens, x in steps:  # the last call brings up to CAP new ids: evicts
-                ops.observe(st, weight, tokens, impl=impl)
-                ops.observe_start(st, weight, tokens, impl=impl)
+                ops.observe(st, weight, tokens, path=path)
+                ops.observe_start(st, weight, tokens, path=path)
                 ops.observe_wait(x, tokens, st)
-                ops.sparse_topk(x, st, None, 10, "log_softmax", impl=impl)
-                ops.sparse_full(x, st, None, args.vocab, "softmax", impl=impl)
+                ops.sparse_topk(x, st, None, 10, "log_softmax", path=path)
+                ops.sparse_full(x, st, None, args.vocab, "softmax", path=path)
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode(0)

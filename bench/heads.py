@@ -1,19 +1,20 @@
-"""LM heads shared by the benchmarks: dense, and a fixed FR-Spec-style subset.
+"""The benchmarks' LM heads: the library's scorers (``spec.scorers``) over a bare weight.
 
 Both end as EAGLE calls its draft head, ``log_softmax -> topk(TOP_K)``, and take an
 optional ``body`` (embedding + layers): without one they score hidden states
 ``[..., H]`` (``bench_head.py``), with one they are a whole draft step
-(``bench_draft_step.py``).
+(``bench_draft_step.py``, ``gpu_draft_step.py``).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TOP_K", "DenseHead", "SubsetHead"]
+from microspec_compile.spec import SubsetTopkScorer, TopkScorer
+
+__all__ = ["TOP_K", "DraftStep", "dense_head", "subset_head"]
 
 TOP_K = 10
 
@@ -27,35 +28,30 @@ def _frozen_linear(weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
-class DenseHead(nn.Module):
-    """``[body ->] Linear(H, V) -> log_softmax -> topk``; returns ``(values, token ids)``.
+class DraftStep(nn.Module):
+    """``scorer(body(*inputs))``: a draft's body, then its LM-head scorer."""
 
-    Parameters
-    ----------
-    weight : [V, H] (a parameter, e.g. a tied embedding, is shared, not copied)
-    body : module mapping the forward's inputs to hidden states ``[..., H]``, or None
-    """
-
-    def __init__(self, weight: torch.Tensor, body: Optional[nn.Module] = None):
+    def __init__(self, body: nn.Module, scorer: nn.Module):
         super().__init__()
         self.body = body
-        self.lm_head = _frozen_linear(weight)
-
-    def hidden(self, *inputs) -> torch.Tensor:
-        return inputs[0] if self.body is None else self.body(*inputs)
+        self.scorer = scorer
 
     def forward(self, *inputs):
-        return torch.topk(F.log_softmax(self.lm_head(self.hidden(*inputs)), dim=-1), TOP_K, dim=-1)
+        return self.scorer(self.body(*inputs))
 
 
-class SubsetHead(DenseHead):
-    """FR-Spec: a compact head over a fixed id ``subset [S]``, top-k mapped back to token ids."""
+def _with_body(scorer: nn.Module, body: Optional[nn.Module]) -> nn.Module:
+    return scorer if body is None else DraftStep(body, scorer)
 
-    def __init__(self, weight: torch.Tensor, subset: torch.Tensor,
-                 body: Optional[nn.Module] = None):
-        super().__init__(weight[subset].detach().contiguous(), body)
-        self.register_buffer("id_map", subset.clone())
 
-    def forward(self, *inputs):
-        values, index = super().forward(*inputs)
-        return values, self.id_map[index]
+def dense_head(weight: torch.Tensor, body: Optional[nn.Module] = None) -> nn.Module:
+    """The full head over ``weight [V, H]`` (a parameter, e.g. a tied embedding, is shared,
+    not copied): ``TopkScorer``, after ``body`` when given."""
+    return _with_body(TopkScorer(_frozen_linear(weight), TOP_K), body)
+
+
+def subset_head(weight: torch.Tensor, subset: torch.Tensor,
+                body: Optional[nn.Module] = None) -> nn.Module:
+    """FR-Spec: a compact head over the rows ``subset [S]`` of ``weight``, top-k mapped back
+    to token ids (``SubsetTopkScorer``), after ``body`` when given."""
+    return _with_body(SubsetTopkScorer(_frozen_linear(weight), subset, TOP_K), body)

@@ -11,7 +11,7 @@ that the backend inserts instead of ``microspec::observe``
     sparse_topk / sparse_full(hidden, rows, ids, count, ...)
 
 On CUDA, ``observe_start`` launches the observe kernels (Triton, or the torch
-reference under ``impl="torch"``) on the vocabulary's side stream and records its
+reference under ``path="torch"``) on the vocabulary's side stream and records its
 ``join`` event; ``observe_wait`` makes the current stream wait on that event.  On CPU
 ``observe_start`` is today's synchronous observe (same kernel, same result) and
 ``observe_wait`` does nothing.
@@ -59,11 +59,11 @@ __all__ = ["capture_problem"]
 
 
 @functools.cache
-def capture_problem(device: torch.device, impl: str = "auto") -> Optional[str]:
+def capture_problem(device: torch.device, path: str = "auto") -> Optional[str]:
     """Why the asynchronous gather cannot be captured in a CUDA graph on ``device``, or None.
 
     Captures ``observe_start -> observe_wait -> sparse_topk`` on a tiny state once
-    (cached per device and ``impl``), replays it and checks the result against an
+    (cached per device and ``path``), replays it and checks the result against an
     eager run. Host syncs here are fine: the backend calls it while compiling.
 
     Returns
@@ -85,9 +85,9 @@ def capture_problem(device: torch.device, impl: str = "auto") -> Optional[str]:
         captured = eager.clone()
 
         def step(state):
-            ops.observe_start(state, weight, tokens, impl=impl)
+            ops.observe_start(state, weight, tokens, path=path)
             ops.observe_wait(x, tokens, state)
-            return ops.sparse_topk(x, state, None, 4, "none", impl)
+            return ops.sparse_topk(x, state, None, 4, "none", path)
 
         expected = step(eager)
         side = torch.cuda.Stream(device=device)

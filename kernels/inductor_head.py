@@ -16,7 +16,7 @@ Usage (the backend wires it under the kernel path ``"inductor"``)::
     table = {**select_decomp_table(), **decompositions()}
     compiled = compile_fx(gm, example_inputs, decompositions=table)
 
-The ``impl`` argument of the ops is ignored here: choosing this table is the choice
+The ``path`` argument of the ops is ignored here: choosing this table is the choice
 of implementation. The empty-vocabulary check of the eager ops (``count == 0`` raises)
 is a data-dependent host check and is not part of the decomposition; a graph that can
 run with an empty vocabulary gets the reference's output (-inf logits, NaN
@@ -64,7 +64,7 @@ def sparse_topk_decomposition(
     bias: Optional[torch.Tensor],
     k: int,
     normalize: str,
-    impl: str = "auto",
+    path: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Aten form of ``microspec::sparse_topk``.
 
@@ -77,7 +77,7 @@ def sparse_topk_decomposition(
     bias : [V] or None
     k : int
     normalize : str
-    impl : str, ignored
+    path : str, ignored
 
     Returns
     -------
@@ -99,14 +99,14 @@ def sparse_full_decomposition(
     bias: Optional[torch.Tensor],
     vocab_size: int,
     normalize: str,
-    impl: str = "auto",
+    path: str = "auto",
 ) -> torch.Tensor:
     """Aten form of ``microspec::sparse_full``.
 
     Parameters
     ----------
     hidden : [..., H]
-    rows, ids, count, bias, normalize, impl
+    rows, ids, count, bias, normalize, path
         As in :func:`sparse_topk_decomposition`.
     vocab_size : int
 

@@ -13,7 +13,7 @@ shapes; no other module of the package defines or registers one:
 The implementations stay in their own modules and are looked up here: the kernels
 through ``dispatch.kernel`` (on CPU ``cpu_head.py``, pure torch with value-dependent
 shortcuts; on CUDA the Triton kernels when Triton imports, else the capturable
-references of ``reference.py``; ``impl`` picks explicitly: ``"auto"`` (per device),
+references of ``reference.py``; ``path`` picks explicitly: ``"auto"`` (per device),
 ``"torch"``, ``"triton"``), the side stream of the asynchronous gather in
 ``side_stream.py`` (why its order holds through Inductor: ``async_gather.py``), the
 Inductor lowering of the head ops in ``inductor_head.py`` (which imports this module).
@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from .dispatch import kernel, kernel_family
+from .dispatch import kernel, kernels_for
 from .reference import NORMALIZE_MODES
 from .side_stream import gather_stream
 from .state import VocabState
@@ -64,17 +64,17 @@ def check_tokens(tokens: torch.Tensor, vocab_size: int, host_check: bool = True)
             raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")
 
 
-def host_reads(device: torch.device, impl: str) -> bool:
+def host_reads(device: torch.device, path: str) -> bool:
     """Whether the ops may read tensor values on the host: only the CPU kernels, where a
-    read costs nothing (``dispatch.kernel_family``). The capturable references and the
+    read costs nothing (``dispatch.kernels_for``). The capturable references and the
     Triton kernels never do, on any device: the same code runs on CUDA."""
-    return kernel_family(device, impl) == "cpu"
+    return kernels_for(device, path) == "cpu"
 
 
 def _observed(tokens: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
-              impl: str) -> torch.Tensor:
+              path: str) -> torch.Tensor:
     """The observe ops' ``tokens``, checked (``check_tokens``) and on the state's device."""
-    check_tokens(tokens, weight.shape[0], host_reads(rows.device, impl))
+    check_tokens(tokens, weight.shape[0], host_reads(rows.device, path))
     if tokens.device != rows.device:
         tokens = tokens.to(rows.device, non_blocking=True)
     return tokens
@@ -91,15 +91,15 @@ def observe_op(
     weight: torch.Tensor,
     tokens: torch.Tensor,
     pin: bool = False,
-    impl: str = "auto",
+    path: str = "auto",
 ) -> None:
     """Add unseen ``tokens`` to the vocabulary state in place (see ``observe_reference``)."""
     state = VocabState(rows, ids, member, last_seen, count, step)
-    kernel("observe", rows.device, impl)(state, weight, _observed(tokens, weight, rows, impl), pin)
+    kernel("observe", rows.device, path)(state, weight, _observed(tokens, weight, rows, path), pin)
 
 
 @observe_op.register_fake
-def _(rows, ids, member, last_seen, count, step, weight, tokens, pin=False, impl="auto"):
+def _(rows, ids, member, last_seen, count, step, weight, tokens, pin=False, path="auto"):
     return None
 
 
@@ -116,11 +116,11 @@ def _check_head_args(hidden: torch.Tensor, rows: torch.Tensor, normalize: str) -
         raise ValueError(f"hidden is on {hidden.device} but the head state is on {rows.device}")
 
 
-def _check_not_empty(count: torch.Tensor, impl: str) -> None:
+def _check_not_empty(count: torch.Tensor, path: str) -> None:
     # An all-masked row would give NaN probabilities downstream (and NaN
     # comparisons can accept wrong draft tokens), so an empty vocabulary is an error:
     # raised on the host by the CPU kernels, asserted on the device elsewhere (no sync).
-    if host_reads(count.device, impl):
+    if host_reads(count.device, path):
         if int(count) == 0:
             raise ValueError(_EMPTY)
     else:
@@ -142,22 +142,22 @@ def sparse_topk_op(
     bias: Optional[torch.Tensor],
     k: int,
     normalize: str,
-    impl: str = "auto",
+    path: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k over the active rows. Returns ``(values [N, k], token_ids [N, k] int64)``."""
     _check_head_args(hidden, rows, normalize)
     if not 1 <= k <= rows.shape[0] - 1:
         raise ValueError(f"k must be in [1, capacity={rows.shape[0] - 1}], got {k}")
-    _check_not_empty(count, impl)
+    _check_not_empty(count, path)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    values, token_ids = kernel("sparse_topk", hidden.device, impl)(
+    values, token_ids = kernel("sparse_topk", hidden.device, path)(
         flat, rows, ids, count, bias, k, normalize)
     lead = hidden.shape[:-1]
     return values.reshape(*lead, k), token_ids.reshape(*lead, k)
 
 
 @sparse_topk_op.register_fake
-def _(hidden, rows, ids, count, bias, k, normalize, impl="auto"):
+def _(hidden, rows, ids, count, bias, k, normalize, path="auto"):
     shape = (*hidden.shape[:-1], k)
     return hidden.new_empty(shape), hidden.new_empty(shape, dtype=torch.int64)
 
@@ -171,19 +171,19 @@ def sparse_full_op(
     bias: Optional[torch.Tensor],
     vocab_size: int,
     normalize: str,
-    impl: str = "auto",
+    path: str = "auto",
 ) -> torch.Tensor:
     """Full-vocabulary output ``[N, vocab_size]``; inactive entries -inf (0 for softmax)."""
     _check_head_args(hidden, rows, normalize)
-    _check_not_empty(count, impl)
+    _check_not_empty(count, path)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    out = kernel("sparse_full", hidden.device, impl)(
+    out = kernel("sparse_full", hidden.device, path)(
         flat, rows, ids, count, bias, vocab_size, normalize)
     return out.reshape(*hidden.shape[:-1], vocab_size)
 
 
 @sparse_full_op.register_fake
-def _(hidden, rows, ids, count, bias, vocab_size, normalize, impl="auto"):
+def _(hidden, rows, ids, count, bias, vocab_size, normalize, path="auto"):
     return hidden.new_empty((*hidden.shape[:-1], vocab_size))
 
 
@@ -198,16 +198,16 @@ def observe_start_op(
     weight: torch.Tensor,
     tokens: torch.Tensor,
     pin: bool = False,
-    impl: str = "auto",
+    path: str = "auto",
 ) -> None:
     """Start adding unseen ``tokens`` to the state: on CUDA on the side stream, else now.
 
     Same arguments and final state as ``microspec::observe``; on CUDA the state may be
     read only after ``microspec::observe_wait`` (``side_stream.GatherStream``).
     """
-    tokens = _observed(tokens, weight, rows, impl)
+    tokens = _observed(tokens, weight, rows, path)
     state = VocabState(rows, ids, member, last_seen, count, step)
-    run = kernel("observe", rows.device, impl)
+    run = kernel("observe", rows.device, path)
     if rows.device.type != "cuda":
         run(state, weight, tokens, pin)
         return
@@ -215,7 +215,7 @@ def observe_start_op(
 
 
 @observe_start_op.register_fake
-def _(rows, ids, member, last_seen, count, step, weight, tokens, pin=False, impl="auto"):
+def _(rows, ids, member, last_seen, count, step, weight, tokens, pin=False, path="auto"):
     return None
 
 
@@ -246,7 +246,7 @@ def _(hidden, tokens, rows, ids, count):
 # ------------------------------------------------------------------ VocabState wrappers
 
 def observe(state: VocabState, weight: torch.Tensor, tokens: torch.Tensor, pin: bool = False,
-            impl: str = "auto") -> None:
+            path: str = "auto") -> None:
     """``microspec::observe`` on a state: add unseen ``tokens`` (any shape) in place.
 
     Parameters
@@ -255,29 +255,29 @@ def observe(state: VocabState, weight: torch.Tensor, tokens: torch.Tensor, pin: 
     weight : [V, H] the full head weight (rows of new tokens are gathered from it)
     tokens : integer tensor of any shape, ids in ``[0, V)``
     pin : mark the tokens as never evicted
-    impl : ``"auto"``, ``"torch"`` or ``"triton"`` (``kernels/dispatch.py``)
+    path : ``"auto"``, ``"torch"`` or ``"triton"`` (``kernels/dispatch.py``)
     """
-    torch.ops.microspec.observe(*state, weight, tokens, pin, impl)
+    torch.ops.microspec.observe(*state, weight, tokens, pin, path)
 
 
 def sparse_topk(hidden: torch.Tensor, state: VocabState, bias: Optional[torch.Tensor], k: int,
-                normalize: str = "none", impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                normalize: str = "none", path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``microspec::sparse_topk`` on a state: ``hidden [..., H]`` -> ``(values, ids) [..., k]``."""
     return torch.ops.microspec.sparse_topk(hidden, state.rows, state.ids, state.count, bias, k,
-                                           normalize, impl)
+                                           normalize, path)
 
 
 def sparse_full(hidden: torch.Tensor, state: VocabState, bias: Optional[torch.Tensor],
-                vocab_size: int, normalize: str = "none", impl: str = "auto") -> torch.Tensor:
+                vocab_size: int, normalize: str = "none", path: str = "auto") -> torch.Tensor:
     """``microspec::sparse_full`` on a state: ``hidden [..., H]`` -> ``[..., vocab_size]``."""
     return torch.ops.microspec.sparse_full(hidden, state.rows, state.ids, state.count, bias,
-                                           vocab_size, normalize, impl)
+                                           vocab_size, normalize, path)
 
 
 def observe_start(state: VocabState, weight: torch.Tensor, tokens: torch.Tensor,
-                  pin: bool = False, impl: str = "auto") -> None:
+                  pin: bool = False, path: str = "auto") -> None:
     """``microspec::observe_start`` on a state (arguments as :func:`observe`)."""
-    torch.ops.microspec.observe_start(*state, weight, tokens, pin, impl)
+    torch.ops.microspec.observe_start(*state, weight, tokens, pin, path)
 
 
 def observe_wait(hidden: torch.Tensor, tokens: torch.Tensor, state: VocabState) -> None:

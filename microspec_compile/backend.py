@@ -37,7 +37,7 @@ from torch._dynamo.utils import counters
 from .config import MicrospecConfig
 from .graph import clone_graph, compile_graph, fake_tensor, real_values, warn_no_head
 from .kernels.async_gather import capture_problem
-from .kernels.dispatch import decomposes, op_impl
+from .kernels.dispatch import decomposes
 from .passes.match_head import find_embedding_ids, find_heads
 from .passes.sparse_head import (
     add_state_placeholders,
@@ -67,7 +67,7 @@ def use_async_gather(config: MicrospecConfig, device) -> bool:
         return False
     if not config.cuda_graphs:
         return True
-    problem = capture_problem(device, op_impl(config.path))
+    problem = capture_problem(device, config.path)
     if problem is None:
         return True
     warn_capture_fallback(str(device), problem)
@@ -96,7 +96,6 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
         return None
     graph = clone.graph
     states, starts, vocabs, observes_inputs = {}, {}, [], False
-    impl = op_impl(config.path)
     for head in heads:
         weight = values[head.weight]
         vocab = vocab_for_weight(weight, config.capacity, config.pinned_ids)
@@ -110,13 +109,13 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
                 asynchronous = use_async_gather(config, weight.device)
                 for ids, embedding in find_embedding_ids(clone, values, weight.shape[0]):
                     node = insert_observe(graph, ids, embedding, states[id(vocab)], head.weight,
-                                          impl, asynchronous)
+                                          config.path, asynchronous)
                     counters["microspec"]["observe_inserted"] += 1
                     if asynchronous:
                         starts[id(vocab)].append(node)
                         counters["microspec"]["observe_start_inserted"] += 1
                     observes_inputs = True
-        op = rewrite_head(graph, head, states[id(vocab)], weight.shape[0], impl)
+        op = rewrite_head(graph, head, states[id(vocab)], weight.shape[0], config.path)
         for start in starts[id(vocab)]:  # the head reads the rows only after the gather
             insert_wait(graph, op, start, states[id(vocab)])
             counters["microspec"]["observe_wait_inserted"] += 1

@@ -14,7 +14,7 @@ SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read); read once
-    per process (``spec.scorers.top_ids`` asks on every request)."""
+    per process (``policy.prompt_top_ids`` asks on every request)."""
     try:
         line = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("flags")), "")

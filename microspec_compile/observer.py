@@ -2,25 +2,21 @@
 
 ``target.compile(backend=microspec_compile.observer(draft))`` compiles the target
 with plain Inductor after one addition to its graph: right after the target's LM
-head, ``topk(logits, k=3).indices`` at every position it scores becomes an extra
-output of the compiled graph, which the wrapper observes into the draft's active
-vocabulary (``microspec::observe``, in place) and strips before returning. The
-target's outputs are untouched, so they stay bit-identical.
+head, its top-3 ids at every position it scores (``policy.target_top_ids``, the
+policy's one definition) become an extra output of the compiled graph, which the
+wrapper observes into the draft's active vocabulary (``microspec::observe``, in
+place) and strips before returning. The target's outputs are untouched, so they
+stay bit-identical.
 
 The target's graph does not take the vocabulary's state tensors as inputs, so a
 capacity the draft's backend asks for later, when the target ran first, can still
 reallocate the state (``ActiveVocab.merge``): the compile order does not matter.
 
-Why it helps (the MicroSpec / NanoSpec vocabulary policy: after every verification
-the target's top-3 at each verified position joins the draft's active set): the
-token after a verified one is very often among the target's own top-3 at a nearby
-position, so tokens the draft has never seen in the context still enter its
-vocabulary one step early (``bench/bench_coverage_model.py`` measures it).
+Why it helps, and the same policy in the tree loops: ``microspec_compile.policy``.
 """
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Callable, Sequence
 
 import torch
@@ -30,6 +26,7 @@ from torch._dynamo.utils import counters
 from .config import MicrospecConfig
 from .graph import clone_graph, compile_graph, real_values, warn_no_head
 from .passes.match_head import find_heads
+from .policy import TARGET_TOPK, target_top_ids
 from .vocab import ActiveVocab, head_weight, vocab_for_weight
 
 # The MicrospecConfig fields the observer uses; the others (head, observe_inputs,
@@ -53,11 +50,8 @@ def add_target_topk(gm: fx.GraphModule, example_inputs: Sequence, vocab: ActiveV
     graph = clone.graph
     top_ids = []
     for head in heads:
-        logits = head.linear
-        with graph.inserting_after(logits):
-            top = graph.call_method("topk", (logits, k), {"dim": -1})
-        with graph.inserting_after(top):
-            top_ids.append(graph.call_function(operator.getitem, (top, 1)))
+        with graph.inserting_after(head.linear):
+            top_ids.append(graph.call_function(target_top_ids, (head.linear, k)))
         counters["microspec"]["target_topk_inserted"] += 1
     output = graph.find_nodes(op="output")[0]
     outs = output.args[0]
@@ -69,7 +63,7 @@ def add_target_topk(gm: fx.GraphModule, example_inputs: Sequence, vocab: ActiveV
     return clone, len(top_ids)
 
 
-def observer(draft: torch.nn.Module, k: int = 3, **config) -> Callable:
+def observer(draft: torch.nn.Module, k: int = TARGET_TOPK, **config) -> Callable:
     """A backend for the *target* that adds its top-``k`` to ``draft``'s vocabulary.
 
     Parameters

@@ -67,7 +67,7 @@ def _call(graph: fx.Graph, target, *args) -> fx.Node:
 
 
 def rewrite_head(graph: fx.Graph, match: HeadMatch, state: VocabState, vocab_size: int,
-                 impl: str = "auto") -> fx.Node:
+                 path: str = "auto") -> fx.Node:
     """Replace the head and its consumers by one sparse op; returns the op node.
 
     Parameters
@@ -76,7 +76,7 @@ def rewrite_head(graph: fx.Graph, match: HeadMatch, state: VocabState, vocab_siz
     match : the head, as found by ``match_head.find_heads``
     state : the vocabulary state placeholders
     vocab_size : V, the head's out_features
-    impl : the ops' implementation choice (``kernels.dispatch.IMPLS``)
+    path : the ops' implementation choice (``kernels.dispatch.PATHS``)
     """
     ops = torch.ops.microspec
     last = match.last
@@ -90,12 +90,12 @@ def rewrite_head(graph: fx.Graph, match: HeadMatch, state: VocabState, vocab_siz
         bias = None if match.bias is None else _call(graph, torch.ops.aten.detach.default, match.bias)
         common = (hidden, state.rows, state.ids, state.count, bias)
         if match.kind == "full":
-            op = _call(graph, ops.sparse_full.default, *common, vocab_size, match.normalize, impl)
+            op = _call(graph, ops.sparse_full.default, *common, vocab_size, match.normalize, path)
             last.replace_all_uses_with(op)
             if match.capped is not None:
                 _keep_inactive_at_minus_inf(graph, op, match.capped)
             return op
-        op = _call(graph, ops.sparse_topk.default, *common, match.k, match.normalize, impl)
+        op = _call(graph, ops.sparse_topk.default, *common, match.k, match.normalize, path)
         values = _call(graph, operator.getitem, op, 0)
         token_ids = _call(graph, operator.getitem, op, 1)
         if match.kind == "argmax":
@@ -121,7 +121,7 @@ def _keep_inactive_at_minus_inf(graph: fx.Graph, sparse: fx.Node, capped: fx.Nod
 
 
 def insert_observe(graph: fx.Graph, ids: fx.Node, before: fx.Node, state: VocabState,
-                   weight: fx.Node, impl: str = "auto", asynchronous: bool = False) -> fx.Node:
+                   weight: fx.Node, path: str = "auto", asynchronous: bool = False) -> fx.Node:
     """Observe ``ids`` into the vocabulary right before ``before`` (the embedding).
 
     ``asynchronous`` inserts ``microspec::observe_start`` (same arguments; on CUDA
@@ -130,7 +130,7 @@ def insert_observe(graph: fx.Graph, ids: fx.Node, before: fx.Node, state: VocabS
     ops = torch.ops.microspec
     target = ops.observe_start.default if asynchronous else ops.observe.default
     with graph.inserting_before(before):
-        return graph.call_function(target, (*state, weight, ids, False, impl))
+        return graph.call_function(target, (*state, weight, ids, False, path))
 
 
 def insert_wait(graph: fx.Graph, head: fx.Node, start: fx.Node, state: VocabState) -> fx.Node:

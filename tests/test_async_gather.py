@@ -248,13 +248,13 @@ def test_torch_compile_options_are_refused():
 
 # torch on CPU: the CPU kernels; triton: the Triton kernels, natively on a GPU (there
 # on the side stream) or through the interpreter on CPU tensors (conftest.py).
-@pytest.mark.parametrize("impl,device", [("torch", "cpu"), ("triton", TRITON_DEVICE)])
-def test_opcheck(impl, device):
+@pytest.mark.parametrize("path,device", [("torch", "cpu"), ("triton", TRITON_DEVICE)])
+def test_opcheck(path, device):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(111, 16, generator=gen).to(device)
     state = VocabState.empty(111, 16, 24, device=device)
     tokens = torch.tensor([[1, 2], [2, 90]], device=device)
-    torch.library.opcheck(OPS.observe_start.default, (*state, weight, tokens, False, impl))
+    torch.library.opcheck(OPS.observe_start.default, (*state, weight, tokens, False, path))
     torch.library.opcheck(OPS.observe_wait.default,
                           (torch.randn(3, 16, generator=gen).to(device), tokens, state.rows,
                            state.ids, state.count))
@@ -279,7 +279,7 @@ def test_capture_failure_falls_back_with_one_warning(monkeypatch):
     observe in every CUDA-graph compile, and exactly one warning naming the failure."""
     calls = []
 
-    def failing_probe(device, impl="auto"):
+    def failing_probe(device, path="auto"):
         calls.append(device)
         return "RuntimeError: operation not permitted when stream is capturing (test)"
 
@@ -323,9 +323,9 @@ def test_async_start_wait_equals_synchronous_observe(device):
     x = torch.randn(3, H, generator=gen).to(dev)
     for ids in step_inputs(6):  # 36 ids into 16 rows
         ids = ids.to(dev)
-        ops.observe_start(fast, weight, ids, impl="triton")
+        ops.observe_start(fast, weight, ids, path="triton")
         ops.observe_wait(x, ids, fast)
-        ops.observe(slow, weight, ids, impl="torch")
+        ops.observe(slow, weight, ids, path="torch")
         for name, a, b in zip(VocabState._fields, fast, slow):
             scratch = name in ("rows", "ids", "member", "last_seen")  # the last row / entry
             assert torch.equal(a[:-1], b[:-1]) if scratch else torch.equal(a, b), name

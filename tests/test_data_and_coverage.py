@@ -15,7 +15,12 @@ import pytest
 from microspec_compile.analysis.coverage import lagged_coverage, simulate
 from microspec_compile.analysis.results import append_rows
 from microspec_compile.apps import data
-from microspec_compile.apps.frequency import FREQUENCY_LIMIT, frequent_token_ids, token_counts
+from microspec_compile.apps.frequency import (
+    FREQUENCY_LIMIT,
+    frequent_token_ids,
+    token_counts,
+    tokenizer_counts,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,15 +43,13 @@ def test_mtbench_questions():
         assert len(q["turns"]) == 2 and all(isinstance(t, str) and t for t in q["turns"])
 
 
-def test_mtbench_reference_answers_and_dialogues():
-    answers = data.mtbench_reference_answers()
-    assert len(answers) >= 50 and all(isinstance(a, str) and a.strip() for a in answers)
+def test_mtbench_reference_dialogues():
     dialogues = data.mtbench_reference_dialogues()
-    assert len(dialogues) * 2 == len(answers)
-    questions = {q["turns"][0] for q in data.mtbench_questions()}
+    assert len(dialogues) >= 25
+    questions = {q["turns"][0]: q["turns"][1] for q in data.mtbench_questions()}
     for dialogue in dialogues:
-        assert len(dialogue) == 4 and dialogue[0] in questions
-    assert dialogues[0][1] == answers[0] and dialogues[0][3] == answers[1]
+        assert len(dialogue) == 4 and all(isinstance(t, str) and t.strip() for t in dialogue)
+        assert questions[dialogue[0]] == dialogue[2]  # user turns at 0 and 2, answers between
 
 
 def test_humaneval_problems():
@@ -99,6 +102,39 @@ def test_frequent_token_ids_cached_and_ordered(tmp_dirs):
     assert np.all(np.diff(counts[ids]) <= 0)  # most frequent first
     assert list((tmp_dirs / "cache").glob("counts_llama3_sharegpt_0_20.npy"))
     assert frequent_token_ids("llama3", 300, limit=20) == ids  # served from the cache
+
+
+class _ByteTokenizer:
+    """A Hugging Face-shaped tokenizer whose ids are a text's UTF-8 bytes (256 ids)."""
+
+    name_or_path = "bytes"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __len__(self):
+        return 256
+
+    def __call__(self, texts, add_special_tokens=True):
+        assert add_special_tokens is False  # FR-Spec counts the text, not chat markup
+        self.calls += 1
+        return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
+
+
+# Why: the shipped Gemma FR-Spec list comes from these counts: every turn of the first
+# ``limit`` conversations counted once, under the tokenizer given, cached (a second
+# call does not encode again).
+def test_tokenizer_counts_count_every_turn_once_and_are_cached(tmp_dirs):
+    tokenizer = _ByteTokenizer()
+    counts = tokenizer_counts(tokenizer, limit=15)
+    turns = [t for conv in data.sharegpt_conversations(limit=15) for t in conv]
+    expected = np.bincount(np.frombuffer("".join(turns).encode("utf-8"), dtype=np.uint8),
+                           minlength=256)
+    assert counts.shape == (256,) and np.array_equal(counts, expected)
+    assert list((tmp_dirs / "cache").glob("counts_hf_bytes-256_sharegpt_0_15.npy"))
+    calls = tokenizer.calls
+    assert np.array_equal(tokenizer_counts(tokenizer, limit=15), counts)
+    assert tokenizer.calls == calls
 
 
 # ---------------------------------------------------------------- simulation

@@ -18,7 +18,7 @@ tests assert that nothing was recorded:
   indexing) and no Python value copied into a tensor (``aten.lift_fresh``:
   ``t[i] = 0`` and ``torch.tensor(...)``, a blocking host-to-device copy on CUDA and
   illegal in CUDA-graph capture) in the capturable references, the Triton kernels
-  (interpreted here), the registered ops on their device path (``impl="triton"``) and
+  (interpreted here), the registered ops on their device path (``path="triton"``) and
   the compiled draft step's ops. The CPU kernels (``cpu_head``) read the host by
   design and are not guarded.
 
@@ -394,8 +394,8 @@ def _token_calls(vocab, seed=0):
     return calls
 
 
-def _run_family(family, device, guard):
-    """The observe and head kernels of one family on a state that fills and evicts."""
+def _run_kernel_set(kernels, device, guard):
+    """The observe and head kernels of one kernel set (``dispatch.KERNELS``) on a state that fills and evicts."""
     from microspec_compile.kernels import reference
 
     vocab, hidden, cap = 64, 16, 12
@@ -403,7 +403,7 @@ def _run_family(family, device, guard):
     bias = torch.randn(vocab, generator=torch.Generator().manual_seed(2)).to(device)
     state = VocabState.empty(vocab, hidden, cap, device=device)
     x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1)).to(device)
-    if family == "reference":
+    if kernels == "reference":
         observe, topk, full = (reference.observe_reference, reference.sparse_topk_reference,
                                reference.sparse_full_reference)
     else:
@@ -423,16 +423,16 @@ def _run_family(family, device, guard):
     return state
 
 
-@pytest.mark.parametrize("family", ["reference", "triton"])
-def test_kernels_never_read_the_host(family):
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_kernels_never_read_the_host(kernels):
     guard = SyncGuard()
-    state = _run_family(family, KERNEL_DEVICE, guard)
+    state = _run_kernel_set(kernels, KERNEL_DEVICE, guard)
     guard.check()
     assert int(state.count) == 12  # full: the calls evicted
 
 
 def test_ops_on_the_device_path_never_read_the_host(guarded_ops):
-    """The registered ops as a GPU runs them (``impl="triton"``): the checks of their
+    """The registered ops as a GPU runs them (``path="triton"``): the checks of their
     arguments included (range and empty-vocabulary checks are device-side there)."""
     dev = KERNEL_DEVICE
     vocab, hidden, cap = 64, 16, 12
@@ -442,19 +442,19 @@ def test_ops_on_the_device_path_never_read_the_host(guarded_ops):
     for i, (tokens, pin) in enumerate(_token_calls(vocab)):
         tokens = tokens.to(dev)
         if i % 2:
-            ops.observe(state, weight, tokens, pin, impl="triton")
+            ops.observe(state, weight, tokens, pin, path="triton")
         else:
-            ops.observe_start(state, weight, tokens, pin, impl="triton")
+            ops.observe_start(state, weight, tokens, pin, path="triton")
             ops.observe_wait(x, tokens, state)
-        ops.sparse_topk(x, state, None, 4, "log_softmax", impl="triton")
-        ops.sparse_full(x, state, None, vocab, "softmax", impl="triton")
+        ops.sparse_topk(x, state, None, 4, "log_softmax", path="triton")
+        ops.sparse_full(x, state, None, vocab, "softmax", path="triton")
     guarded_ops.check()
     assert int(state.count) == cap
     assert set(guarded_ops.calls) == set(OPS)
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton", "op"])
-def test_device_path_ignores_ids_out_of_range(impl):
+@pytest.mark.parametrize("kernels", ["reference", "triton", "op"])
+def test_device_path_ignores_ids_out_of_range(kernels):
     """An id outside [0, V) on the device path is ignored, on the device: checking it would
     be a host read per call (host tensors on the CPU kernels still raise, off the GPU path)."""
     from microspec_compile.kernels import reference
@@ -465,14 +465,14 @@ def test_device_path_ignores_ids_out_of_range(impl):
     tokens = torch.tensor([-1, 2, vocab, 2, 5, vocab + 7], device=KERNEL_DEVICE)
     guard = SyncGuard()
     with guard:
-        if impl == "reference":
+        if kernels == "reference":
             reference.observe_reference(state, weight, tokens)
-        elif impl == "triton":
+        elif kernels == "triton":
             from microspec_compile.kernels import triton_observe as tobs
 
             tobs.observe_triton(state, weight, tokens)
-    if impl == "op":
-        ops.observe(state, weight, tokens, impl="triton")
+    if kernels == "op":
+        ops.observe(state, weight, tokens, path="triton")
     guard.check()
     assert sorted(state.live_ids().tolist()) == [2, 5] and int(state.step) == 1
     with pytest.raises(ValueError, match="out of range"):  # the CPU kernels, on host ids

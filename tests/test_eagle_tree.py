@@ -290,36 +290,6 @@ def test_drafter_packs_only_the_heads_own_linears():
         assert "forward" in head.fc.__dict__
 
 
-# Why each case: the fp32 path must be F.linear's own top-k; the bf16 path (CPUs with
-# native bf16 products, CUDA) must rank well-separated scores alike, refresh its copy
-# after the weight changes in place, and take rows in chunks without changing a row.
-@pytest.mark.parametrize("bf16", [False, True])
-def test_top_ids_ranks_as_the_head(bf16, monkeypatch):
-    from microspec_compile.spec import scorers
-
-    monkeypatch.setattr(scorers, "fast_bf16_products", lambda device: bf16)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(64, VOCAB, bias=False)
-    hidden = torch.randn(37, 64)
-    ids = scorers.top_ids(head, hidden, 3, rows=8)
-    assert ids.shape == (37, 3) and ids.dtype == torch.int64
-    expected = head(hidden).topk(3, dim=-1).indices
-    if not bf16:
-        assert torch.equal(ids, expected)
-    # one clear winner per row: bf16 rounding cannot reorder it
-    winners = torch.randperm(VOCAB)[:37]
-    with torch.no_grad():
-        head.weight.mul_(0.01)
-        head.weight[winners] = hidden * 10  # in place: the bf16 copy must follow
-    assert torch.equal(scorers.top_ids(head, hidden, 1, rows=5)[:, 0], winners)
-    with pytest.raises(ValueError, match="k must be >= 1"):
-        scorers.top_ids(head, hidden, 0)
-    with pytest.raises(ValueError, match=r"hidden must be \[N, 64\]"):
-        scorers.top_ids(head, hidden[:, :10], 3)
-    with pytest.raises(TypeError, match="float features"):
-        scorers.top_ids(head, torch.ones(2, 64, dtype=torch.int64), 3)
-
-
 # Why: the packed dense baseline must score as the plain head does (same ids, values within
 # a GEMM's rounding) for the packed row counts and for the others, and decode the same.
 def test_packed_scorer_scores_as_the_plain_head():

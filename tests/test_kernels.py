@@ -291,7 +291,7 @@ def test_every_kernel_keeps_the_same_vocabulary(device):
         tobs.observe_triton(dev["triton"].vocab_state, dev["triton"].weight, t, pin)
         torch.ops.microspec.observe(*dev["op"].vocab_state, dev["op"].weight, t, pin, "triton")
         state = dev["start_wait"]
-        ops.observe_start(state.vocab_state, state.weight, t, pin, impl="triton")
+        ops.observe_start(state.vocab_state, state.weight, t, pin, path="triton")
         ops.observe_wait(x.to(device), t, state.vocab_state)
         want = by_token(*sparse_topk_reference(x, ref.rows, ref.ids, ref.count, None, 8,
                                                "softmax"), vocab)
@@ -315,32 +315,32 @@ def _op_args(seed=0):
 
 
 @pytest.mark.parametrize(
-    "impl,device", [("torch", "cpu"), pytest.param("triton", DEVICE, marks=needs_triton)])
-def test_opcheck(impl, device):
+    "path,device", [("torch", "cpu"), pytest.param("triton", DEVICE, marks=needs_triton)])
+def test_opcheck(path, device):
     """Schema, fake (meta) functions, autograd registration and AOT dispatch of the ops."""
     state, x = _op_args()
     state, x = state.to(device), x.to(device)
     st_args = (state.rows, state.ids, state.count, state.bias)
-    torch.library.opcheck(torch.ops.microspec.sparse_topk.default, (x, *st_args, 5, "log_softmax", impl))
-    torch.library.opcheck(torch.ops.microspec.sparse_full.default, (x, *st_args, 111, "softmax", impl))
+    torch.library.opcheck(torch.ops.microspec.sparse_topk.default, (x, *st_args, 5, "log_softmax", path))
+    torch.library.opcheck(torch.ops.microspec.sparse_full.default, (x, *st_args, 111, "softmax", path))
     tokens = torch.tensor([[1, 2], [2, 90]], device=device)
     torch.library.opcheck(torch.ops.microspec.observe.default,
-                          (*state.vocab_state, state.weight, tokens, False, impl))
+                          (*state.vocab_state, state.weight, tokens, False, path))
 
 
 @needs_triton
 def test_ops_route_to_triton():
-    """impl="triton" through the registered ops: 3-D hidden, results as the reference's."""
+    """path="triton" through the registered ops: 3-D hidden, results as the reference's."""
     state, x = _op_args(1)
     dev = state.to(DEVICE)
     args = (x.to(DEVICE), dev.rows, dev.ids, dev.count, dev.bias)
-    values, token_ids = torch.ops.microspec.sparse_topk(*args, 4, "none", impl="triton")
+    values, token_ids = torch.ops.microspec.sparse_topk(*args, 4, "none", path="triton")
     assert values.shape == token_ids.shape == (2, 3, 4)
     check_topk(values.reshape(6, 4), token_ids.reshape(6, 4), state, x.reshape(6, 16), 4, "none")
-    full = torch.ops.microspec.sparse_full(*args, 111, "log_softmax", impl="triton")
+    full = torch.ops.microspec.sparse_full(*args, 111, "log_softmax", path="triton")
     check_full(full.reshape(6, 111), state, x.reshape(6, 16), 111, "log_softmax")
     tokens = torch.tensor([7, 7, 100], device=DEVICE)
-    torch.ops.microspec.observe(*dev.vocab_state, dev.weight, tokens, impl="triton")
+    torch.ops.microspec.observe(*dev.vocab_state, dev.weight, tokens, path="triton")
     check_invariants(dev.to("cpu"))
     assert {7, 100} <= live_tokens(dev.to("cpu")).keys()
 

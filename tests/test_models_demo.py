@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from microspec_compile.apps.models import early_exit_draft, load_causal_lm, shares_storage  # noqa: E402
+from microspec_compile.apps.models import early_exit_draft, load_causal_lm  # noqa: E402
 from microspec_compile.spec import (  # noqa: E402
     autoregressive_generate,
     speculative_generate,
@@ -82,6 +82,12 @@ def sparse_draft(smollm):
     draft = early_exit_draft(model, 4)
     draft.compile(backend=microspec_backend(pinned_ids=(tokenizer.eos_token_id,)), dynamic=True)
     return draft
+
+
+def shares_storage(draft, target) -> bool:
+    """Every parameter of ``draft`` is one of ``target``'s (compared by ``data_ptr()``)."""
+    target_ptrs = {p.data_ptr() for p in target.parameters()}
+    return all(p.data_ptr() in target_ptrs for p in draft.parameters())
 
 
 def test_early_exit_draft_shares_storage(smollm):
@@ -284,7 +290,7 @@ def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
                 "microspec_counters", "outputs", "records", "chart"):
         assert key in data, key
     assert data["hardware"]["torch"] == torch.__version__ and data["hardware"].get("cpu_model")
-    for key in ("tree", "max_new_tokens", "runs", "prompts", "verify_packed_linears",
+    for key in ("tree", "max_new_tokens", "runs", "prompts", "pack_target",
                 "head_held_out_agreement", "frspec_subset"):
         assert key in data["settings"], key
     for way in EAGLE_WAYS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..policy import TARGET_TOPK
 from ..spec.eagle import TreeConfig
 
 __all__ = ["build_parser", "main"]
@@ -52,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None,
                       help="a named model (gemma3-270m, smollm2), a local HF checkpoint dir or "
                            ".gguf; none: gemma3-270m (Gemma 3 270M; the Gemma terms of use apply)")
-    demo.add_argument("--target-topk", type=int, default=3,
+    demo.add_argument("--target-topk", type=int, default=TARGET_TOPK,
                       help="target top-k added to the draft's vocabulary per scored position "
                            "(the paper's signal); 0: off, to measure what it adds")
-    demo.add_argument("--no-packed-verify", action="store_true",
+    demo.add_argument("--no-pack-target", action="store_true",
                       help="verify with plain F.linear instead of MKL-prepacked fp32 "
                            "linears packed for the tree's size")
     demo.add_argument("--target-weights", choices=("auto", "int4", "fp32"), default="auto",
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                        runs=args.runs, sample=args.sample, temperature=args.temperature,
                        seed=args.seed, capacity=args.capacity, target_topk=args.target_topk,
                        **({} if args.core is None else {"core": args.core}),
-                       packed_verify=not args.no_packed_verify,
+                       pack_target=not args.no_pack_target,
                        target_weights=args.target_weights,
                        model=args.model, head_dir=args.head, out=args.out,
                        chart=not args.no_chart, progress=not args.no_progress)

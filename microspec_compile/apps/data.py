@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "mtbench_questions",
-    "mtbench_reference_answers",
     "mtbench_reference_dialogues",
     "humaneval_problems",
     "sharegpt_conversations",
@@ -85,23 +84,6 @@ def _mtbench_reference_records(model: str) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"no MT-bench reference answers for model {model!r} at {path}")
     return _read_jsonl(path)
-
-
-def mtbench_reference_answers(model: str = "gpt-4") -> list[str]:
-    """GPT-4 reference answers of MT-bench (math, reasoning and coding questions).
-
-    Parameters
-    ----------
-    model : str
-        Name of a file in ``mt_bench/reference_answer/`` without ``.jsonl``:
-        ``"gpt-4"`` or ``"gpt-4-0125-preview"`` (both cover questions 101-130).
-
-    Returns
-    -------
-    list of str
-        The answer texts, one per answer turn (two per question), in file order.
-    """
-    return [turn for rec in _mtbench_reference_records(model) for turn in rec["choices"][0]["turns"]]
 
 
 def mtbench_reference_dialogues(model: str = "gpt-4") -> list[list[str]]:

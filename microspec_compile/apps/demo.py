@@ -44,6 +44,7 @@ from ..analysis.results import machine_info
 from ..heads import EagleHead
 from ..linears import TargetConfig, prepare_target, target_weights_label
 from ..linears.packed import PackedLinears
+from ..policy import TARGET_TOPK
 from ..spec import (
     Decoder,
     DecoderConfig,
@@ -97,16 +98,16 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
 
     Every EAGLE way is a ``spec.prepare`` decoder; they share one packing of the target per
     verified size and one of the head's linears."""
-    packed = pack_verification(target, tree) if kw["packed_verify"] else []
+    packed = pack_verification(target, tree) if kw["pack_target"] else []
     # the target alone's one-token steps through the fastest one-row products too
-    one_row = PackedLinears(target, 1) if kw["packed_verify"] else contextlib.nullcontext()
+    one_row = PackedLinears(target, 1) if kw["pack_target"] else contextlib.nullcontext()
     head_linears = pack_head_linears(head, tree)  # once, not per request
 
     def decoder(name: str) -> Decoder:
         config = DecoderConfig(head=name, tree=tree, capacity=capacity, pinned_ids=pinned,
                                target_topk=kw["target_topk"],
                                frequent_ids=frequent if name == "frspec" else None,
-                               pack_target=kw["packed_verify"])
+                               pack_target=kw["pack_target"])
         return prepare(target, head, config, verify_linears=packed if packed else None,
                        draft_linears=head_linears)
 
@@ -153,8 +154,8 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                    tree: TreeConfig | None = None, runs: int = 3, sample: bool = False,
                    temperature: float = 1.0, seed: int = 0, capacity: int = 4096,
                    core: int = DEFAULT_CORE,
-                   target_topk: int = 3,
-                   packed_verify: bool = True, target_weights: str = "auto", model=None,
+                   target_topk: int = TARGET_TOPK,
+                   pack_target: bool = True, target_weights: str = "auto", model=None,
                    head_dir=None,
                    out: str | os.PathLike | None = "demo_results.json", chart: bool = True,
                    progress: bool = True, verbose: bool = True) -> dict:
@@ -171,7 +172,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
         frequent first) pinned in the microspec vocabulary for every request, beside EOS
         and MicroSpec's context policy; 0: the paper's policy alone
     target_topk : the target's top-k per scored position fed to the vocabulary (0: off)
-    packed_verify : the EAGLE ways verify through prepacked fp32 linears of the target for
+    pack_target : the EAGLE ways verify through prepacked fp32 linears of the target for
         the tree's size, and the target alone steps through them packed for one row
         (``linears.PackedLinears``: the fastest kernel per shape, timed at load; on an AMD
         EPYC one row of the LM head took 3.7 ms packed by oneDNN against 7.7 ms with
@@ -220,7 +221,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                                      + frequent[:core].tolist()))
         kw = dict(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
                   eos_token_id=eos, target_topk=target_topk,
-                  packed_verify=packed_verify)
+                  pack_target=pack_target)
         setup.set_postfix_str("packing the target's and the head's linears (kernels timed)")
         ways, vocab, kernels = _ways(target, head, tree, frequent, capacity, pinned, kw)
         setup.update()
@@ -253,7 +254,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                      "runs": runs, "sample": sample, "temperature": temperature if sample else None,
                      "seed": seed, "capacity": capacity, "pinned_core": core,
                      "target_topk": target_topk,
-                     "verify_packed_linears": packed_verify,
+                     "pack_target": pack_target,
                      "packing_kernels": kernels,
                      "frspec_subset": int(frequent.numel()),
                      "prompts": [p["name"] for p in items],

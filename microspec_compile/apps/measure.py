@@ -1,21 +1,28 @@
-"""Interleaved, warmed-up timing of several decoding ways on the same prompts (the demos').
+"""Interleaved, warmed-up timing: of callables (the benchmarks') and of decoding ways (the demos').
 
-A *way* is a callable ``generate(ids [1, P], seed) -> (ids [P + new], SpecStats)``.
-Every way is warmed up first on two prompt lengths (compilation is reported apart,
-as ``warmup_s``), then ``runs`` rounds of all prompts are timed with the ways
-interleaved prompt by prompt, so that machine noise hits them alike.  Reported
-numbers are medians over runs of per-run aggregates (all prompts of a run pooled);
-``tokens_per_s`` is new tokens over wall time, prefill included.
+:func:`interleaved_rounds` times several callables once per round each, in an order
+shuffled every round, so that machine noise and cache state hit them alike; it is the
+one interleaving loop of the project (``bench/common.py`` re-exports it).
+
+:func:`measure_ways` runs it for decoding *ways*, callables
+``generate(ids [1, P], seed) -> (ids [P + new], SpecStats)``: every way is warmed up
+first on two prompt lengths (compilation is reported apart, as ``warmup_s``), then
+``runs`` rounds of all prompts are timed, one interleaved round of the ways per prompt.
+Reported numbers are medians over runs of per-run aggregates (all prompts of a run
+pooled); ``tokens_per_s`` is new tokens over wall time, prefill included.
 """
 from __future__ import annotations
 
+import functools
 import os
+import random
 import statistics
 import time
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["median", "measure_ways", "summarize", "run_fields", "write_report", "fmt",
+__all__ = ["interleaved_rounds", "median", "measure_ways", "summarize", "run_fields", "write_report", "fmt",
            "busy_cores", "demo_threads"]
 
 
@@ -50,6 +57,50 @@ def demo_threads(requested: int, log=print) -> int:
             "choose)")
         return 1
     return torch.get_num_threads()
+
+
+def interleaved_rounds(fns: dict[str, Callable[[], object]], *, min_rounds: int,
+                       max_rounds: Optional[int] = None, budget_s: float = 0.0,
+                       rng: Optional[random.Random] = None, flush: Optional[Callable] = None,
+                       setup: Optional[dict] = None, on_round: Optional[Callable] = None
+                       ) -> dict[str, list[float]]:
+    """Time every callable once per round, in a shuffled order each round (milliseconds).
+
+    Parameters
+    ----------
+    fns : name -> callable with no arguments (the timed call)
+    min_rounds, max_rounds, budget_s : at least ``min_rounds``; more while under
+        ``budget_s`` seconds, at most ``max_rounds`` (default ``min_rounds``)
+    rng : the shuffling generator (default ``random.Random(0)``)
+    flush : called untimed before each timed call (e.g. the benchmarks' cache flusher)
+    setup : name -> callable run untimed before that name's timed call
+    on_round : called with the number of rounds done after each round (progress)
+
+    Returns
+    -------
+    dict
+        name -> list of per-call milliseconds, in round order.
+    """
+    rng = rng or random.Random(0)
+    max_rounds = min_rounds if max_rounds is None else max_rounds
+    setup = setup or {}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        order = list(fns)
+        rng.shuffle(order)
+        for name in order:
+            if name in setup:
+                setup[name]()
+            if flush is not None:
+                flush()
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+        if on_round is not None:
+            on_round(rounds)
+    return samples
 
 
 def median(values):
@@ -93,9 +144,20 @@ def summarize(records: list) -> dict:
     return out
 
 
+def _record(st, run: int, prompt: str) -> dict:
+    """One generation's measurements (``SpecStats``) as a report record, times in ms."""
+    return {"run": run, "prompt": prompt, "new_tokens": st.new_tokens,
+            "seconds": st.total_time, "prefill_s": st.prefill_time,
+            "accepted": st.accepted, "covered": st.covered, "checked": st.checked,
+            "vocab_sizes": st.vocab_sizes, "tree_sizes": st.tree_sizes,
+            "draft_ms": [1e3 * t for t in st.draft_times], "looked_up": st.looked_up,
+            "target_ms": [1e3 * t for t in st.target_times]}
+
+
 def measure_ways(ways: dict, names: list, inputs: list, warm: list, runs: int, seed: int,
                  progress: bool) -> dict:
-    """Warm every way up, then time ``runs`` rounds of all prompts, ways interleaved.
+    """Warm every way up, then time ``runs`` rounds of all prompts, the ways interleaved in
+    a shuffled order for every prompt (:func:`interleaved_rounds`).
 
     Parameters
     ----------
@@ -121,21 +183,20 @@ def measure_ways(ways: dict, names: list, inputs: list, warm: list, runs: int, s
             res["warmup_s"][way] = time.perf_counter() - t
         graphs_before = counters["stats"]["unique_graphs"]
         bar = tqdm(total=runs * len(names) * len(ways), desc="generating", disable=not progress)
+        rng = random.Random(seed)  # the ways' order, shuffled for every prompt
+
+        def generate_and_record(way: str, run: int, name: str, ids: torch.Tensor) -> None:
+            tokens, st = ways[way](ids, seed + run)  # its own SpecStats time it
+            res["records"][way].append(_record(st, run, name))
+            if run == 0:
+                res["outputs"][way][name] = tokens[ids.shape[1]:].tolist()
+
         for run in range(runs):
             for name, ids in zip(names, inputs):
-                for way, generate in ways.items():
-                    tokens, st = generate(ids, seed + run)
-                    res["records"][way].append({
-                        "run": run, "prompt": name, "new_tokens": st.new_tokens,
-                        "seconds": st.total_time, "prefill_s": st.prefill_time,
-                        "accepted": st.accepted, "covered": st.covered, "checked": st.checked,
-                        "vocab_sizes": st.vocab_sizes, "tree_sizes": st.tree_sizes,
-                        "draft_ms": [1e3 * t for t in st.draft_times],
-                        "looked_up": st.looked_up,
-                        "target_ms": [1e3 * t for t in st.target_times]})
-                    if run == 0:
-                        res["outputs"][way][name] = tokens[ids.shape[1]:].tolist()
-                    bar.update()
+                interleaved_rounds(
+                    {way: functools.partial(generate_and_record, way, run, name, ids)
+                     for way in ways},
+                    min_rounds=1, rng=rng, on_round=lambda _: bar.update(len(ways)))
         bar.close()
     res["recompiles"] = counters["stats"]["unique_graphs"] - graphs_before
     return res

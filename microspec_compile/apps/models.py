@@ -42,7 +42,6 @@ __all__ = [
     "default_gguf_path",
     "load_causal_lm",
     "early_exit_draft",
-    "shares_storage",
     "default_cache_dir",
 ]
 
@@ -286,12 +285,3 @@ def early_exit_draft(target: nn.Module, num_layers: int) -> nn.Module:
     draft.generation_config = copy.deepcopy(target.generation_config)
     draft.eval()
     return draft
-
-
-def shares_storage(draft: nn.Module, target: nn.Module) -> bool:
-    """True when every parameter of ``draft`` is a parameter of ``target``.
-
-    Compares ``data_ptr()``: an early-exit draft owns no weight of its own.
-    """
-    target_ptrs = {p.data_ptr() for p in target.parameters()}
-    return all(p.data_ptr() in target_ptrs for p in draft.parameters())

@@ -4,6 +4,7 @@
 * :mod:`.eagle`  EAGLE-2 tree drafting with an EAGLE head, verified in one target forward;
 * :mod:`.tree`   the tree layout, masks and greedy / sampling acceptance;
 * :mod:`.verify` the target's tree forward and KV-cache upkeep;
+* :mod:`.sampling` token choice (greedy, or a draw at a temperature) for every loop;
 * :mod:`.scorers` the LM-head calls (full, microspec-compiled, fixed subset);
 * :mod:`.decoder` the entry point: ``prepare(target, head, DecoderConfig(...)).generate(...)``.
 """

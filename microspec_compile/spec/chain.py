@@ -39,31 +39,11 @@ import torch
 
 from ..hf import cache_kwargs, check_cache_grew
 from ..vocab import find_vocab
+from .sampling import choose, draw, probabilities, uniform
 from .stats import SpecStats, finish
 from .verify import crop_cache, target_session
 
 __all__ = ["autoregressive_generate", "speculative_generate"]
-
-
-def _choose(logits: torch.Tensor, sample: bool, temperature: float, generator):
-    """Token ids ``[n]`` and probabilities ``[n, V]`` (None when greedy) from ``[n, V]`` logits."""
-    if not sample:
-        return logits.argmax(-1), None
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return _draw(probs, generator).squeeze(-1), probs
-
-
-def _rng_device(generator) -> torch.device:
-    """Where draws with ``generator`` are made: its device (None: the host)."""
-    return generator.device if generator is not None else torch.device("cpu")
-
-
-def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
-    """``multinomial(probs, 1)`` drawn where ``generator`` lives (no generator: where
-    ``probs`` are), returned on ``probs``' device."""
-    if generator is None:
-        return torch.multinomial(probs, 1)
-    return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
 
 
 def _forward(model, ids: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
@@ -96,14 +76,14 @@ def autoregressive_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         # Full prefill logits by default, as in speculative_generate: the same prefill
         # graph and cost (an observer-compiled target scores every prompt position).
         logits = _forward(model, input_ids, cache, last_only=not prompt_logits)
-        tok, _ = _choose(logits[-1:], sample, temperature, generator)
+        tok, _ = choose(logits[-1:], sample, temperature, generator)
         crop_cache(cache, input_ids.shape[1])
         stats.prefill_time = time.perf_counter() - t0
         tokens = [int(tok)]
         while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
             t = time.perf_counter()
             logits = _forward(model, tok.view(1, 1), cache)
-            tok, _ = _choose(logits[-1:], sample, temperature, generator)
+            tok, _ = choose(logits[-1:], sample, temperature, generator)
             tokens.append(int(tok))
             stats.target_times.append(time.perf_counter() - t)
     return finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0)
@@ -154,7 +134,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
     # Prefill: the target's last logits give the first token; the draft only
     # needs its KV cache (and observes the prompt ids).
     logits = _forward(target, input_ids, t_cache)
-    cur, _ = _choose(logits[-1:], sample, temperature, generator)
+    cur, _ = choose(logits[-1:], sample, temperature, generator)
     _forward(draft, input_ids, d_cache, last_only=True)
     for cache in (t_cache, d_cache):
         crop_cache(cache, input_ids.shape[1])  # contiguous layout from the first step on
@@ -168,7 +148,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
         drafted, q_probs, x = [], [], cur.view(1, 1)
         for _ in range(gamma):
             t = time.perf_counter()
-            x, q = _choose(_forward(draft, x, d_cache), sample, temperature, generator)
+            x, q = choose(_forward(draft, x, d_cache), sample, temperature, generator)
             stats.draft_times.append(time.perf_counter() - t)
             drafted.append(x)
             q_probs.append(q)
@@ -192,13 +172,12 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
             n = int(agree.cumprod(0).sum())  # longest agreeing prefix
             bonus = target_ids[n]
         else:
-            p = torch.softmax(logits.float() / temperature, dim=-1)
+            p = probabilities(logits, temperature)
             n = 0
             while n < gamma:
                 x_n = drafted[n]
                 ratio = p[n, x_n] / q_probs[n][0, x_n]
-                u = torch.rand((), generator=generator, device=_rng_device(generator))
-                if u >= torch.clamp(ratio, max=1.0):
+                if uniform(generator) >= torch.clamp(ratio, max=1.0):
                     break
                 n += 1
             if n < gamma:  # resample from the residual norm(max(p - q, 0))
@@ -207,7 +186,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
                 dist = residual / total if total > 0 else p[n]
             else:
                 dist = p[gamma]
-            bonus = _draw(dist, generator)[0]
+            bonus = draw(dist, generator)
         emitted = drafted[:n].tolist() + [int(bonus)]
         tokens.extend(emitted)
         stats.accepted.append(n)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..linears.packed import PackedLinears
+from ..policy import TARGET_TOPK
 from .eagle import TreeConfig, eagle_generate, pack_head_linears
 from .scorers import PackedScorer, SubsetTopkScorer, TopkScorer
 
@@ -51,7 +52,7 @@ class DecoderConfig:
     tree: TreeConfig = field(default_factory=TreeConfig)
     capacity: int | None = None
     pinned_ids: tuple = ()
-    target_topk: int = 3
+    target_topk: int = TARGET_TOPK
     frequent_ids: torch.Tensor | None = None
     pack_target: bool = True
 

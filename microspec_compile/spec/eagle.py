@@ -24,10 +24,9 @@ steps 1-3: it verifies the tokens that followed their latest occurrence
 The LM head is called through ``scorer(hidden [N, H]) -> (log-probs [N, k], ids [N, k])``:
 the dense head compiled by Inductor, the same compiled by ``backend="microspec"``
 (sparse over the active vocabulary), or a fixed subset.  With a ``vocab`` the loop
-follows MicroSpec's policy: after prefill the prompt ids and the target's top-3 at
-every prompt position (``spec.scorers.top_ids``: bf16 products where native); after
-every verification the tree tokens, the emitted ones and the target's argmax and
-top-3 at every tree position.
+follows MicroSpec's policy (``microspec_compile.policy``): after prefill the prompt ids
+and the target's top-3 at every prompt position; after every verification the tree
+tokens, the emitted ones and the target's argmax and top-3 at every tree position.
 """
 from __future__ import annotations
 
@@ -39,14 +38,14 @@ from torch import nn
 
 from ..heads import EagleHead
 from ..linears.packed import PackedLinears
+from ..policy import TARGET_TOPK, observe_prompt, observe_verified
 from .attention import gqa_attention
 from .lookup import ContextLookup, chain_tree
-from .scorers import top_ids
+from .sampling import choose_token
 from .stats import SpecStats, finish
 from .tree import DraftTree, causal_mask, select_tree
 from .verify import (
     check_request,
-    choose_token,
     crop_cache,
     keep_path_rows,
     packings,
@@ -181,18 +180,11 @@ class EagleDrafter:
                            min(self.tree.total_tokens, usable + 1))
 
 
-def _observe_verified(vocab, tree: DraftTree, logits: torch.Tensor, emitted, target_topk: int):
-    """MicroSpec's update: tree tokens, emitted tokens, the target's argmax and top-k."""
-    top = logits.topk(max(target_topk, 1), dim=-1).indices  # argmax included
-    dev = vocab.rows.device
-    vocab.observe(torch.cat([tree.tokens.to(dev), torch.tensor(emitted, device=dev),
-                             top.reshape(-1).to(dev)]))
-
-
 @torch.inference_mode()
 def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                    max_new_tokens: int, tree: TreeConfig = TreeConfig(), *, vocab=None,
-                   target_topk: int = 3, sample: bool = False, temperature: float = 1.0,
+                   target_topk: int = TARGET_TOPK, sample: bool = False,
+                   temperature: float = 1.0,
                    eos_token_id: int | None = None, generator=None,
                    verify_linears=None, draft_linears=None):
     """EAGLE-2 speculative decoding of one sequence.
@@ -242,10 +234,8 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         features, logits = prefill(target, input_ids, cache, dtype, all_logits=False)
         root = choose_token(logits[-1], sample, temperature, generator)
         if vocab is not None:
-            vocab.reset()
-            vocab.observe(input_ids)
-            if target_topk:  # the target's top-k at every prompt position
-                vocab.observe(top_ids(target.get_output_embeddings(), features, target_topk))
+            observe_prompt(vocab, input_ids, target.get_output_embeddings(), features,
+                           target_topk)
         stats.prefill_time = time.perf_counter() - t0
         n, tokens = input_ids.shape[1], [root]
         index = ContextLookup(input_ids[0]) if tree.lookup else None
@@ -277,7 +267,7 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                 stats.covered += int(vocab.contains(torch.tensor(emitted, device=dev)).sum())
                 stats.checked += len(emitted)
                 t_stats += time.perf_counter() - t
-                _observe_verified(vocab, draft_tree, logits, emitted, target_topk)
+                observe_verified(vocab, draft_tree.tokens, logits, emitted, target_topk)
             stats.accepted.append(len(path) - 1)
             stats.tree_sizes.append(len(draft_tree))
             keep_path_rows(cache, n, path)

@@ -18,9 +18,10 @@ import time
 
 import torch
 
+from .sampling import choose_token
 from .stats import SpecStats, finish
 from .tree import DraftTree
-from .verify import check_request, choose_token, keep_path_rows, prefill, target_session, verify_and_accept
+from .verify import check_request, keep_path_rows, prefill, target_session, verify_and_accept
 
 __all__ = ["ContextLookup", "chain_tree", "lookup_generate"]
 

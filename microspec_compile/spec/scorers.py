@@ -7,9 +7,7 @@
   tokens), renormalised over the subset, ids mapped back to the vocabulary;
 * :class:`PackedScorer`: a scorer whose fp32 CPU linears run prepacked for each row
   count it is called with (``linears.PackedLinears``): the dense head as fast as this
-  project can make it on a CPU, the strong baseline;
-* :func:`top_ids`: the target's top-k ids at many positions (the prompt's, which
-  MicroSpec's policy adds to the vocabulary), in bf16 where the CPU has bf16 products.
+  project can make it on a CPU, the strong baseline.
 """
 from __future__ import annotations
 
@@ -18,14 +16,9 @@ import contextlib
 import torch
 from torch import nn
 
-from ..cpu import cpu_flags
 from ..linears.packed import PackedLinears
 
-__all__ = ["TopkScorer", "SubsetTopkScorer", "PackedScorer", "top_ids", "fast_bf16_products"]
-
-# an LM-head weight's bf16 copy lives on the weight (as its vocabulary does):
-# (weight._version when copied, copy)
-_BF16_ATTR = "_microspec_bf16_copy"
+__all__ = ["TopkScorer", "SubsetTopkScorer", "PackedScorer"]
 
 
 class TopkScorer(nn.Module):
@@ -86,46 +79,3 @@ class PackedScorer:
         rows = hidden.numel() // hidden.shape[-1]
         with self.packings.get(rows) or contextlib.nullcontext():
             return self.scorer(hidden)
-
-
-def fast_bf16_products(device: torch.device) -> bool:
-    """Whether bf16 matrix products are native on ``device``: CUDA, or a CPU with
-    AVX512-BF16 or AMX-BF16 (oneDNN emulates them elsewhere, slower than fp32)."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def _bf16_copy(weight: torch.Tensor) -> torch.Tensor:
-    version, copy = getattr(weight, _BF16_ATTR, (None, None))
-    if copy is None or version != weight._version:  # made once; again if changed in place
-        copy = weight.detach().to(torch.bfloat16)
-        setattr(weight, _BF16_ATTR, (weight._version, copy))
-    return copy
-
-
-@torch.no_grad()
-def top_ids(lm_head: nn.Module, hidden: torch.Tensor, k: int, rows: int = 256) -> torch.Tensor:
-    """``[N, k]`` ids of the ``k`` highest scores of ``lm_head`` (``Linear(H, V)``) at each
-    row of ``hidden [N, H]``, ``rows`` rows at a time.
-
-    For the vocabulary's policy, never for choosing a token: where bf16 products are
-    native (:func:`fast_bf16_products`) the scores are computed in bf16 from a copy of
-    the weight made once (the prompt's 210 rows x 49152: 21 vs 97 ms in fp32 on an
-    AMD EPYC with AVX512-BF16), so near-ties may rank otherwise than in fp32; that only
-    changes which ids the vocabulary holds, and the target verifies every token.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    if not hidden.is_floating_point():
-        raise TypeError(f"hidden must be float features, got dtype {hidden.dtype}")
-    if hidden.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden must be [N, {weight.shape[1]}], got {list(hidden.shape)}")
-    if fast_bf16_products(weight.device) and weight.dtype != torch.bfloat16:
-        weight, hidden = _bf16_copy(weight), hidden.to(torch.bfloat16)
-        bias = None if bias is None else bias.to(torch.bfloat16)
-    else:
-        hidden = hidden.to(weight.dtype)
-    return torch.cat([torch.nn.functional.linear(chunk, weight, bias).topk(k, dim=-1).indices
-                      for chunk in hidden.split(rows)])

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampling import draw, uniform
+
 __all__ = ["DraftTree", "select_tree", "accept_greedy", "accept_sampling", "causal_mask"]
 
 
@@ -182,7 +184,7 @@ def accept_sampling(tree: DraftTree, target_probs: torch.Tensor,
         accepted = None
         for child in kids[node]:
             x = tokens[child]
-            if torch.rand((), generator=generator, dtype=torch.float64, device="cpu") < p[x]:
+            if uniform(generator) < p[x]:
                 accepted = child
                 break
             p[x] = 0.0
@@ -193,6 +195,6 @@ def accept_sampling(tree: DraftTree, target_probs: torch.Tensor,
         if accepted is None:
             if p.sum() <= 0:
                 p = target_probs[node].double()
-            return path, int(torch.multinomial(p, 1, generator=generator))
+            return path, int(draw(p, generator))
         node = accepted
         path.append(node)

@@ -18,9 +18,10 @@ from ..hf import cache_kwargs, check_cache_grew
 from ..linears import needs_exact_attention
 from .attention import decoding_session, layer_masks
 from .cache import BufferedLayer
+from .sampling import probabilities
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask
 
-__all__ = ["target_session", "check_request", "choose_token", "target_forward", "verify_tree",
+__all__ = ["target_session", "check_request", "target_forward", "verify_tree",
            "verify_and_accept", "packings", "packing_for", "keep_path_rows", "crop_cache"]
 
 
@@ -43,16 +44,6 @@ def check_request(input_ids: torch.Tensor, vocab_size: int, sample: bool,
         raise ValueError(f"input_ids must be a non-empty prompt of ids in [0, {vocab_size})")
     if sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-
-
-def choose_token(logits_row: torch.Tensor, sample: bool, temperature: float, generator) -> int:
-    """The token after the prompt: the argmax, or a draw at ``temperature``."""
-    if not sample:
-        return int(logits_row.argmax())
-    probs = torch.softmax(logits_row.double() / temperature, -1)
-    if generator is not None:  # drawn where the generator lives (a CPU one: on the host)
-        probs = probs.to(generator.device)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def target_forward(target, ids: torch.Tensor, cache, position_ids: torch.Tensor,
@@ -127,7 +118,7 @@ def verify_and_accept(target, tree: DraftTree, cache, past: int, stats, *,
         features, logits = verify_tree(target, tree, cache, past, dtype)
     stats.target_times.append(time.perf_counter() - t)
     if sample:
-        probs = torch.softmax(logits.double() / temperature, -1).cpu()
+        probs = probabilities(logits, temperature).cpu()
         path, bonus = accept_sampling(tree, probs, generator)
     else:
         path, bonus = accept_greedy(tree, logits.argmax(-1).cpu())
