@@ -110,21 +110,28 @@ class LayerOnly(nn.Module):
         return self.body(input_ids, positions)
 
 
-def tree_step(fn, root: torch.Tensor) -> list[torch.Tensor]:
+def tree_step(fn, root: torch.Tensor, cuda_graphs: bool = False) -> list[torch.Tensor]:
     """EAGLE-2 tree expansion: 1 row, then DEPTHS x 10 rows; returns the fed id tensors.
 
-    Each depth feeds the 10 best of the previous call's 10 x 10 candidates by
-    cumulative log-probability (the tree selection runs eagerly, as in EAGLE).
+    ``fn(ids [1, n], positions [1, n]) -> (log-probs [1, n, k], ids [1, n, k])``. Each depth
+    feeds the 10 best of the previous call's 10 x 10 candidates by cumulative log-probability
+    (the tree selection runs eagerly, as in EAGLE). ``cuda_graphs``: mark a new step before
+    every call (the previous outputs are dead, so CUDA graphs may reuse their memory).
     """
+    mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if cuda_graphs else None
+    if mark is not None:
+        mark()
     fed = [root]
     values, ids = fn(root, torch.full_like(root, KV_LEN))
-    parent = torch.zeros(1, dtype=torch.float32)
+    parent = torch.zeros(1, dtype=torch.float32, device=root.device)
     for depth in range(1, DEPTHS + 1):
         scores = (values[0].float() + parent[:, None]).flatten()
         best = torch.topk(scores, TOP_K)
         parent = best.values
         nxt = ids[0].flatten()[best.indices].view(1, TOP_K)
         fed.append(nxt)
+        if mark is not None:
+            mark()
         values, ids = fn(nxt, torch.full_like(nxt, KV_LEN + depth))
     return fed
 

@@ -43,34 +43,12 @@ from gpu_head_latency import Timer, bandwidth_gbs  # noqa: E402
 import microspec_compile as mc  # noqa: E402
 
 from common import emit_table  # noqa: E402
-from draft_model import DEPTHS, KV_LEN, Body  # noqa: E402
+from draft_model import DEPTHS, KV_LEN, Body, tree_step  # noqa: E402
 from heads import TOP_K, dense_head  # noqa: E402
 from shapes import DTYPES, SHAPES, Shape  # noqa: E402
 
 PROVIDERS = ("dense", "ms_sync", "ms_async")
 TINY = Shape(1000, 64, 4, 2, 128)
-
-
-def tree_step(fn, root: torch.Tensor) -> torch.Tensor:
-    """EAGLE-2 expansion on the device: 1 row, then ``DEPTHS`` x ``TOP_K`` rows.
-
-    ``fn(ids [1, n], positions [1, n]) -> (log-probs [1, n, k], ids [1, n, k])``.
-    Returns the last depth's ids ``[1, TOP_K]`` (a value to wait on).
-    """
-    mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
-    if mark is not None:
-        mark()
-    values, ids = fn(root, torch.full_like(root, KV_LEN))
-    parent = torch.zeros(1, device=root.device)
-    for depth in range(1, DEPTHS + 1):
-        scores = (values[0].float() + parent[:, None]).flatten()
-        best = torch.topk(scores, TOP_K)
-        parent = best.values
-        nxt = ids[0].flatten()[best.indices].view(1, TOP_K)
-        if mark is not None:
-            mark()  # the previous outputs are dead: CUDA graphs may reuse their memory
-        values, ids = fn(nxt, torch.full_like(nxt, KV_LEN + depth))
-    return ids.clone()
 
 
 def build(provider: str, cuda_graphs: bool, weight, body, args):
@@ -137,9 +115,9 @@ def run_table(args) -> list[str]:
                 try:
                     fn = build(provider, cuda_graphs, weight, body, args)
                     t0 = time.perf_counter()
-                    tree_step(fn, root)  # compile (1 row and 10 rows)
+                    tree_step(fn, root, cuda_graphs=True)  # compile (1 row and 10 rows)
                     compile_s = time.perf_counter() - t0
-                    ms = timer(lambda fn=fn: tree_step(fn, root))
+                    ms = timer(lambda fn=fn: tree_step(fn, root, cuda_graphs=True))
                 except Exception as e:  # one broken provider must not hide the others
                     lines.append(f"{name:<14}  failed: {type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:150] if str(e) else ''}")
@@ -167,13 +145,13 @@ def sync_check(args) -> list[str]:
                 name = provider + ("+cg" if cuda_graphs else "")
                 fn = build(provider, cuda_graphs, weight, body, args)
                 for _ in range(3):  # compile, CUDA-graph warm-up, record
-                    tree_step(fn, root)
+                    tree_step(fn, root, cuda_graphs=True)
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.set_sync_debug_mode("error")
                 try:
                     for _ in range(3):
-                        tree_step(fn, root)
+                        tree_step(fn, root, cuda_graphs=True)
                     lines.append(f"{name}: no host sync in 3 compiled tree steps: OK" if cuda
                                  else f"{name}: 3 compiled tree steps ran (CPU: unchecked)")
                 except Exception as e:

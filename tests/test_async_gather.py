@@ -17,34 +17,20 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from tiny_models import H, TinyDraft, V
 from torch._dynamo.utils import counters
 
 import microspec_compile as mc
 from microspec_compile.kernels import async_gather, ops
 from microspec_compile.kernels.state import VocabState
 
-V, H, CAP = 1200, 32, 256
+CAP = 256
 OPS = torch.ops.microspec
 backend_module = importlib.import_module("microspec_compile.backend")  # the package exports
 # a function of the same name
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])]
-
-
-class TinyDraft(nn.Module):
-    """Embedding -> two Linear layers -> LM head -> log-softmax top-k (EAGLE-like)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(V, H)
-        self.mlp = nn.Sequential(nn.Linear(H, 4 * H), nn.SiLU(), nn.Linear(4 * H, H))
-        self.lm_head = nn.Linear(H, V, bias=False)
-
-    def forward(self, ids):
-        h = self.embed(ids)
-        h = h + self.mlp(h)
-        return self.lm_head(h)[:, -1, :].log_softmax(-1).topk(4)
 
 
 def tiny_llama():
@@ -132,7 +118,7 @@ def test_wait_sits_after_the_layers_immediately_before_the_head(name):
 
 
 def test_switch_off_restores_the_synchronous_observe():
-    compiled, graphs = compile_capturing(TinyDraft(), inductor=False, async_gather=False)
+    compiled, graphs = compile_capturing(TinyDraft(tied=False), inductor=False, async_gather=False)
     counters.clear()
     with torch.no_grad():
         compiled(step_inputs(1)[0])
@@ -158,7 +144,7 @@ def test_switch_off_restores_the_synchronous_observe():
                                        ("auto", "reduce-overhead")])
 def test_async_outputs_equal_the_synchronous_path_bit_for_bit(device, path, mode):
     torch.manual_seed(0)
-    model = TinyDraft().to(device).eval()
+    model = TinyDraft(tied=False).to(device).eval()
     twin = copy.deepcopy(model)  # its own head weight, so its own vocabulary
     extra = {} if mode is None else {"mode": mode}
     counters.clear()
@@ -198,7 +184,7 @@ def test_state_placeholders_are_static_cuda_graph_inputs(capfd):
     mutated inputs``). Read from its own log: there is no public query."""
     torch._logging.set_logs(cudagraph_static_inputs=True)
     try:
-        compiled, graphs = compile_capturing(TinyDraft().eval(), mode="reduce-overhead")
+        compiled, graphs = compile_capturing(TinyDraft(tied=False).eval(), mode="reduce-overhead")
         with torch.no_grad():
             compiled(step_inputs(1)[0])
     finally:
@@ -215,7 +201,7 @@ def test_inductor_keeps_both_ops_in_place():
     than the sparse head itself (and would break the asynchronous update)."""
     from torch._inductor.utils import run_and_get_code
 
-    compiled, _ = compile_capturing(TinyDraft().eval())
+    compiled, _ = compile_capturing(TinyDraft(tied=False).eval())
     with torch.no_grad():
         _, (code,) = run_and_get_code(compiled, step_inputs(1)[0])
     calls = [line for line in code.splitlines() if "torch.ops.microspec.observe" in line]
@@ -241,7 +227,7 @@ def test_config_is_validated(config, match):
 
 
 def test_torch_compile_options_are_refused():
-    compiled = torch.compile(TinyDraft(), backend="microspec", options={"max_autotune": True})
+    compiled = torch.compile(TinyDraft(tied=False), backend="microspec", options={"max_autotune": True})
     with pytest.raises(Exception, match="options"):
         compiled(step_inputs(1)[0])
 
@@ -289,8 +275,8 @@ def test_capture_failure_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for _ in range(2):  # two models, two graphs: one warning
-            compiled, graphs = compile_capturing(TinyDraft().eval(), inductor=False)
-            compiled_cg, graphs_cg = compile_capturing(TinyDraft().eval(), mode="reduce-overhead")
+            compiled, graphs = compile_capturing(TinyDraft(tied=False).eval(), inductor=False)
+            compiled_cg, graphs_cg = compile_capturing(TinyDraft(tied=False).eval(), mode="reduce-overhead")
             with torch.no_grad():
                 compiled(step_inputs(1)[0])
                 compiled_cg(step_inputs(1)[0])

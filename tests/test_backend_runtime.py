@@ -6,27 +6,10 @@ import importlib.metadata
 import pytest
 import torch
 import torch.nn as nn
+from tiny_models import H, TinyDraft, V
 from torch._dynamo.utils import counters
 
 import microspec_compile as mc
-
-V, H = 1200, 32
-
-
-class TinyDraft(nn.Module):
-    """Embedding -> one MLP block -> tied LM head -> log-softmax top-k (EAGLE-like)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(V, H)
-        self.mlp = nn.Sequential(nn.Linear(H, 4 * H), nn.SiLU(), nn.Linear(4 * H, H))
-        self.lm_head = nn.Linear(H, V, bias=False)
-        self.lm_head.weight = self.embed.weight
-
-    def forward(self, ids):
-        h = self.embed(ids)
-        h = h + self.mlp(h)
-        return self.lm_head(h)[:, -1, :].log_softmax(-1).topk(4)
 
 
 def test_entry_point_registers_backend():
