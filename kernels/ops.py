@@ -30,6 +30,8 @@ call them through the wrappers at the end of this module, which take a
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 from typing import Optional
 
 import torch
@@ -43,6 +45,19 @@ _LIB = "microspec"
 # The ops this module defines, as ``torch.ops.microspec.<name>``.
 OPS = ("observe", "sparse_topk", "sparse_full", "observe_start", "observe_wait")
 _STATE = ("rows", "ids", "member", "last_seen", "count", "step")
+
+
+@functools.cache
+def schema_digest() -> str:
+    """A digest of every ``microspec::`` op's schema (16 hex digits).
+
+    Inductor's generated code calls the ops with their argument names, and its on-disk
+    caches do not key on custom ops' schemas: after a schema change (an argument renamed)
+    a graph cached by the older package fails to run ("Unknown keyword argument").
+    ``graph.compile_graph`` adds this digest to the cache key, so that never happens.
+    """
+    schemas = "\n".join(str(getattr(torch.ops.microspec, name).default._schema) for name in OPS)
+    return hashlib.sha256(schemas.encode()).hexdigest()[:16]
 
 
 def check_tokens(tokens: torch.Tensor, vocab_size: int, host_check: bool = True) -> None:

@@ -12,6 +12,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from .kernels import ops
+
 __all__ = ["clone_graph", "real_values", "fake_tensor", "compile_graph", "warn_no_head"]
 
 
@@ -87,7 +89,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, *, inductor: bool = 
     from torch._inductor import config as inductor_config
     from torch._inductor import list_mode_options
 
-    with inductor_config.patch(list_mode_options(mode)):
+    # Inductor's caches key on this tag: the ops' schema digest keeps a graph cached under
+    # another schema (an older package) from being loaded (kernels.ops.schema_digest)
+    tag = f"{torch.compiler.config.cache_key_tag}microspec-ops-{ops.schema_digest()}"
+    with inductor_config.patch(list_mode_options(mode)), \
+            torch.compiler.config.patch(cache_key_tag=tag):
         if decompose:
             from .kernels.inductor_head import compile_with_decompositions
 

@@ -224,3 +224,35 @@ def test_existing_vocabulary_with_other_settings_is_a_clear_error():
 def test_observer_refuses_settings_it_does_not_use(name):
     with pytest.raises(TypeError, match=repr(name)):
         mc.observer(nn.Linear(H, V, bias=False), **{name: None})
+
+
+# Why: Inductor's generated code calls our ops by argument name and its on-disk caches do not
+# key on custom ops' schemas; renaming an argument (impl -> path, 2026-12-05) made a graph
+# cached by the older package fail with "Unknown keyword argument". The backend compiles
+# under a cache key tag holding the schemas' digest (the user's own tag kept in front).
+@pytest.mark.parametrize("path", ["torch", "inductor"])
+def test_inductor_caches_key_on_the_ops_schemas(path, monkeypatch):
+    import hashlib
+
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from microspec_compile.kernels import ops
+
+    tags = []
+
+    def record(gm, example_inputs, *args, **kwargs):
+        tags.append(torch.compiler.config.cache_key_tag)
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", record)
+    torch._dynamo.reset()
+    model = TinyDraft().eval()
+    compiled = torch.compile(model, backend=mc.backend(path=path, capacity=256))
+    with torch.no_grad(), torch.compiler.config.patch(cache_key_tag="user-tag-"):
+        compiled(torch.randint(0, V, (1, 5)))
+    schemas = "\n".join(str(getattr(torch.ops.microspec, n).default._schema) for n in ops.OPS)
+    digest = hashlib.sha256(schemas.encode()).hexdigest()[:16]
+    assert tags and all(tag == f"user-tag-microspec-ops-{digest}" for tag in tags), tags
+    renamed = schemas.replace('str path="auto"', 'str impl="auto"')
+    assert renamed != schemas
+    assert hashlib.sha256(renamed.encode()).hexdigest()[:16] != digest
