@@ -34,7 +34,7 @@ class MicrospecConfig:
     head : if set, only a head whose weight's graph name contains this string
     observe_inputs : observe the ids feeding the embedding on every call
     path : kernel path for the sparse head, ``"auto"``, ``"torch"``, ``"inductor"``
-        or ``"triton"`` (translated in one place, ``kernels/dispatch.py``)
+        or ``"triton"``; the ops take it as is (resolved per device in ``kernels/dispatch.py``)
     inductor : whether to compile the rewritten graph with Inductor (else run it eagerly)
     async_gather : with ``observe_inputs``, observe through ``microspec::observe_start``
         / ``observe_wait``: on CUDA the new rows are gathered on a side stream while
