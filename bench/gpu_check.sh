@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of microspec-compile in one run (--quick: under 5 minutes; else 8).
+# GPU check of microspec-compile in one run (--quick: under 5 minutes; else under 10).
 #
 #   a. native kernel tests: tests/test_kernels.py, tests/test_async_gather.py and
 #      tests/test_device_guards.py (CUDA tensors, compiled Triton; the kernels agreeing
@@ -12,11 +12,14 @@
 #   c. the compiled EAGLE-2-shaped draft step at Llama-3-8B shapes (bf16, random weights,
 #      one decoder layer over a 512-token KV cache, 1 row then 10 rows per depth, depth 6):
 #      dense vs microspec sync vs microspec async, each with and without CUDA graphs, with
-#      the memory-bandwidth floor beside each figure (--quick: dense and microspec async,
+#      the memory-bandwidth floor beside each figure (--quick: dense and microspec sync, the default,
 #      CUDA graphs only);
-#   d. a full EAGLE-2 round (draft tree + tree verification): Llama-3-8B-shaped target with
-#      4 layers (--quick: 2), random weights, bf16; dense vs microspec head; greedy outputs
-#      must agree.
+#   d. full EAGLE-2 rounds end to end (issue 26, point 4): a Llama-3-8B-shaped target with all
+#      32 layers (--quick: 2), random weights, bf16; dense, FR-Spec (32k ids) and microspec
+#      heads built by spec.prepare at the same tree (depth 6, top_k 10, 60 tokens, no lookup);
+#      per-round medians of draft / verification / round time, tokens per round, each head's
+#      end-to-end ratio to dense and microspec's goals (>= 1.35x end to end, draft <= 0.5x);
+#      the greedy outputs of the three heads must agree.
 #
 # Each step runs under its own time limit and stops at its first failure (pytest -x, the
 # scripts' --fail-fast); a failed step is recorded and the next one runs. Writes
@@ -73,25 +76,32 @@ if ! "$PY" -c "import microspec_compile.kernels.async_gather" 2>>"$OUT"; then
 fi
 
 # Limits add up to 285 s with --quick (under 5 minutes: a rerun fits in a session's GPU time), to
-# 480 s without. Every step stops at its first failure: pytest -x, the scripts --fail-fast.
+# 570 s without. Every step stops at its first failure: pytest -x, the scripts --fail-fast.
+# --quick's a-c limits are 1.3-1.5x the times of the H200 run of 2026-12-04 (a 48-53 s, b1 14-20,
+# b2 30-38, c 31-35; bench/results/gpu_check.txt). Step d's are estimates until a GPU run: that
+# run's d took 39 s for two heads (about 19 s of start-up and model building, 18 s compiling the
+# dense head, 2 s the microspec one); a third Inductor head (FR-Spec) adds about 20 s (--quick:
+# about 60 s in all, limit 85). With 32 layers, building the target (~16 GB) adds 10-20 s and the
+# timed requests up to ~25 s (3 heads x 24 rounds x <= 0.35 s): about 100-120 s, limit 180.
 PYTEST=("$PY" -m pytest -q -x -p no:cacheprovider)
 TESTS=(tests/test_kernels.py tests/test_async_gather.py tests/test_device_guards.py)
 if [ "$QUICK" = 1 ]; then
-    step "a. kernel tests (quick)" 80 "${PYTEST[@]}" "${TESTS[@]}" -m cuda \
+    step "a. kernel tests (quick)" 70 "${PYTEST[@]}" "${TESTS[@]}" -m cuda \
         -k "not inductor and not None-cuda and not training"
     step "b1. no host sync: ops" 30 "$PY" bench/gpu_head_latency.py --sync-check --fail-fast
-    step "b2. no host sync: step" 75 "$PY" bench/gpu_draft_step.py --sync-check --shape smollm2 \
+    step "b2. no host sync: step" 55 "$PY" bench/gpu_draft_step.py --sync-check --shape smollm2 \
         --providers ms_async --fail-fast
-    step "c. draft step (quick)" 50 "$PY" bench/gpu_draft_step.py --quick --cuda-graphs-only \
-        --providers dense,ms_async --fail-fast
-    step "d. EAGLE-2 round (quick)" 50 "$PY" bench/gpu_eagle_round.py --quick --fail-fast
+    step "c. draft step (quick)" 45 "$PY" bench/gpu_draft_step.py --quick --cuda-graphs-only \
+        --providers dense,ms_sync --fail-fast
+    step "d. EAGLE-2 round (quick)" 85 "$PY" bench/gpu_eagle_round.py --quick --fail-fast
 else
     step "a. kernel tests" 160 "${PYTEST[@]}" "${TESTS[@]}"
     step "b1. no host sync: ops" 30 "$PY" bench/gpu_head_latency.py --sync-check --fail-fast
     step "b2. no host sync: step" 70 "$PY" bench/gpu_draft_step.py --sync-check --shape smollm2 \
         --fail-fast
     step "c. draft step" 130 "$PY" bench/gpu_draft_step.py --fail-fast
-    step "d. EAGLE-2 round" 90 "$PY" bench/gpu_eagle_round.py --fail-fast
+    step "d. EAGLE-2, 32 layers" 180 "$PY" bench/gpu_eagle_round.py --layers 32 \
+        --fail-fast
 fi
 
 log "=== steps ==="

@@ -8,8 +8,8 @@ tree selection between calls on the device. Providers, each compiled with and
 without CUDA graphs (``mode="reduce-overhead"``, suffix ``+cg``):
 
 - ``dense``      plain Inductor;
-- ``ms_sync``    ``backend=microspec_compile.backend(async_gather=False)``;
-- ``ms_async``   the same with the asynchronous gather (the default).
+- ``ms_sync``    ``backend=microspec_compile.backend()`` (the synchronous observe, the default);
+- ``ms_async``   the same with the asynchronous gather (``async_gather=True``).
 
 Beside each median: the memory-bandwidth floor of the step, the bytes it must read
 (per call: the layer's weights, the KV cache, the head rows scored: all V rows for

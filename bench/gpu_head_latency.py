@@ -16,6 +16,14 @@ read + hidden read + output written) over the bandwidth of a large device copy
 measured in the same run. The L2 / LLC is flushed before every timed call (a draft's
 decoder layer runs between two head calls) unless ``--warm-cache``.
 
+``--variants [SPEC,...]`` instead times the Triton head's tile kernels side by side at
+the same shapes, called directly (no op wrapper), each with its floor, its tunables and
+its largest difference from the first variant (ids must match): a SPEC is ``dot`` or
+``gemv`` (``triton_sparse_head.pick_tunables`` with that kernel forced) with optional
+``:field=value`` overrides of ``Tunables``, e.g. ``gemv:block_r=128:merge_keys=1024``;
+without a list, ``dot,gemv``. ``--gemv-max-rows`` sets the row threshold of the GEMV
+kernel (``GEMV_MAX_ROWS``) for every table.
+
 ``--compile-check`` compiles the decode-path kernels for sm_90 without a GPU.
 ``--sync-check`` instead runs a few decode steps (observe, observe_start / observe_wait +
 sparse head, triton and torch paths) under ``torch.cuda.set_sync_debug_mode("error")``: any host sync
@@ -27,10 +35,13 @@ Usage::
 
     python bench/gpu_head_latency.py                      # CUDA, V=128256 H=4096 bf16
     python bench/gpu_head_latency.py --device cpu --smoke # tiny shapes, interpreter
+    python bench/gpu_head_latency.py --variants --rows 1,2,4,8,10 --outputs topk
+    python bench/gpu_head_latency.py --variants dot,gemv,gemv:block_r=32,gemv:num_warps=8
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -114,13 +125,13 @@ def head_graph(output, k, vocab):
     return head
 
 
-def run_table(args) -> list[str]:
+def setup(args):
+    """(device, dtype, generator, weight, state, timer, floor_ms, header lines) of a table."""
     dev = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden ** 0.5).to(dtype).to(dev)
     state = make_state(weight, args.cap, args.active, gen)
-    ids = state.ids
     timer = Timer(dev, args.iters, args.warmup, 0 if args.warm_cache else args.flush_mb)
     bw = bandwidth_gbs(dev)
     item = weight.element_size()
@@ -130,12 +141,18 @@ def run_table(args) -> list[str]:
              f" {args.dtype} k={args.k} copy bandwidth {bw:.0f} GB/s"
              f" {'warm cache' if args.warm_cache else 'cache flushed'}",
              f"{'provider':<18}{'output':<7}{'rows':>5}{'ms':>10}{'floor ms':>10}{'x floor':>9}"]
-    k = args.k
 
     def floor_ms(weight_rows, n, out_elems):
+        """Bytes the call must move (rows read, hidden read, output written) / bandwidth."""
         moved = (weight_rows * args.hidden + n * args.hidden + out_elems) * item
         return moved / (bw * 1e9) * 1e3
 
+    return dev, dtype, gen, weight, state, timer, floor_ms, lines
+
+
+def run_table(args) -> list[str]:
+    dev, dtype, gen, weight, state, timer, floor_ms, lines = setup(args)
+    ids, k = state.ids, args.k
     for n in args.rows:
         x = torch.randn(n, args.hidden, generator=gen).to(dtype).to(dev)
         for output in args.outputs:
@@ -184,6 +201,72 @@ def run_table(args) -> list[str]:
         ms = timer(lambda st=st, fn=fn: fn(st, weight, toks))
         fl = floor_ms(5, 0, 0)
         lines.append(f"{name:<18}{'-':<7}{70:>5}{ms:>10.4f}{fl:>10.4f}{ms / fl:>9.1f}")
+    return lines
+
+
+def parse_variant(spec: str, n_rows: int, dtype, interpreted: bool):
+    """``dot`` / ``gemv`` [``:field=value``...] -> the ``Tunables`` for ``n_rows`` rows."""
+    from microspec_compile.kernels import triton_sparse_head as tsh
+
+    kind, *overrides = spec.split(":")
+    if kind not in ("dot", "gemv"):
+        raise ValueError(f"a variant is dot or gemv[:field=value...], got {spec!r}")
+    tunables = tsh.pick_tunables(n_rows, dtype, interpreted, gemv=kind == "gemv")
+    fields = {f.name for f in dataclasses.fields(tsh.Tunables)} - {"gemv"}
+    changes = {}
+    for item in overrides:
+        field, _, value = item.partition("=")
+        if field not in fields:
+            raise ValueError(f"{spec!r}: {field!r} is not one of {sorted(fields)}")
+        changes[field] = int(value)
+    return dataclasses.replace(tunables, **changes)
+
+
+def run_variants(args) -> list[str]:
+    """The tile kernels side by side (``--variants``): each variant's time and floor, its
+    tunables, and its largest difference from the first variant's output."""
+    from microspec_compile.kernels import triton_sparse_head as tsh
+
+    dev, dtype, gen, weight, state, timer, floor_ms, lines = setup(args)
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    specs = args.variants.split(",")
+    lines[1] += "  max|diff|  tunables"
+    head = (state.rows, state.ids, state.count, None)
+    for n in args.rows:
+        x = torch.randn(n, args.hidden, generator=gen).to(dtype).to(dev)
+        for output in args.outputs:
+            out_elems = n * (args.k * 2 if output == "topk" else args.vocab)
+            fl = floor_ms(args.active, n, out_elems)
+            first = None
+            for spec in specs:
+                tunables = parse_variant(spec, n, dtype, interpreted)
+                if output == "topk":
+                    def call(t=tunables):
+                        return tsh.sparse_topk_triton(x, *head, args.k, "log_softmax", tunables=t)
+                else:
+                    def call(t=tunables):
+                        return (tsh.sparse_full_triton(x, *head, args.vocab, "log_softmax",
+                                                       tunables=t), None)
+                label = f"triton_{spec.split(':')[0]}"
+                try:
+                    values, token_ids = call()
+                    if first is None:
+                        first = (values, token_ids)
+                    elif token_ids is not None and not torch.equal(token_ids, first[1]):
+                        raise AssertionError(f"other ids than {specs[0]}")
+                    diff = (values.float() - first[0].float()).nan_to_num(0.0, 0.0, 0.0).abs().max()
+                    ms = timer(call)
+                except Exception as e:  # one broken variant must not hide the others
+                    lines.append(f"{label:<18}{output:<7}{n:>5}  failed: {spec}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:120] if str(e) else ''}")
+                    if args.fail_fast:
+                        emit_table(lines, args.out)
+                        raise
+                    continue
+                tun = ",".join(f"{f.name}={getattr(tunables, f.name)}"
+                               for f in dataclasses.fields(tunables) if f.name != "gemv")
+                lines.append(f"{label:<18}{output:<7}{n:>5}{ms:>10.4f}{fl:>10.4f}{ms / fl:>9.3g}"
+                             f"{float(diff):>11.2e}  {tun}")
     return lines
 
 
@@ -253,6 +336,11 @@ def compile_check(arch: int = 90) -> str:
                 stride_on=i32, has_bias=i32)
     compile_(tsh._tile_kernel, tile, dict(DO_TOPK=True, FULL=1, C=16, UPCAST=False,
                                           PRECISION="tf32", BLOCK_N=16, BLOCK_R=16, BLOCK_K=128))
+    for n_rows in (1, 8):  # the GEMV tile kernel's smallest and largest row blocks
+        t = tsh.pick_tunables(n_rows, torch.bfloat16, interpreted=False, gemv=True)
+        compile_(tsh._gemv_kernel, tile, dict(DO_TOPK=True, FULL=1, C=16, UPCAST=False,
+                                              PRECISION="tf32", BLOCK_N=t.block_n,
+                                              BLOCK_R=t.block_r, BLOCK_K=t.block_k))
     merge = dict(m_in=f32, s_in=f32, key_in=i64, m_out=f32, s_out=f32, key_out=i64, ids_ptr=i64,
                  count_ptr=i64, val_ptr=bf16, tok_ptr=i64, lse_ptr=f32, T_in=i32, T_out=i32,
                  SPAN=i32, K=i32, mode=i32)
@@ -266,7 +354,7 @@ def compile_check(arch: int = 90) -> str:
     copy = dict(work_ptr=i64, n_tok=i32, rows_ptr=bf16, w_ptr=bf16, H=i32, CAP=i32,
                 stride_rr=i32, stride_rk=i32, stride_wv=i32, stride_wk=i32)
     compile_(tobs._copy_kernel, copy, dict(BLOCK_T=64, BLOCK_H=128))
-    return f"tile, merge, assign and copy kernels compiled for sm_{arch}"
+    return f"tile (tl.dot and GEMV), merge, assign and copy kernels compiled for sm_{arch}"
 
 
 def main(argv=None):
@@ -289,6 +377,10 @@ def main(argv=None):
     p.add_argument("--sync-check", action="store_true")
     p.add_argument("--fail-fast", action="store_true",
                    help="stop at the first failed provider (exit 1)")
+    p.add_argument("--variants", nargs="?", const="dot,gemv", default=None, metavar="SPEC,...",
+                   help="time the Triton tile kernels side by side (default: dot,gemv)")
+    p.add_argument("--gemv-max-rows", type=int, default=None,
+                   help="rows up to which the Triton head runs its GEMV tile kernel")
     p.add_argument("--compile-check", action="store_true",
                    help="compile the kernels for sm_90 (no GPU needed) and exit")
     p.add_argument("--out", type=Path, help="also append the table to this file")
@@ -302,7 +394,19 @@ def main(argv=None):
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu --smoke")
-    lines = [sync_check(args)] if args.sync_check else run_table(args)
+    if args.variants:
+        try:  # a bad SPEC is an argument error, before anything runs
+            [parse_variant(spec, 1, torch.float32, False) for spec in args.variants.split(",")]
+        except ValueError as e:
+            p.error(str(e))
+    if args.gemv_max_rows is not None:
+        from microspec_compile.kernels import triton_sparse_head as tsh
+
+        tsh.GEMV_MAX_ROWS = args.gemv_max_rows
+    if args.sync_check:
+        lines = [sync_check(args)]
+    else:
+        lines = run_variants(args) if args.variants else run_table(args)
     emit_table(lines, args.out)
 
 

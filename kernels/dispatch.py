@@ -30,6 +30,7 @@ one table with one rule is one.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -51,8 +52,9 @@ KERNELS = {
 }
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether ``triton`` imports (the Triton kernels are imported lazily)."""
+    """Whether ``triton`` imports (the Triton kernels are imported lazily; asked once)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -63,11 +65,15 @@ def triton_available() -> bool:
 def kernels_for(device: torch.device, path: str = "auto") -> str:
     """The kernel set (``"triton"``, ``"cpu"`` or ``"reference"``) that runs an op on
     ``device`` for ``path``."""
-    check_path(path)
-    if path == "triton" or (path in ("auto", "inductor") and device.type == "cuda"
+    return _kernel_set(device.type, check_path(path))
+
+
+@functools.cache
+def _kernel_set(device_type: str, path: str) -> str:
+    if path == "triton" or (path in ("auto", "inductor") and device_type == "cuda"
                             and triton_available()):
         return "triton"
-    return "cpu" if device.type == "cpu" else "reference"
+    return "cpu" if device_type == "cpu" else "reference"
 
 
 def kernel(op: str, device: torch.device, path: str = "auto") -> Callable:
@@ -81,7 +87,12 @@ def kernel(op: str, device: torch.device, path: str = "auto") -> Callable:
         ``fn(hidden [N, H], rows, ids, count, bias, k, normalize)``; ``sparse_full``:
         ``fn(hidden [N, H], rows, ids, count, bias, vocab_size, normalize)``.
     """
-    module, name = KERNELS[kernels_for(device, path)][op]
+    return _kernel(op, device.type, check_path(path))
+
+
+@functools.cache  # the ops ask on every call: one dictionary lookup, no import machinery
+def _kernel(op: str, device_type: str, path: str) -> Callable:
+    module, name = KERNELS[_kernel_set(device_type, path)][op]
     return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 

@@ -42,6 +42,7 @@ from .side_stream import gather_stream
 from .state import VocabState
 
 _LIB = "microspec"
+_LIBRARY = torch.library.Library(_LIB, "DEF")
 # The ops this module defines, as ``torch.ops.microspec.<name>``.
 OPS = ("observe", "sparse_topk", "sparse_full", "observe_start", "observe_wait")
 _STATE = ("rows", "ids", "member", "last_seen", "count", "step")
@@ -58,6 +59,40 @@ def schema_digest() -> str:
     """
     schemas = "\n".join(str(getattr(torch.ops.microspec, name).default._schema) for name in OPS)
     return hashlib.sha256(schemas.encode()).hexdigest()[:16]
+
+
+def _op(name: str, mutates_args: tuple[str, ...] = ()):
+    """Define ``microspec::<name>`` from the decorated function's annotations, run by it.
+
+    Why not ``torch.library.custom_op``: its Python autograd and view-tracking layers ran on
+    every call (about 25 us of host time per head call, more than the CPU kernel itself,
+    ``bench/bench_host_overhead.py``), for ops that are never differentiated. Defined
+    here, the dispatcher calls the function directly, on every device and in every
+    compiled graph; the schema (mutated arguments included) is the one ``custom_op``
+    would infer, and each op's fake is registered beside it.
+    """
+    def define(fn):
+        _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
+        IMPLEMENTATIONS[name] = fn
+        _LIBRARY.impl(name, lambda *args: IMPLEMENTATIONS[name](*args),
+                      "CompositeExplicitAutograd")
+        return fn
+    return define
+
+
+def _fake(name: str):
+    """Register the decorated function as the fake (meta) implementation of ``name``."""
+    def register(fn):
+        FAKES[name] = fn
+        return torch.library.register_fake(f"{_LIB}::{name}", lib=_LIBRARY)(fn)
+    return register
+
+
+#: op name -> the function the dispatcher runs for it (looked up on each call, so that a
+#: test may wrap one: ``tests/test_device_guards.py``)
+IMPLEMENTATIONS: dict = {}
+#: op name -> its fake (meta) implementation
+FAKES: dict = {}
 
 
 def check_tokens(tokens: torch.Tensor, vocab_size: int, host_check: bool = True) -> None:
@@ -95,7 +130,7 @@ def _observed(tokens: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
     return tokens
 
 
-@torch.library.custom_op(f"{_LIB}::observe", mutates_args=_STATE)
+@_op("observe", mutates_args=_STATE)
 def observe_op(
     rows: torch.Tensor,
     ids: torch.Tensor,
@@ -113,7 +148,7 @@ def observe_op(
     kernel("observe", rows.device, path)(state, weight, _observed(tokens, weight, rows, path), pin)
 
 
-@observe_op.register_fake
+@_fake("observe")
 def _(rows, ids, member, last_seen, count, step, weight, tokens, pin=False, path="auto"):
     return None
 
@@ -148,7 +183,7 @@ _EMPTY = (
 )
 
 
-@torch.library.custom_op(f"{_LIB}::sparse_topk", mutates_args=())
+@_op("sparse_topk", mutates_args=())
 def sparse_topk_op(
     hidden: torch.Tensor,
     rows: torch.Tensor,
@@ -164,20 +199,22 @@ def sparse_topk_op(
     if not 1 <= k <= rows.shape[0] - 1:
         raise ValueError(f"k must be in [1, capacity={rows.shape[0] - 1}], got {k}")
     _check_not_empty(count, path)
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    values, token_ids = kernel("sparse_topk", hidden.device, path)(
-        flat, rows, ids, count, bias, k, normalize)
+    run = kernel("sparse_topk", hidden.device, path)
+    if hidden.dim() == 2:  # the draft's usual [N, H]: no reshapes on the hot path
+        return run(hidden, rows, ids, count, bias, k, normalize)
+    values, token_ids = run(hidden.reshape(-1, hidden.shape[-1]), rows, ids, count, bias, k,
+                            normalize)
     lead = hidden.shape[:-1]
     return values.reshape(*lead, k), token_ids.reshape(*lead, k)
 
 
-@sparse_topk_op.register_fake
+@_fake("sparse_topk")
 def _(hidden, rows, ids, count, bias, k, normalize, path="auto"):
     shape = (*hidden.shape[:-1], k)
     return hidden.new_empty(shape), hidden.new_empty(shape, dtype=torch.int64)
 
 
-@torch.library.custom_op(f"{_LIB}::sparse_full", mutates_args=())
+@_op("sparse_full", mutates_args=())
 def sparse_full_op(
     hidden: torch.Tensor,
     rows: torch.Tensor,
@@ -191,18 +228,20 @@ def sparse_full_op(
     """Full-vocabulary output ``[N, vocab_size]``; inactive entries -inf (0 for softmax)."""
     _check_head_args(hidden, rows, normalize)
     _check_not_empty(count, path)
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    out = kernel("sparse_full", hidden.device, path)(
-        flat, rows, ids, count, bias, vocab_size, normalize)
+    run = kernel("sparse_full", hidden.device, path)
+    if hidden.dim() == 2:
+        return run(hidden, rows, ids, count, bias, vocab_size, normalize)
+    out = run(hidden.reshape(-1, hidden.shape[-1]), rows, ids, count, bias, vocab_size,
+              normalize)
     return out.reshape(*hidden.shape[:-1], vocab_size)
 
 
-@sparse_full_op.register_fake
+@_fake("sparse_full")
 def _(hidden, rows, ids, count, bias, vocab_size, normalize, path="auto"):
     return hidden.new_empty((*hidden.shape[:-1], vocab_size))
 
 
-@torch.library.custom_op(f"{_LIB}::observe_start", mutates_args=_STATE)
+@_op("observe_start", mutates_args=_STATE)
 def observe_start_op(
     rows: torch.Tensor,
     ids: torch.Tensor,
@@ -229,12 +268,12 @@ def observe_start_op(
     gather_stream(state).start(lambda: run(state, weight, tokens, pin), tokens, weight)
 
 
-@observe_start_op.register_fake
+@_fake("observe_start")
 def _(rows, ids, member, last_seen, count, step, weight, tokens, pin=False, path="auto"):
     return None
 
 
-@torch.library.custom_op(f"{_LIB}::observe_wait", mutates_args=("rows", "ids", "count"))
+@_op("observe_wait", mutates_args=("rows", "ids", "count"))
 def observe_wait_op(
     hidden: torch.Tensor,
     tokens: torch.Tensor,
@@ -253,7 +292,7 @@ def observe_wait_op(
         gather_stream(VocabState(rows, ids, None, None, count, None)).wait()
 
 
-@observe_wait_op.register_fake
+@_fake("observe_wait")
 def _(hidden, tokens, rows, ids, count):
     return None
 

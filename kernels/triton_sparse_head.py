@@ -8,11 +8,15 @@ of such tiles are masked by the reducers, so nothing here synchronises with the 
 Kernels (launched in this order, all on the current stream)::
 
     _fill_kernel    out[N, V] = fill                       (full output only)
-    _tile_kernel    grid (N / BLOCK_N, CAP / BLOCK_R): logits of one row tile,
-                    fp32 accumulation, bias gathered through ids, -inf past count;
-                    per tile: max m and sum-exp s (online softmax partials), the top
-                    C candidates packed as int64 keys, and the logits themselves
-                    (scattered to out for raw logits, or to a [N, CAP] scratch)
+    _tile_kernel    grid (N / BLOCK_N, CAP / BLOCK_R): logits of one row tile as
+                    tl.dot tiles (BLOCK_N >= 16), fp32 accumulation, bias gathered
+                    through ids, -inf past count; per tile: max m and sum-exp s (online
+                    softmax partials), the top C candidates packed as int64 keys, and
+                    the logits themselves (scattered to out for raw logits, or to a
+                    [N, CAP] scratch): ``_tile_outputs``, shared with
+    _gemv_kernel    the same for few rows (N <= GEMV_MAX_ROWS) without tl.dot: a
+                    [BLOCK_R, BLOCK_K] weight tile loaded once times BLOCK_N = 1..8
+                    hidden rows by broadcast, summed over K in fp32
     _merge_kernel   grid (N, T / G): merges G tiles' (m, s, keys) into one; repeated
                     until one entry is left, the last call maps compact indices back
                     through ids and normalises (log-sum-exp L = m + log s)
@@ -25,15 +29,22 @@ in the low word, so ``tl.topk`` over keys is a top-k over logits that prefers th
 on ties. Masked entries get ``_KEY_MIN`` whose row decodes to >= count, so they come out
 as value ``-inf`` (0 for softmax) and id ``-1`` like the reference.
 
-Launches per call: top-k 2 (tile + one merge level up to 4096 keys per row, e.g. 256
-tiles of 16 candidates); full raw logits 2 (fill + tile); full probabilities or
-log-probabilities 4 (fill, tile, merge, scatter). Differences from the reference, all on
-degenerate input: with count 0 the values are the fill (the reference's softmax of an
-all -inf row is NaN); live rows always rank above inactive ones, even when a live probability
-underflows to the 0 of the inactive rows (torch.topk may then pick either).
+The tile kernel and its blocks, and the keys per merge program, are :class:`Tunables`
+chosen per call by :func:`pick_tunables` (N, dtype, interpreted).
+
+Launches per call: top-k 1 + merge levels (a level per factor of ``merge_keys / C`` tiles:
+one up to 4096 keys per row after tl.dot tiles, e.g. 256 tiles of 16 candidates; after
+GEMV tiles 512, so 3000 rows in 64-row tiles take two); full raw logits 2 (fill + tile);
+full probabilities or log-probabilities 3 + merge levels (fill, tile, merges, scatter).
+
+Differences from the reference, all on degenerate input: with count 0 the values are the
+fill (the reference's softmax of an all -inf row is NaN); live rows always rank above
+inactive ones, even when a live probability underflows to the 0 of the inactive rows
+(torch.topk may then pick either).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -49,8 +60,16 @@ _KEY_MIN_C = tl.constexpr(_KEY_MIN)
 # _KEY_MIN (ints) instead of torch.empty garbage, so an element a kernel forgets to
 # write (or a reducer that reads a skipped tile unmasked) shows up in the results.
 POISON = False
-# Keys merged by one program of _merge_kernel (G tiles x C candidates).
+# Keys merged by one program of _merge_kernel (G tiles x C candidates) after tl.dot tiles.
 _MERGE_KEYS = 4096
+# Up to GEMV_MAX_ROWS hidden rows run _gemv_kernel (no tl.dot, whose 16-row minimum
+# wastes 15 of 16 rows for one hidden row). Module constants, read at each call: the
+# GPU bench may set them. Untuned on a GPU.
+GEMV_MAX_ROWS = 8
+GEMV_BLOCK_R = 64  # weight rows per GEMV program on a GPU (interpreted: 32)
+GEMV_PRODUCTS = 4096  # BLOCK_N * BLOCK_R * BLOCK_K per K step: bounds registers (sm_90:
+# ptxas gives 141 / 96 / 72 / 80 registers, no spill, for 1 / 2 / 4 / 8 bf16 rows)
+GEMV_MERGE_KEYS = 512  # keys per merge program after GEMV tiles: a merge over programs
 _MAX_K = 64
 
 
@@ -75,38 +94,15 @@ def _fill_kernel(out_ptr, N, V, stride_n, fill, BLOCK_V: tl.constexpr):
     tl.store(out_ptr + n * stride_n + cols, val, mask=cols < V)
 
 
-@triton.jit(do_not_specialize=["N", "H", "CAP", "V", "VB", "T", "has_bias"])
-def _tile_kernel(
-    h_ptr, rows_ptr, ids_ptr, count_ptr, bias_ptr,
-    m_ptr, s_ptr, key_ptr, logit_ptr, out_ptr,
-    N, H, CAP, V, VB, T,
-    stride_hn, stride_hk, stride_rr, stride_rk, stride_on, has_bias,
-    DO_TOPK: tl.constexpr,
-    FULL: tl.constexpr,  # 0: no full output, 1: logits to scratch [N, CAP], 2: logits to out
-    C: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+@triton.jit
+def _tile_outputs(
+    acc, n, r, pid_t, count, ids_ptr, bias_ptr, m_ptr, s_ptr, key_ptr, logit_ptr, out_ptr,
+    N, CAP, V, VB, T, stride_on, has_bias,
+    DO_TOPK: tl.constexpr, FULL: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    count = tl.load(count_ptr)
-    if pid_t * BLOCK_R >= count:
-        return  # tile entirely past the active rows: reducers mask it by count
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    r = pid_t * BLOCK_R + tl.arange(0, BLOCK_R)
-    kk = tl.arange(0, BLOCK_K)
+    """What both tile kernels do with their fp32 products ``acc [BLOCK_N, BLOCK_R]``."""
     n_ok = n < N
     live = r < count
-    acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + kk
-        h = tl.load(h_ptr + n[:, None] * stride_hn + k[None, :] * stride_hk,
-                    mask=n_ok[:, None] & (k[None, :] < H), other=0.0)
-        w = tl.load(rows_ptr + r[None, :] * stride_rr + k[:, None] * stride_rk,
-                    mask=live[None, :] & (k[:, None] < H), other=0.0)
-        if UPCAST:  # interpreter: its bf16 dot is wrong; also any non-fp16/bf16/fp32 input
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=PRECISION)
     tok = tl.load(ids_ptr + r, mask=live, other=V)
     bias_on = (tl.zeros([BLOCK_R], tl.int32) + has_bias) != 0  # a vector mask (interpreter)
     b = tl.load(bias_ptr + tl.minimum(tok, VB - 1), mask=live & bias_on, other=0.0)
@@ -134,6 +130,73 @@ def _tile_kernel(
     if FULL == 2:
         tl.store(out_ptr + n[:, None] * stride_on + tok[None, :],
                  logits.to(out_ptr.dtype.element_ty), mask=valid & (tok[None, :] < V))
+
+
+# The two tile kernels share their signature (``_launch`` passes the same arguments).
+@triton.jit(do_not_specialize=["N", "H", "CAP", "V", "VB", "T", "has_bias"])
+def _tile_kernel(
+    h_ptr, rows_ptr, ids_ptr, count_ptr, bias_ptr,
+    m_ptr, s_ptr, key_ptr, logit_ptr, out_ptr,
+    N, H, CAP, V, VB, T,
+    stride_hn, stride_hk, stride_rr, stride_rk, stride_on, has_bias,
+    DO_TOPK: tl.constexpr,
+    FULL: tl.constexpr,  # 0: no full output, 1: logits to scratch [N, CAP], 2: logits to out
+    C: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    count = tl.load(count_ptr)
+    if pid_t * BLOCK_R >= count:
+        return  # tile entirely past the active rows: reducers mask it by count
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = pid_t * BLOCK_R + tl.arange(0, BLOCK_R)
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + kk
+        h = tl.load(h_ptr + n[:, None] * stride_hn + k[None, :] * stride_hk,
+                    mask=(n < N)[:, None] & (k[None, :] < H), other=0.0)
+        w = tl.load(rows_ptr + r[None, :] * stride_rr + k[:, None] * stride_rk,
+                    mask=(r < count)[None, :] & (k[:, None] < H), other=0.0)
+        if UPCAST:  # interpreter: its bf16 dot is wrong; also any non-fp16/bf16/fp32 input
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+    _tile_outputs(acc, n, r, pid_t, count, ids_ptr, bias_ptr, m_ptr, s_ptr, key_ptr, logit_ptr,
+                  out_ptr, N, CAP, V, VB, T, stride_on, has_bias, DO_TOPK, FULL, C, BLOCK_R)
+
+
+@triton.jit(do_not_specialize=["N", "H", "CAP", "V", "VB", "T", "has_bias"])
+def _gemv_kernel(
+    h_ptr, rows_ptr, ids_ptr, count_ptr, bias_ptr,
+    m_ptr, s_ptr, key_ptr, logit_ptr, out_ptr,
+    N, H, CAP, V, VB, T,
+    stride_hn, stride_hk, stride_rr, stride_rk, stride_on, has_bias,
+    DO_TOPK: tl.constexpr, FULL: tl.constexpr, C: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,  # unused: products are always fp32
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``_tile_kernel`` for few rows without tl.dot: each [BLOCK_R, BLOCK_K] weight tile
+    is loaded once and multiplied by all BLOCK_N (1..8) hidden rows, fp32 products."""
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    count = tl.load(count_ptr)
+    if pid_t * BLOCK_R >= count:
+        return  # tile entirely past the active rows: reducers mask it by count
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = pid_t * BLOCK_R + tl.arange(0, BLOCK_R)
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + kk
+        h = tl.load(h_ptr + n[:, None] * stride_hn + k[None, :] * stride_hk,
+                    mask=(n < N)[:, None] & (k[None, :] < H), other=0.0).to(tl.float32)
+        w = tl.load(rows_ptr + r[:, None] * stride_rr + k[None, :] * stride_rk,
+                    mask=(r < count)[:, None] & (k[None, :] < H), other=0.0).to(tl.float32)
+        acc += tl.sum(h[:, None, :] * w[None, :, :], axis=2)
+    _tile_outputs(acc, n, r, pid_t, count, ids_ptr, bias_ptr, m_ptr, s_ptr, key_ptr, logit_ptr,
+                  out_ptr, N, CAP, V, VB, T, stride_on, has_bias, DO_TOPK, FULL, C, BLOCK_R)
 
 
 @triton.jit(do_not_specialize=["T_in", "T_out", "SPAN", "K", "mode"])
@@ -204,25 +267,51 @@ def _scatter_kernel(
     tl.store(out_ptr + n[:, None] * stride_on + tok[None, :], x.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _blocks(n_rows: int, dtype: torch.dtype, c: int, interp: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_R, BLOCK_K): >= 16 each (GPU tl.dot minimum), BLOCK_R >= C.
+@dataclasses.dataclass(frozen=True)
+class Tunables:
+    """How one call runs (:func:`pick_tunables`); ``block_r`` is raised to C when below."""
 
-    Decode calls (N <= 16) are bound by reading the compact rows: on a GPU, 16-row
-    tiles give ~2 programs per SM for a few thousand rows (e.g. 188 for 3000 rows);
-    interpreted, 32-row tiles halve the number of (slow) program instances. Untuned:
-    ``bench/gpu_head_latency.py`` is the judge.
+    gemv: bool  # _gemv_kernel (no tl.dot), else _tile_kernel
+    block_n: int  # hidden rows per program: 1..8 for GEMV, 16..64 for tl.dot (its minimum 16)
+    block_r: int  # compact weight rows per program: one tile, one entry of the first merge
+    block_k: int  # hidden features per step of the K loop
+    merge_keys: int  # keys one _merge_kernel program reduces (G tiles x C candidates)
+    num_warps: int = 4
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def pick_tunables(n_rows: int, dtype: torch.dtype, interpreted: bool, gemv=None) -> Tunables:
+    """The tunables for ``n_rows`` hidden rows of ``dtype``.
+
+    ``gemv`` forces the tile kernel (None: GEMV up to ``GEMV_MAX_ROWS`` rows). GEMV: a
+    [BLOCK_N, BLOCK_R, BLOCK_K] product per K step bounded by ``GEMV_PRODUCTS`` (registers).
+    tl.dot: decode calls (N <= 16) are bound by reading the compact rows: on a GPU, 16-row
+    tiles give ~2 programs per SM for a few thousand rows (e.g. 188 for 3000 rows).
+    Interpreted, 32-row tiles halve the number of (slow) program instances. Untuned:
+    ``bench/gpu_head_latency.py --variants`` is the judge.
     """
+    if gemv is None:
+        gemv = n_rows <= GEMV_MAX_ROWS
+    if gemv:
+        block_n = min(8, triton.next_power_of_2(max(1, n_rows)))
+        block_r = 32 if interpreted else GEMV_BLOCK_R
+        block_k = min(128, max(16, _pow2_floor(GEMV_PRODUCTS // (block_n * block_r))))
+        return Tunables(True, block_n, block_r, block_k, GEMV_MERGE_KEYS)
     block_n = min(64, max(16, triton.next_power_of_2(n_rows)))
     if block_n <= 16:
-        block_r = max(32 if interp else 16, c)
+        block_r = 32 if interpreted else 16
     else:
-        block_r = max(32 if block_n == 32 else 64, c)
+        block_r = 32 if block_n == 32 else 64
     block_k = 64 if dtype == torch.float32 or block_n > 16 else 128
-    return block_n, block_r, block_k
+    return Tunables(False, block_n, block_r, block_k, _MERGE_KEYS)
 
 
-def _launch(hidden, rows, ids, count, bias, k, normalize, vocab_size):
-    """Shared driver. ``k=0``: no top-k; ``vocab_size=0``: no full output."""
+def _launch(hidden, rows, ids, count, bias, k, normalize, vocab_size, tunables=None):
+    """Shared driver. ``k=0``: no top-k; ``vocab_size=0``: no full output; ``tunables``:
+    None for :func:`pick_tunables`'s choice."""
     if normalize not in _MODES:
         raise ValueError(f"normalize must be one of {tuple(_MODES)}, got {normalize!r}")
     mode = _MODES[normalize]
@@ -234,7 +323,8 @@ def _launch(hidden, rows, ids, count, bias, k, normalize, vocab_size):
     # Candidates per tile: a power of two >= k. On a GPU at least 16 (k > 1) so that
     # k = 2..16 share one compiled variant; interpreted, the exact size (cheaper sorts).
     c = 1 if k <= 1 else triton.next_power_of_2(k) if interp else max(16, triton.next_power_of_2(k))
-    block_n, block_r, block_k = _blocks(n_rows, hidden.dtype, c, interp)
+    t = tunables or pick_tunables(n_rows, hidden.dtype, interp)
+    block_n, block_r, block_k = t.block_n, max(t.block_r, c), t.block_k
     n_tiles = triton.cdiv(cap, block_r)
     upcast = interp or hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32)
     precision = "ieee" if (upcast or hidden.dtype == torch.float32) else "tf32"
@@ -255,13 +345,14 @@ def _launch(hidden, rows, ids, count, bias, k, normalize, vocab_size):
         if full_mode == 1:
             scratch = _alloc((n_rows, cap), f32, dev)
             lse = _alloc((n_rows,), f32, dev)
-    _tile_kernel[(triton.cdiv(n_rows, block_n), n_tiles)](
+    (_gemv_kernel if t.gemv else _tile_kernel)[(triton.cdiv(n_rows, block_n), n_tiles)](
         hidden, rows, ids, count, bias if bias is not None else m,
         m, s, keys, scratch, out,
         n_rows, h, cap, vocab, bias.shape[0] if bias is not None else 1, n_tiles,
         hidden.stride(0), hidden.stride(1), rows.stride(0), rows.stride(1), out.stride(0),
         int(bias is not None), DO_TOPK=do_topk, FULL=full_mode, C=c, UPCAST=upcast,
-        PRECISION=precision, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+        PRECISION=precision, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k,
+        num_warps=t.num_warps)
 
     values = token_ids = None
     if do_topk:
@@ -271,7 +362,7 @@ def _launch(hidden, rows, ids, count, bias, k, normalize, vocab_size):
         # Merge G entries per program until one is left; entry j of a level covers
         # rows [j * span, (j + 1) * span). At least 16 per group on a GPU (one variant).
         span, t_in = block_r, n_tiles
-        group_cap = max(2, _MERGE_KEYS // c)
+        group_cap = max(2, t.merge_keys // c)
         while True:
             g = min(max(triton.next_power_of_2(t_in), 1 if interp else 16), group_cap)
             t_out = triton.cdiv(t_in, g)
@@ -300,7 +391,7 @@ def _launch(hidden, rows, ids, count, bias, k, normalize, vocab_size):
     return values, token_ids, (out if do_full else None)
 
 
-def sparse_topk_triton(hidden, rows, ids, count, bias, k, normalize="none"):
+def sparse_topk_triton(hidden, rows, ids, count, bias, k, normalize="none", *, tunables=None):
     """Top-k over the active rows (``sparse_topk_reference`` semantics).
 
     Parameters
@@ -312,6 +403,7 @@ def sparse_topk_triton(hidden, rows, ids, count, bias, k, normalize="none"):
     bias : [V] or None, gathered through ``ids``
     k : int, >= 1 (argmax is ``k=1``); k > 64 falls back to ``sparse_topk_reference``
     normalize : ``"none"``, ``"softmax"`` or ``"log_softmax"`` (over the active rows)
+    tunables : :class:`Tunables` or None (:func:`pick_tunables`); for benches and tests
 
     Returns
     -------
@@ -322,16 +414,17 @@ def sparse_topk_triton(hidden, rows, ids, count, bias, k, normalize="none"):
         raise ValueError(f"k must be >= 1, got {k}")
     if k > _MAX_K:  # beyond the kernel's candidate lists: the capturable reference
         return sparse_topk_reference(hidden, rows, ids, count, bias, k, normalize)
-    values, token_ids, _ = _launch(hidden, rows, ids, count, bias, k, normalize, 0)
+    values, token_ids, _ = _launch(hidden, rows, ids, count, bias, k, normalize, 0, tunables)
     return values, token_ids
 
 
-def sparse_full_triton(hidden, rows, ids, count, bias, vocab_size, normalize="none"):
+def sparse_full_triton(hidden, rows, ids, count, bias, vocab_size, normalize="none", *,
+                       tunables=None):
     """Full-vocabulary output (``sparse_full_reference`` semantics).
 
     Parameters
     ----------
-    hidden, rows, ids, count, bias, normalize
+    hidden, rows, ids, count, bias, normalize, tunables
         As in :func:`sparse_topk_triton`.
     vocab_size : int
         V, the width of the output.
@@ -343,5 +436,5 @@ def sparse_full_triton(hidden, rows, ids, count, bias, vocab_size, normalize="no
     """
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    return _launch(hidden, rows, ids, count, bias, 0, normalize, vocab_size)[2]
+    return _launch(hidden, rows, ids, count, bias, 0, normalize, vocab_size, tunables)[2]
 

@@ -90,7 +90,7 @@ def step_inputs(n=4, seed=0):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_wait_sits_after_the_layers_immediately_before_the_head(name):
     torch.manual_seed(0)
-    compiled, graphs = compile_capturing(MODELS[name](), inductor=False)
+    compiled, graphs = compile_capturing(MODELS[name](), inductor=False, async_gather=True)
     counters.clear()
     with torch.no_grad():
         compiled(step_inputs(1)[0])
@@ -117,8 +117,9 @@ def test_wait_sits_after_the_layers_immediately_before_the_head(name):
     assert counters["microspec"]["observe_inserted"] == 1
 
 
-def test_switch_off_restores_the_synchronous_observe():
-    compiled, graphs = compile_capturing(TinyDraft(tied=False), inductor=False, async_gather=False)
+@pytest.mark.parametrize("config", [{}, {"async_gather": False}])
+def test_the_default_and_the_switch_off_are_the_synchronous_observe(config):
+    compiled, graphs = compile_capturing(TinyDraft(tied=False), inductor=False, **config)
     counters.clear()
     with torch.no_grad():
         compiled(step_inputs(1)[0])
@@ -148,7 +149,7 @@ def test_async_outputs_equal_the_synchronous_path_bit_for_bit(device, path, mode
     twin = copy.deepcopy(model)  # its own head weight, so its own vocabulary
     extra = {} if mode is None else {"mode": mode}
     counters.clear()
-    fast, graphs = compile_capturing(model, path=path, **extra)
+    fast, graphs = compile_capturing(model, path=path, async_gather=True, **extra)
     slow, _ = compile_capturing(twin, path=path, async_gather=False, **extra)
     inputs = [ids.to(device) for ids in step_inputs(6)]
 
@@ -184,7 +185,8 @@ def test_state_placeholders_are_static_cuda_graph_inputs(capfd):
     mutated inputs``). Read from its own log: there is no public query."""
     torch._logging.set_logs(cudagraph_static_inputs=True)
     try:
-        compiled, graphs = compile_capturing(TinyDraft(tied=False).eval(), mode="reduce-overhead")
+        compiled, graphs = compile_capturing(TinyDraft(tied=False).eval(), mode="reduce-overhead",
+                                             async_gather=True)
         with torch.no_grad():
             compiled(step_inputs(1)[0])
     finally:
@@ -201,7 +203,7 @@ def test_inductor_keeps_both_ops_in_place():
     than the sparse head itself (and would break the asynchronous update)."""
     from torch._inductor.utils import run_and_get_code
 
-    compiled, _ = compile_capturing(TinyDraft(tied=False).eval())
+    compiled, _ = compile_capturing(TinyDraft(tied=False).eval(), async_gather=True)
     with torch.no_grad():
         _, (code,) = run_and_get_code(compiled, step_inputs(1)[0])
     calls = [line for line in code.splitlines() if "torch.ops.microspec.observe" in line]
@@ -275,8 +277,10 @@ def test_capture_failure_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for _ in range(2):  # two models, two graphs: one warning
-            compiled, graphs = compile_capturing(TinyDraft(tied=False).eval(), inductor=False)
-            compiled_cg, graphs_cg = compile_capturing(TinyDraft(tied=False).eval(), mode="reduce-overhead")
+            compiled, graphs = compile_capturing(TinyDraft(tied=False).eval(), inductor=False,
+                                                 async_gather=True)
+            compiled_cg, graphs_cg = compile_capturing(TinyDraft(tied=False).eval(),
+                                                       mode="reduce-overhead", async_gather=True)
             with torch.no_grad():
                 compiled(step_inputs(1)[0])
                 compiled_cg(step_inputs(1)[0])

@@ -149,3 +149,19 @@ def test_paths_smoke(tmp_path):
     rows = _read(tmp_path / "paths.csv")
     assert {r["provider"] for r in rows} == {"dense", "torch", "inductor"}
     assert all(_f(r, "p50_ms") > 0 for r in rows)
+
+
+def test_host_overhead_smoke(tmp_path):
+    """bench_host_overhead.py: every call is timed, the difference to dense is printed and
+    one row per call lands in host_overhead.csv."""
+    env = {**os.environ, "MICROSPEC_RESULTS_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_host_overhead.py"), "--rounds",
+                           "20", "--warmup", "2"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "microspec - dense: " in proc.stdout
+    rows = _read(tmp_path / "host_overhead.csv")
+    assert {r["what"] for r in rows} == {"dense", "microspec", "microspec inductor",
+                                         "op sparse_topk", "kernel sparse_topk", "op observe",
+                                         "kernel observe"}
+    assert all(_f(r, "median_us") > 0 for r in rows)

@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import microspec_compile as ms
 import microspec_compile.kernels
 import microspec_compile.passes
-from microspec_compile.kernels import ops  # noqa: F401  (registers torch.ops.microspec)
+from microspec_compile.kernels import ops
 from microspec_compile.kernels.state import VocabState
 
 HAS_CUDA = torch.cuda.is_available()
@@ -238,18 +238,15 @@ def guarded_ops(monkeypatch):
     """
     guard = SyncGuard()
     guard.calls = {}  # op name -> calls that ran under the guard
-    from torch._library.custom_ops import _maybe_get_opdef
-
     for name in OPS:
-        opdef = _maybe_get_opdef(f"microspec::{name}")
-        original = opdef._backend_fns[None]
+        original = ops.IMPLEMENTATIONS[name]
 
         def guarded(*args, _original=original, _name=name, **kwargs):
             guard.calls[_name] = guard.calls.get(_name, 0) + 1
             with guard:
                 return _original(*args, **kwargs)
 
-        monkeypatch.setitem(opdef._backend_fns, None, guarded)
+        monkeypatch.setitem(ops.IMPLEMENTATIONS, name, guarded)
     return guard
 
 
@@ -546,3 +543,15 @@ def test_the_guards_catch_what_they_look_for():
     found = "\n".join(sync_guard.violations)
     for what in ("lift_fresh", "_local_scalar_dense", "Tensor.tolist", "boolean-mask"):
         assert what in found, found
+
+
+def test_verification_times_wait_for_the_device(monkeypatch):
+    """On CUDA a verification's time ends when its kernels have run, not when they were
+    launched (``SpecStats.target_times``); on CPU nothing is synchronised."""
+    from microspec_compile.spec.stats import seconds_since
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    assert seconds_since(0.0, torch.device("cpu")) > 0 and synced == []
+    assert seconds_since(0.0, torch.device("cuda", 1)) > 0
+    assert synced == [torch.device("cuda", 1)]

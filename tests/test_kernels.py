@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import os
 import shutil
 
@@ -51,6 +52,8 @@ from strategies import (  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
+    import triton
+
     from microspec_compile.kernels import triton_observe as tobs
     from microspec_compile.kernels import triton_sparse_head as tsh
 
@@ -155,10 +158,14 @@ def test_triton_head_edge_shapes(n_rows, hidden, cap, n_active, k, vocab, dtype,
 
 
 @needs_triton
+@pytest.mark.parametrize("gemv", [True, False], ids=["gemv", "dot"])  # the tile kernel
 @pytest.mark.parametrize("k", [1, 3])  # argmax path (max reduction) and bitonic top-k
-def test_triton_multilevel_merge(monkeypatch, k):
+def test_triton_multilevel_merge(monkeypatch, k, gemv):
     """Force several merge levels (groups of 2 tiles) on a tiny state: 100 rows, 4 tiles."""
     monkeypatch.setattr(tsh, "_MERGE_KEYS", 2)
+    monkeypatch.setattr(tsh, "GEMV_MERGE_KEYS", 2)
+    monkeypatch.setattr(tsh, "GEMV_MAX_ROWS", 8 if gemv else 0)
+    assert _pick(2, torch.float32).gemv == gemv
     state = _state_with(120, 12, 100, 97, torch.float32)
     x = torch.randn(2, 12, generator=torch.Generator().manual_seed(3)) * 2
     dev = state.to(DEVICE)
@@ -197,6 +204,99 @@ def test_triton_empty_vocabulary():
         fill = 0.0 if normalize == "softmax" else float("-inf")
         assert (token_ids.cpu() == -1).all() and (values.cpu() == fill).all()
         assert (full.cpu() == fill).all()
+
+
+# ----------------------------------------------------------------- GEMV tile kernel
+
+def _pick(n_rows, dtype, gemv=None):
+    """The tunables a call of ``n_rows`` rows gets here (interpreted on CPU)."""
+    return tsh.pick_tunables(n_rows, dtype, DEVICE == "cpu", gemv)
+
+
+def _gemv_cases():
+    """A covering array over N x count kind (every pair of N, count kind, k, dtype and
+    bias appears at least once; every case runs all three normalize modes): 20 cases,
+    where the full product would be 240."""
+    cases = []
+    for i, (n, counts) in enumerate(itertools.product(GEMV_ROWS, GEMV_COUNTS)):
+        combo = (i % 4 + i // 4) % 4
+        dtype, bias = (torch.float32, torch.bfloat16)[combo % 2], combo < 2
+        k = (1, 3, 10)[(i + i // 4) % 3]
+        cases.append(pytest.param(n, counts, k, dtype, bias, id=f"n{n}-{counts}-k{k}-"
+                                  f"{str(dtype)[6:]}-{'bias' if bias else 'nobias'}"))
+    return cases
+
+
+GEMV_ROWS = (1, 2, 3, 5, 8)
+# With R = the GEMV tile's BLOCK_R and CAP = 2R + 6: count R (a tile edge: tile 2 is
+# skipped), R + 1 (tile 2 holds one live row), 2R - 3 (ends inside tile 2), CAP (full).
+GEMV_COUNTS = ("edge", "edge_plus_1", "partial", "full")
+
+
+@needs_triton
+@pytest.mark.parametrize("n_rows,counts,k,dtype,bias", _gemv_cases())
+def test_gemv_head_matches_reference(n_rows, counts, k, dtype, bias):
+    """The GEMV tile kernel (picked for N <= GEMV_MAX_ROWS) against the references and
+    the fp64 checkers: top-k and full output, every normalize mode."""
+    tunables = _pick(n_rows, dtype)
+    assert tunables.gemv and tunables.block_n == min(8, triton.next_power_of_2(n_rows))
+    block_r = tunables.block_r
+    cap = 2 * block_r + 6
+    count = {"edge": block_r, "edge_plus_1": block_r + 1, "partial": 2 * block_r - 3,
+             "full": cap}[counts]
+    vocab, hidden = 160 + cap, 40
+    state = _state_with(vocab, hidden, cap, count, dtype, bias=bias, seed=n_rows + count)
+    assert state.n == count
+    parent = (torch.randn(n_rows, 2, hidden, generator=torch.Generator().manual_seed(k)) * 2)
+    x = parent.to(dtype)[:, 1]  # strided, as HF's hidden[:, -1, :]
+    dev = state.to(DEVICE)
+    args = (x.to(DEVICE), dev.rows, dev.ids, dev.count, dev.bias)
+    ref_args = (x, state.rows, state.ids, state.count, state.bias)
+    for normalize in NORMALIZE:
+        values, token_ids = tsh.sparse_topk_triton(*args, k, normalize)
+        check_topk(values, token_ids, state, x, k, normalize)
+        ref_values, ref_ids = sparse_topk_reference(*ref_args, k, normalize)
+        assert torch.equal(token_ids.cpu(), ref_ids), normalize
+        torch.testing.assert_close(values.cpu(), ref_values, **tol(dtype))
+        full = tsh.sparse_full_triton(*args, vocab, normalize)
+        check_full(full, state, x, vocab, normalize)
+        torch.testing.assert_close(full.cpu(), sparse_full_reference(*ref_args, vocab, normalize),
+                                   **tol(dtype))
+
+
+@needs_triton
+@pytest.mark.parametrize("n_rows,dtype", [(1, torch.bfloat16), (5, torch.float32),
+                                          (8, torch.bfloat16), (9, torch.float32)])
+def test_gemv_and_dot_paths_agree(n_rows, dtype):
+    """Both tile kernels at the same shapes give the same ids and values (within the
+    dtype's tolerance: two fp32 summation orders), each valid against fp64. N = 9 runs
+    the GEMV kernel forced past its threshold (two row blocks of 8); ``gemv_small``:
+    16-row, 16-feature tiles and 32 keys per merge program, so several K steps, 5 tiles
+    and two merge levels."""
+    interp = DEVICE == "cpu"
+    variants = {"dot": _pick(n_rows, dtype, gemv=False), "gemv": _pick(n_rows, dtype, gemv=True),
+                "gemv_small": tsh.Tunables(True, min(8, triton.next_power_of_2(n_rows)), 16, 16, 32)}
+    assert not variants["dot"].gemv and variants["dot"].block_n >= 16
+    assert tsh.pick_tunables(n_rows, dtype, interp).gemv == (n_rows <= tsh.GEMV_MAX_ROWS)
+    vocab, hidden = 120, 40
+    state = _state_with(vocab, hidden, 70, 65, dtype, seed=n_rows)
+    x = (torch.randn(n_rows, hidden, generator=torch.Generator().manual_seed(5)) * 2).to(dtype)
+    dev = state.to(DEVICE)
+    args = (x.to(DEVICE), dev.rows, dev.ids, dev.count, dev.bias)
+    for normalize, k in zip(NORMALIZE, (3, 1, 3)):
+        got = {}
+        for name, tunables in variants.items():
+            values, token_ids = tsh.sparse_topk_triton(*args, k, normalize, tunables=tunables)
+            check_topk(values, token_ids, state, x, k, normalize)
+            full = tsh.sparse_full_triton(*args, vocab, normalize, tunables=tunables)
+            check_full(full, state, x, vocab, normalize)
+            got[name] = (values.cpu(), token_ids.cpu(), full.cpu())
+        want = got.pop("dot")
+        for name, (values, token_ids, full) in got.items():
+            msg = f"{name} vs dot, {normalize}"
+            assert torch.equal(token_ids, want[1]), msg
+            torch.testing.assert_close(values, want[0], msg=msg, **tol(dtype))
+            torch.testing.assert_close(full, want[2], msg=msg, **tol(dtype))
 
 
 # ----------------------------------------------------------------- Triton observe
@@ -277,6 +377,8 @@ def test_every_kernel_keeps_the_same_vocabulary(device):
     x = (torch.randn(4, hidden, generator=gen) * 2).to(torch.bfloat16)
     calls = [(torch.randint(0, vocab, (n,), generator=gen), False) for n in (40, 30, 70, 5, 90)]
     calls.insert(1, (torch.tensor([7, 8, 9]), True))
+    five = calls[4][0]  # ids all present: the CPU kernel's refresh on host views
+    calls[5:5] = [(five, False), (five[:2], True), (torch.tensor([9, 8]), False)]
     calls.append((torch.arange(vocab - 100, vocab), False))  # more new ids than fit
     ref = empty_state(weight, cap)
     host = {"cpu": ref.clone()}
@@ -416,6 +518,26 @@ def test_inductor_matches_fp64(data, dtype):
             check_topk(values, token_ids, state, x, s["k"], normalize)
         else:
             check_full(outs.pop(0), state, x, s["vocab"], normalize)
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE != "cpu", reason="the smoke run is the interpreter's")
+def test_head_latency_variants_smoke(monkeypatch, capsys):
+    """``bench/gpu_head_latency.py --variants`` (the GPU tuning table) runs both tile
+    kernels, interpreted, on its smoke shapes: a line each, no failure, ids agreeing."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(os.path.join(root, "bench"))
+    monkeypatch.setattr(tsh, "GEMV_MAX_ROWS", tsh.GEMV_MAX_ROWS)  # --gemv-max-rows sets it
+    import gpu_head_latency
+
+    gpu_head_latency.main(["--device", "cpu", "--smoke", "--k", "3", "--variants",
+                           "--gemv-max-rows", "2"])
+    out = capsys.readouterr().out
+    assert "failed" not in out
+    for kind in ("dot", "gemv"):
+        assert [line.split()[2] for line in out.splitlines()
+                if line.startswith(f"triton_{kind} ")] == ["1", "3"], out
+    assert tsh.GEMV_MAX_ROWS == 2
 
 
 # ----------------------------------------------------------------- GPU compile check

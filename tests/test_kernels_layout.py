@@ -117,16 +117,16 @@ package = types.ModuleType("microspec_compile")  # a bare package: its __init__ 
 package.__path__ = [{str(ROOT / "microspec_compile")!r}]
 sys.modules["microspec_compile"] = package
 import torch
-from torch._library.custom_ops import _maybe_get_opdef
 import microspec_compile.kernels.ops as ops
 assert ops.__name__ == "microspec_compile.kernels.ops"
+assert sorted(ops.IMPLEMENTATIONS) == sorted(ops.FAKES) == sorted(ops.OPS)
 for name in ops.OPS:
     assert hasattr(torch.ops.microspec, name), name
-    opdef = _maybe_get_opdef(f"microspec::{{name}}")
-    assert opdef is not None, name
-    assert opdef._init_fn.__module__ == ops.__name__, (name, opdef._init_fn.__module__)
-    assert opdef._abstract_fn is not None, f"{{name}} has no fake"
-    assert opdef._abstract_fn.__module__ == ops.__name__, (name, opdef._abstract_fn.__module__)
+    qualname = f"microspec::{{name}}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"), f"{{name}}: no fake"
+    for fn in (ops.IMPLEMENTATIONS[name], ops.FAKES[name]):
+        assert fn.__module__ == ops.__name__, (name, fn.__module__)
 print(" ".join(sorted(torch.ops.microspec._dir)))
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SpecStats", "finish"]
+__all__ = ["SpecStats", "finish", "seconds_since"]
 
 
 @dataclass
@@ -51,6 +51,15 @@ class SpecStats:
     def tokens_per_verification(self) -> float:
         """Mean tokens emitted per target verification (accepted drafts + 1)."""
         return (sum(self.accepted) + len(self.accepted)) / max(len(self.accepted), 1)
+
+
+def seconds_since(start: float, device: torch.device) -> float:
+    """Seconds from ``start`` (a ``time.perf_counter()``) until the work queued on
+    ``device`` is done: on CUDA it synchronises first, else the clock would stop when the
+    kernels are launched, not when they have run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def finish(ids: torch.Tensor, tokens: list, max_new: int, eos, stats, t0, t_stats=0.0):

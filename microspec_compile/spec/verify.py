@@ -19,6 +19,7 @@ from ..linears import needs_exact_attention
 from .attention import decoding_session, layer_masks
 from .cache import BufferedLayer
 from .sampling import probabilities
+from .stats import seconds_since
 from .tree import DraftTree, accept_greedy, accept_sampling, causal_mask
 
 __all__ = ["target_session", "check_request", "target_forward", "verify_tree",
@@ -116,7 +117,7 @@ def verify_and_accept(target, tree: DraftTree, cache, past: int, stats, *,
     t = time.perf_counter()
     with packing_for(verify_linears, len(tree)):
         features, logits = verify_tree(target, tree, cache, past, dtype)
-    stats.target_times.append(time.perf_counter() - t)
+    stats.target_times.append(seconds_since(t, logits.device))  # acceptance syncs anyway
     if sample:
         probs = probabilities(logits, temperature).cpu()
         path, bonus = accept_sampling(tree, probs, generator)
