@@ -21,7 +21,7 @@ from microspec_compile.analysis.results import (
 )
 
 __all__ = ["append_rows", "loadavg", "machine_info", "percentiles", "results_dir", "Flusher",
-           "mode_parser", "emit_table"]
+           "mode_parser", "emit_table", "record_failure"]
 
 
 def mode_parser(doc: str, modes: dict[str, str]) -> argparse.ArgumentParser:
@@ -65,3 +65,14 @@ def emit_table(lines: list[str], out=None) -> bool:
         with open(out, "a", encoding="utf-8") as f:
             f.write(text + "\n")
     return not any("failed" in line.lower() for line in lines)
+
+
+def record_failure(lines: list[str], label: str, error: Exception, args, width: int = 150) -> None:
+    """Add ``label  failed: <type>: <first line>`` to a GPU script's table, so that one broken
+    provider does not hide the others; with ``args.fail_fast`` print the table (to
+    ``args.out`` too) and raise ``error``."""
+    message = str(error).splitlines()[0][:width] if str(error) else ""
+    lines.append(f"{label}  failed: {type(error).__name__}: {message}")
+    if args.fail_fast:
+        emit_table(lines, args.out)
+        raise error

@@ -42,7 +42,7 @@ from gpu_head_latency import Timer, bandwidth_gbs  # noqa: E402
 
 import microspec_compile as mc  # noqa: E402
 
-from common import emit_table  # noqa: E402
+from common import emit_table, record_failure  # noqa: E402
 from draft_model import DEPTHS, KV_LEN, Body, tree_step  # noqa: E402
 from heads import TOP_K, dense_head  # noqa: E402
 from shapes import DTYPES, SHAPES, Shape  # noqa: E402
@@ -119,11 +119,7 @@ def run_table(args) -> list[str]:
                     compile_s = time.perf_counter() - t0
                     ms = timer(lambda fn=fn: tree_step(fn, root, cuda_graphs=True))
                 except Exception as e:  # one broken provider must not hide the others
-                    lines.append(f"{name:<14}  failed: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:150] if str(e) else ''}")
-                    if args.fail_fast:
-                        emit_table(lines, args.out)
-                        raise
+                    record_failure(lines, f"{name:<14}", e, args)
                     continue
                 lines.append(f"{name:<14}{ms:>10.3f}{floor:>10.3f}{ms / floor:>9.1f}"
                              f"{compile_s:>11.1f}")

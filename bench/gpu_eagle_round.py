@@ -65,7 +65,7 @@ from microspec_compile.spec import (
     prepare,
 )
 
-from common import emit_table
+from common import emit_table, record_failure
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                  num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
@@ -194,11 +194,7 @@ def run(args) -> list[str]:
     decoders, warm, outputs, results = {}, {}, {}, {}
 
     def failed(name: str, e: Exception) -> None:  # one broken head must not hide the others
-        lines.append(f"{name:<11}  failed: {type(e).__name__}: "
-                     f"{str(e).splitlines()[0][:150] if str(e) else ''}")
-        if args.fail_fast:
-            emit_table(lines, args.out)
-            raise e
+        record_failure(lines, f"{name:<11}", e, args)
 
     for name in args.heads:  # every head compiled before any is timed
         try:

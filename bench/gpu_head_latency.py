@@ -61,7 +61,7 @@ from microspec_compile.kernels.reference import observe_reference  # noqa: E402
 from microspec_compile.kernels.state import VocabState  # noqa: E402
 from microspec_compile.kernels.triton_observe import observe_triton  # noqa: E402
 
-from common import emit_table  # noqa: E402
+from common import emit_table, record_failure  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -187,11 +187,7 @@ def run_table(args) -> list[str]:
                 try:
                     ms = timer(build())
                 except Exception as e:  # one broken path must not hide the others
-                    lines.append(f"{name:<18}{output:<7}{n:>5}  failed: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:120] if str(e) else ''}")
-                    if args.fail_fast:
-                        emit_table(lines, args.out)
-                        raise
+                    record_failure(lines, f"{name:<18}{output:<7}{n:>5}", e, args, width=120)
                     continue
                 lines.append(f"{name:<18}{output:<7}{n:>5}{ms:>10.4f}{fl:>10.4f}{ms / fl:>9.1f}")
     # Steady-state observe: 70 tokens of which ~5 are new (the rest already active).
@@ -257,11 +253,8 @@ def run_variants(args) -> list[str]:
                     diff = (values.float() - first[0].float()).nan_to_num(0.0, 0.0, 0.0).abs().max()
                     ms = timer(call)
                 except Exception as e:  # one broken variant must not hide the others
-                    lines.append(f"{label:<18}{output:<7}{n:>5}  failed: {spec}: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:120] if str(e) else ''}")
-                    if args.fail_fast:
-                        emit_table(lines, args.out)
-                        raise
+                    record_failure(lines, f"{label:<18}{output:<7}{n:>5}  {spec}", e, args,
+                                   width=120)
                     continue
                 tun = ",".join(f"{f.name}={getattr(tunables, f.name)}"
                                for f in dataclasses.fields(tunables) if f.name != "gemv")
