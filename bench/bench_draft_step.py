@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 import microspec_compile
 from microspec_compile.apps.measure import interleaved_rounds
-from microspec_compile.vocab import vocab_for_weight
+from microspec_compile.vocab import ActiveVocab
 
 from common import Flusher, append_rows, loadavg, mode_parser, percentiles
 from draft_model import (
@@ -129,7 +129,7 @@ def run_pair(plan: Plan, mode: str, bar) -> tuple[list, list]:
     param = dense.scorer.lm_head.weight
     frspec = subset_head(param, subset, body).eval()
     layer_only = LayerOnly(body).eval()
-    vocab = vocab_for_weight(param, CAPACITY, ())
+    vocab = ActiveVocab(param, CAPACITY)
     perm = torch.randperm(s.vocab, generator=gen)
     active_pool = perm[:ACTIVE]
     fresh = perm[ACTIVE:]  # ids never in the 3k base set, handed out 60 at a time
@@ -154,7 +154,7 @@ def run_pair(plan: Plan, mode: str, bar) -> tuple[list, list]:
     backends = {
         "inductor_dense": CountingBackend(inductor_backend),
         "inductor_frspec32k": CountingBackend(inductor_backend),
-        "microspec": CountingBackend(microspec_compile.backend(capacity=CAPACITY)),
+        "microspec": CountingBackend(microspec_compile.backend(vocab=vocab)),
         "layer_only": CountingBackend(inductor_backend),
     }
     modules = {"inductor_dense": dense, "inductor_frspec32k": frspec, "microspec": dense,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch import nn
 
 from microspec_compile.apps.data import encode
 from microspec_compile.apps.demo import WARMUP_PROMPTS, default_head_dir, load_frequent_ids
@@ -40,13 +39,6 @@ from bench_eagle_tree import tuning_prompts
 from common import append_rows, loadavg
 
 POLICIES = ("paper", "no-topk", "paper+core")
-
-
-def copied_head(lm_head: nn.Linear) -> nn.Linear:
-    """The same LM head on a weight of its own (so it gets a vocabulary of its own)."""
-    copy = nn.Linear(lm_head.in_features, lm_head.out_features, bias=lm_head.bias is not None)
-    copy.load_state_dict(lm_head.state_dict())
-    return copy.requires_grad_(False)
 
 
 def main() -> None:
@@ -72,11 +64,10 @@ def main() -> None:
     head_linears = pack_head_linears(head, tree)
 
     def way(topk: int, pinned: tuple):
-        # a copy of the LM head: each policy's vocabulary of its own
+        # every decoder has a vocabulary of its own over the same head
         decoder = prepare(target, head, DecoderConfig(tree=tree, capacity=capacity,
                                                       pinned_ids=pinned, target_topk=topk),
-                          verify_linears=packed, draft_linears=head_linears,
-                          lm_head=copied_head(target.get_output_embeddings()))
+                          verify_linears=packed, draft_linears=head_linears)
         return lambda ids, seed: decoder.generate(ids, args.max_new_tokens, eos_token_id=eos)
 
     ways = {name: way(*settings[name]) for name in POLICIES}

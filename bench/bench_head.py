@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import microspec_compile
 from microspec_compile.apps.measure import interleaved_rounds
-from microspec_compile.vocab import vocab_for_weight
+from microspec_compile.vocab import ActiveVocab
 
 from common import Flusher, append_rows, loadavg, mode_parser, percentiles
 from heads import TOP_K, dense_head, subset_head
@@ -120,8 +120,8 @@ def run_shape(shape: str, dtypes, rows_list, cfg: dict, mode: str, flush: Flushe
         dense = dense_head(weight).eval()
         frspec = subset_head(weight, subset).eval()
         param = dense.lm_head.weight
-        vocab = vocab_for_weight(param, CAPACITY, ())
-        ms_backend = microspec_compile.backend(capacity=CAPACITY)
+        vocab = ActiveVocab(param, CAPACITY)
+        ms_backend = microspec_compile.backend(vocab=vocab)
         ind_dense = torch.compile(dense)
         ind_frspec = torch.compile(frspec)
         ms_dense = torch.compile(dense, backend=ms_backend)

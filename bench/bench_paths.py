@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 import microspec_compile as mc
-from microspec_compile.vocab import vocab_for_weight
+from microspec_compile.vocab import ActiveVocab
 
 from common import append_rows, loadavg
 
@@ -50,8 +50,9 @@ def main(argv=None) -> None:
     compiled = {"dense": torch.compile(models["dense"])}
     for path in ("torch", "inductor"):
         weight = models[path].lm_head.weight
-        vocab_for_weight(weight, 4096, ()).observe(torch.randperm(args.vocab)[: args.active])
-        compiled[path] = torch.compile(models[path], backend=mc.backend(path=path))
+        vocab = ActiveVocab(weight, 4096)
+        vocab.observe(torch.randperm(args.vocab)[: args.active])
+        compiled[path] = torch.compile(models[path], backend=mc.backend(path=path, vocab=vocab))
     x = torch.randn(args.rows, args.hidden)
     samples = {name: [] for name in compiled}
     with torch.no_grad():

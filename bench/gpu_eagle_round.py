@@ -112,7 +112,7 @@ def decoder_for(name: str, target, head, args):
         lm_head, k = target.get_output_embeddings(), tree.top_k
         module = (SubsetTopkScorer(lm_head, subset, k) if name == "frspec"
                   else TopkScorer(lm_head, k))
-        backend = (mc.backend(capacity=args.capacity, inductor=False)
+        backend = (mc.backend(vocab=decoder.vocab, inductor=False)
                    if name == "microspec" else "eager")
         decoder.scorer = torch.compile(module, backend=backend, dynamic=True)
     return decoder

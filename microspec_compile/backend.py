@@ -8,20 +8,24 @@
 2. clones the graph (Dynamo keeps using the original) and appends the vocabulary
    state tensors as extra placeholders;
 3. rewrites the head into ``microspec::sparse_topk`` / ``sparse_full`` and inserts
-   ``microspec::observe_start`` on the ids feeding the embedding and
-   ``microspec::observe_wait`` immediately before the head (``async_gather``, the
-   default: on CUDA the gather overlaps the decoder layers), or the synchronous
-   ``microspec::observe`` (``async_gather=False``) (``passes.sparse_head``);
-4. hands the graph to Inductor and returns a wrapper that appends the state tensors
-   to every call. The state is updated in place, never reallocated, so the
-   compiled code sees a changing vocabulary with no guards and no recompiles.
+   the synchronous ``microspec::observe`` on the ids feeding the embedding (the
+   default), or ``microspec::observe_start`` there and ``microspec::observe_wait``
+   immediately before the head (``async_gather=True``: on CUDA the gather overlaps
+   the decoder layers) (``passes.sparse_head``);
+4. hands the graph to Inductor and returns a wrapper that appends to every call the
+   state tensors of the vocabulary in force for it (``vocab.py``: bound by ``using``,
+   given as ``vocab=``, or the head's default). A state is updated in place, never
+   reallocated, so the compiled code sees a changing vocabulary, or another
+   vocabulary of the same capacity, with no guards and no recompiles.
 
 CUDA graphs (``torch.compile(..., mode="reduce-overhead")``): the state placeholders
 are static inputs (captured at their own addresses, mutation allowed) and the
 gather's fork / join is by events, which capture accepts.  Before the first such
 graph on a device the backend captures the asynchronous gather once on a tiny state
 (``kernels.async_gather.capture_problem``); if that fails it warns once, naming the
-failure, and those graphs use the synchronous observe instead.
+failure, and those graphs use the synchronous observe instead.  A graph captured
+with one vocabulary's state sees another vocabulary's tensors at other addresses:
+under CUDA graphs keep one vocabulary per compiled graph.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ from .passes.sparse_head import (
     remove_replaced,
     rewrite_head,
 )
-from .vocab import ActiveVocab, vocab_for_weight
+from .vocab import ActiveVocab, bound_vocab, default_vocab
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +87,44 @@ def warn_capture_fallback(device: str, problem: str) -> None:
         "use the synchronous observe instead (as async_gather=False)", stacklevel=3)
 
 
+def compile_vocab(weight, config: MicrospecConfig) -> ActiveVocab:
+    """The vocabulary a graph is compiled with for the head ``weight`` (``vocab.py``'s
+    order: bound by ``using``, given to the backend, else the head's default)."""
+    vocab = bound_vocab(weight) or config.vocab
+    if vocab is None:
+        return default_vocab(weight, config.capacity, config.pinned_ids)
+    vocab.check_serves(weight, vocab.capacity)
+    return vocab
+
+
+def call_vocab(compiled: ActiveVocab, weight, config: MicrospecConfig) -> ActiveVocab:
+    """The vocabulary one call of a graph compiled with ``compiled`` reads for the head
+    ``weight`` passed to it: bound by ``using``, else ``compiled`` (or, for a graph that
+    takes its head weight as an argument and meets another one, that weight's default).
+
+    Raises
+    ------
+    ValueError
+        The vocabulary belongs to another weight, or has another capacity than the
+        graph's state inputs.
+    """
+    vocab = bound_vocab(weight)
+    if vocab is None:
+        if compiled.belongs_to(weight):
+            return compiled
+        vocab = config.vocab or default_vocab(weight, config.capacity, config.pinned_ids)
+    vocab.check_serves(weight, compiled.capacity)
+    return vocab
+
+
 def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MicrospecConfig):
     """Rewrite every LM head of ``gm``.
 
-    Returns ``(new_gm, vocabularies, observes_inputs)`` or None (no head);
-    ``observes_inputs`` says whether the graph observes the ids feeding an embedding.
+    Returns ``(new_gm, heads, observes_inputs)`` or None (no head): ``heads`` is a list
+    of ``(vocabulary, weight index)``, one per head weight, in the order of the state
+    placeholders, the index that of the weight among the graph's inputs (None for a
+    weight held as an attribute); ``observes_inputs`` says whether the graph observes
+    the ids feeding an embedding.
     """
     clone = clone_graph(gm)
     values = real_values(clone, example_inputs)
@@ -95,36 +132,38 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
     if not heads:
         return None
     graph = clone.graph
-    states, starts, vocabs, observes_inputs = {}, {}, [], False
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    states, starts, slots, observes_inputs = {}, {}, [], False
     for head in heads:
         weight = values[head.weight]
-        vocab = vocab_for_weight(weight, config.capacity, config.pinned_ids)
-        if id(vocab) not in states:
+        if head.weight not in states:
+            vocab = compile_vocab(weight, config)
             fakes = [fake_tensor(t) for t in vocab.state()]
-            states[id(vocab)] = add_state_placeholders(graph, f"microspec{len(vocabs)}", fakes)
-            vocab.in_graph = True  # its capacity is final from now on (ActiveVocab.merge)
-            vocabs.append(vocab)
-            starts[id(vocab)] = []
+            states[head.weight] = add_state_placeholders(graph, f"microspec{len(slots)}", fakes)
+            index = placeholders.index(head.weight) if head.weight in placeholders else None
+            slots.append((vocab, index, weight if index is None else None))
+            starts[head.weight] = []
             if config.observe_inputs:
                 asynchronous = use_async_gather(config, weight.device)
                 for ids, embedding in find_embedding_ids(clone, values, weight.shape[0]):
-                    node = insert_observe(graph, ids, embedding, states[id(vocab)], head.weight,
-                                          config.path, asynchronous)
+                    node = insert_observe(graph, ids, embedding, states[head.weight],
+                                          head.weight, config.path, asynchronous)
                     counters["microspec"]["observe_inserted"] += 1
                     if asynchronous:
-                        starts[id(vocab)].append(node)
+                        starts[head.weight].append(node)
                         counters["microspec"]["observe_start_inserted"] += 1
                     observes_inputs = True
-        op = rewrite_head(graph, head, states[id(vocab)], weight.shape[0], config.path)
-        for start in starts[id(vocab)]:  # the head reads the rows only after the gather
-            insert_wait(graph, op, start, states[id(vocab)])
+        state = states[head.weight]
+        op = rewrite_head(graph, head, state, weight.shape[0], config.path)
+        for start in starts[head.weight]:  # the head reads the rows only after the gather
+            insert_wait(graph, op, start, state)
             counters["microspec"]["observe_wait_inserted"] += 1
         remove_replaced(graph, head)
         counters["microspec"]["heads_rewritten"] += 1
         counters["microspec"][f"heads_{head.kind}_{head.normalize}"] += 1
     graph.lint()
     clone.recompile()
-    return clone, vocabs, observes_inputs
+    return clone, slots, observes_inputs
 
 
 def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: MicrospecConfig,
@@ -144,23 +183,28 @@ def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: Micr
         warn_no_head(config.min_vocab_size, config)
         counters["microspec"]["fallback_no_head"] += 1
         return compile_config(gm, list(example_inputs), config)
-    clone, vocabs, observes_inputs = rewritten
-    extra = [t for vocab in vocabs for t in vocab.state()]
+    clone, slots, observes_inputs = rewritten
+    extra = [t for vocab, _, _ in slots for t in vocab.state()]
     compiled = compile_config(clone, list(example_inputs) + extra, config)
-    # A graph that observes its own input ids never meets an empty vocabulary; a
-    # head compiled on its own can, before anything is observed.  It then scores the
-    # full vocabulary with the original graph (exact, slower) instead of failing.
-    may_be_empty = [] if observes_inputs else vocabs
+
+    def vocabularies(args) -> list[ActiveVocab]:
+        """The vocabulary of each head weight for a call with ``args``."""
+        return [call_vocab(vocab, args[index] if index is not None else weight, config)
+                for vocab, index, weight in slots]
 
     def run(*args):
-        if any(vocab.is_empty() for vocab in may_be_empty):
+        vocabs = vocabularies(args)
+        # A graph that observes its own input ids never meets an empty vocabulary; a
+        # head compiled on its own can, before anything is observed.  It then scores the
+        # full vocabulary with the original graph (exact, slower) instead of failing.
+        if not observes_inputs and any(vocab.is_empty() for vocab in vocabs):
             warn_empty_vocabulary()
             counters["microspec"]["dense_fallback_calls"] += 1
             return gm(*args)
         counters["microspec"]["sparse_calls"] += 1
-        return compiled(*args, *extra)
+        return compiled(*args, *(t for vocab in vocabs for t in vocab.state()))
 
-    run._microspec_vocabs = vocabs
+    run.vocabularies = vocabularies  # the vocabularies a call would read (tests)
     run.rewritten = clone  # the rewritten FX graph module (tests inspect it)
     return run
 
@@ -169,8 +213,8 @@ def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: Micr
 def warn_empty_vocabulary() -> None:
     warnings.warn(
         "microspec: the active vocabulary is empty (no id observed, no pinned id), so this call "
-        "scores the full vocabulary (dense). Observe ids first with "
-        "microspec_compile.vocab_of(module).observe(ids), or pin ids (pinned_ids=[eos_id])",
+        "scores the full vocabulary (dense). Observe ids into the vocabulary first "
+        "(vocab.observe(ids)), or pin ids (ActiveVocab(..., pinned_ids=[eos_id]))",
         stacklevel=3)
 
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from .kernels.dispatch import check_path
 
@@ -18,18 +18,22 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # The capacity of a vocabulary that no side asks a capacity for.
 DEFAULT_CAPACITY = 4096
 
+
 @dataclass(frozen=True)
 class MicrospecConfig:
     """Settings of the backend.
 
     Parameters
     ----------
-    capacity : rows of the compact head buffer (the most active tokens at once); None
-        (left out): ``DEFAULT_CAPACITY``, unless another side of the same vocabulary
-        (the observer, ``vocab_of``, another backend) asks for one
-    pinned_ids : token ids always active and never evicted (EOS, BOS, ...); None (left
-        out) or empty: none asked for here, the other sides' pins apply.  Settings that
-        two sides give must agree; one left out never conflicts (``ActiveVocab.merge``)
+    vocab : the ``ActiveVocab`` the compiled head reads and its graph observes into
+        (unless ``microspec_compile.using`` binds another around a call); None: the
+        head's default vocabulary, created with ``capacity`` / ``pinned_ids`` by the first
+        side that needs it (``vocab.default_vocab``)
+    capacity : rows of the default vocabulary's compact head buffer (the most active
+        tokens at once); None: ``DEFAULT_CAPACITY``, or what the side that created it gave
+    pinned_ids : token ids always active and never evicted (EOS, BOS, ...) in the default
+        vocabulary; None or empty: none asked for here.  A side that gives settings other
+        than the existing default vocabulary's gets a ValueError
     min_vocab_size : a Linear with fewer output features is not treated as a head
     head : if set, only a head whose weight's graph name contains this string
     observe_inputs : observe the ids feeding the embedding on every call
@@ -48,6 +52,7 @@ class MicrospecConfig:
         ``"reduce-overhead"`` / ``"max-autotune"`` capture CUDA graphs on CUDA
     """
 
+    vocab: Optional[Any] = None
     capacity: Optional[int] = None
     pinned_ids: Optional[tuple] = None
     min_vocab_size: int = 1000
@@ -65,10 +70,21 @@ class MicrospecConfig:
             raise ValueError(f"mode must be one of {' / '.join(MODES)}, got {self.mode!r}")
         if self.mode != "default" and not self.inductor:
             raise ValueError(f"mode={self.mode!r} needs inductor=True (it sets Inductor options)")
+        if isinstance(self.pinned_ids, int):
+            object.__setattr__(self, "pinned_ids", (self.pinned_ids,))
         if self.pinned_ids is not None:
             object.__setattr__(self, "pinned_ids", tuple(int(i) for i in self.pinned_ids))
-        if self.capacity is not None and self.capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        if self.capacity is not None and (not isinstance(self.capacity, int) or self.capacity < 1):
+            raise ValueError(f"capacity must be an int >= 1, got {self.capacity!r}")
+        if self.vocab is not None:
+            from .vocab import ActiveVocab
+
+            if not isinstance(self.vocab, ActiveVocab):
+                raise TypeError(f"vocab must be a microspec_compile.ActiveVocab, got "
+                                f"{type(self.vocab).__name__}")
+            if self.capacity is not None or self.pinned_ids:
+                raise ValueError("give capacity / pinned_ids to ActiveVocab(...) when you pass "
+                                 "vocab=..., not to the backend as well")
         check_path(self.path)
 
     @property

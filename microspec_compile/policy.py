@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .cpu import cpu_flags
 
@@ -31,9 +32,8 @@ __all__ = ["TARGET_TOPK", "target_top_ids", "prompt_top_ids", "observe_prompt",
 #: The target's best tokens per scored position that join the vocabulary (the paper's 3).
 TARGET_TOPK = 3
 
-# an LM-head weight's bf16 copy lives on the weight (as its vocabulary does):
-# (weight._version when copied, copy)
-_BF16_ATTR = "_microspec_bf16_copy"
+# an LM-head weight -> (weight._version when copied, its bf16 copy); dropped with the weight
+_BF16_COPIES = WeakIdKeyDictionary()
 
 
 def target_top_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -51,10 +51,10 @@ def fast_bf16_products(device: torch.device) -> bool:
 
 
 def _bf16_copy(weight: torch.Tensor) -> torch.Tensor:
-    version, copy = getattr(weight, _BF16_ATTR, (None, None))
+    version, copy = _BF16_COPIES.get(weight, (None, None))
     if copy is None or version != weight._version:  # made once; again if changed in place
         copy = weight.detach().to(torch.bfloat16)
-        setattr(weight, _BF16_ATTR, (weight._version, copy))
+        _BF16_COPIES[weight] = (weight._version, copy)
     return copy
 
 

@@ -1,32 +1,43 @@
-"""The live active vocabulary of one LM head: fixed-capacity state tensors.
+"""The active vocabulary of an LM head: an object you hold, in fixed-capacity state tensors.
 
-One ``ActiveVocab`` exists per head weight (a registry keyed by the weight
-parameter), shared by every graph that Dynamo compiles for the model, so that
-recompiles and graph breaks all see one vocabulary. All tensors are allocated
-once, on the head weight's device (rows in its dtype), and only ever updated in
-place: the compiled graphs take them as extra inputs and see new contents without
-guards or recompiles.
+>>> vocab = ActiveVocab(draft.lm_head.weight, capacity=2048, pinned_ids=[eos])
+>>> fast = torch.compile(draft, backend=microspec_compile.backend(vocab=vocab))
+>>> with using(other_vocab):   # one compiled head, another request's vocabulary
+...     fast(ids)
 
-Several sides configure one vocabulary: the draft's backend, the target's
-observer and ``vocab_of``, each with its own ``capacity`` / ``pinned_ids``, in
-whatever order they first run.  :meth:`ActiveVocab.merge` makes that order
-irrelevant: settings that two sides give must agree, a setting one side leaves
-out (None) never conflicts, and a given value wins over the default even when it
-arrives after the vocabulary was created.
+A head can have any number of vocabularies (one per request): a compiled graph takes
+the state tensors of the vocabulary in force at each call as extra inputs, so it
+serves them all with no recompile.  All tensors are allocated once, on the head
+weight's device (rows in its dtype), and only ever updated in place.
+
+Which vocabulary a call of a compiled head reads, first match wins:
+
+1. one bound for its head weight by :func:`using` around the call;
+2. the one given to the backend (``backend(vocab=...)``);
+3. the head's **default vocabulary** (:func:`default_vocab`), created by the first side
+   that needs it (the backend from the graph's head, the observer, ``vocab_of``) with
+   that side's ``capacity`` / ``pinned_ids``; a later side that gives other settings
+   is an error that says to create one ``ActiveVocab`` and pass it to every side.
+
+Nothing is stored on the weight: default vocabularies live in a registry keyed weakly
+by the weight's identity, and hold the weight weakly, so they die with the model.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+import contextvars
+import weakref
+from typing import Iterable, Iterator
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import DEFAULT_CAPACITY
 from .kernels import ops
 from .kernels.state import PINNED, VocabState
 
-# The vocabulary of a head is stored on its weight tensor: it lives and dies with
-# the model (a weight <-> vocabulary cycle is freed by the garbage collector).
-_ATTR = "_microspec_vocab"
+__all__ = ["ActiveVocab", "using", "bound_vocab", "default_vocab", "find_vocab",
+           "draft_head_weight", "vocab_of"]
 
 
 class ActiveVocab:
@@ -35,40 +46,68 @@ class ActiveVocab:
     Parameters
     ----------
     weight : [V, H]
-        The LM-head weight (a parameter; kept by reference, never copied whole).
+        The LM-head weight (kept by reference, never copied whole).
     capacity : int
-        Number of compact rows (CAP).
-    pinned_ids : iterable of int
+        Number of compact rows (CAP); clamped to V.
+    pinned_ids : int or iterable of int
         Token ids that are always active and never evicted (EOS, BOS, ...).
 
     Attributes
     ----------
     rows, ids, member, last_seen, count, step
         The fields of :meth:`state`, a ``VocabState`` (layout in ``kernels/state.py``).
-    capacity_given, pins_given : bool
-        Whether some side asked for this capacity / these pins (False: the defaults,
-        which a side that asks for a value replaces; see :meth:`merge`).
     """
 
-    def __init__(self, weight: torch.Tensor, capacity: int = 4096, pinned_ids: Iterable[int] = ()):
-        if weight.dim() != 2:
-            raise ValueError(f"LM-head weight must be 2-D [V, H], got shape {list(weight.shape)}")
+    def __init__(self, weight: torch.Tensor, capacity: int = DEFAULT_CAPACITY,
+                 pinned_ids: int | Iterable[int] = ()):
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
+            raise ValueError(f"LM-head weight must be a 2-D tensor [V, H], got {shape}")
+        if not weight.is_floating_point():
+            raise ValueError(f"LM-head weight must be floating point, got dtype {weight.dtype}")
         vocab, hidden = weight.shape
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        capacity = min(capacity, vocab)
-        self.weight = weight
+        capacity = check_capacity(capacity, vocab)
+        pins = normalize_pins(pinned_ids)
+        if any(i < 0 or i >= vocab for i in pins):
+            raise ValueError(f"pinned_ids {list(pins)} hold ids out of range for a vocabulary "
+                             f"of {vocab}")
+        if len(pins) > capacity:
+            raise ValueError(f"{len(pins)} pinned ids do not fit in capacity {capacity}")
+        self._weight_ref = weakref.ref(weight)
+        self._weight = weight  # None for a default vocabulary (it must not keep its model)
         self.capacity = capacity
         self.vocab_size = vocab
-        self.pinned_ids = tuple(int(i) for i in pinned_ids)
-        if len(set(self.pinned_ids)) > capacity:
-            raise ValueError(f"{len(set(self.pinned_ids))} pinned ids do not fit in capacity {capacity}")
+        self.pinned_ids = pins
         self._state = VocabState.empty(vocab, hidden, capacity, weight.dtype, weight.device)
         self.observed_calls = 0
-        self.capacity_given = True
-        self.pins_given = bool(self.pinned_ids)
-        self.in_graph = False  # set when a compiled graph takes the state tensors as inputs
         self.reset()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The LM-head weight ``[V, H]`` this vocabulary gathers rows from."""
+        weight = self._weight_ref()
+        if weight is None:
+            raise ValueError("the LM-head weight of this microspec vocabulary was freed: keep "
+                             "the model (or the weight) alive while its vocabulary is used")
+        return weight
+
+    def belongs_to(self, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` is this vocabulary's head weight (the same tensor)."""
+        return self._weight_ref() is weight
+
+    def check_serves(self, weight: torch.Tensor, capacity: int) -> None:
+        """Raise a ValueError unless this vocabulary can stand in for one of ``weight``
+        and ``capacity`` rows in a compiled graph (the same tensor; the same capacity)."""
+        if not self.belongs_to(weight):
+            raise ValueError(
+                f"this microspec vocabulary belongs to another LM-head weight (its vocabulary "
+                f"is {self.vocab_size} x {self._state.rows.shape[1]}; the head's weight is "
+                f"{list(weight.shape)}): create ActiveVocab(head.weight, ...) for this head")
+        if capacity != self.capacity:
+            raise ValueError(
+                f"this compiled head was built for vocabularies of capacity {capacity}, and a "
+                f"vocabulary of capacity {self.capacity} was given: give every vocabulary "
+                "of one compiled head the same capacity (or compile the head again)")
 
     # -- state as graph inputs -------------------------------------------------
     def state(self) -> VocabState:
@@ -80,83 +119,6 @@ class ActiveVocab:
         if name in VocabState._fields and "_state" in self.__dict__:
             return getattr(self.__dict__["_state"], name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    # -- settings from several sides ---------------------------------------------
-    def merge(self, capacity: int | None = None, pinned_ids: Iterable[int] | None = None) -> None:
-        """Take one side's settings into this vocabulary, whichever side came first.
-
-        ``None`` (and, for ``pinned_ids``, an empty list: pins only add ids) means
-        "left out": it never conflicts.  A given value must equal one another side
-        gave; over a default it wins: new pins are added at once, a new capacity
-        reallocates the state (keeping the active ids, the most recent first) as long
-        as no compiled graph holds the state tensors yet.
-
-        Raises
-        ------
-        ValueError
-            Two sides gave different values (the message names the setting and both
-            values), or a new capacity arrives after a compiled graph took the state.
-        """
-        pins = tuple(dict.fromkeys(int(i) for i in pinned_ids)) if pinned_ids else ()
-        new_capacity = None
-        if capacity is not None:
-            if capacity < 1:
-                raise ValueError(f"capacity must be >= 1, got {capacity}")
-            wanted = min(int(capacity), self.vocab_size)
-            if wanted != self.capacity:
-                if self.capacity_given:
-                    raise ValueError(
-                        f"this LM-head weight already has a microspec vocabulary of capacity "
-                        f"{self.capacity}; capacity={capacity} was asked for now: give the "
-                        "backend, the observer and vocab_of the same capacity (or leave it "
-                        "out on all but one)")
-                if self.in_graph:
-                    raise ValueError(
-                        f"this LM-head weight's microspec vocabulary already serves a compiled "
-                        f"graph with the default capacity {self.capacity}; capacity={capacity} "
-                        "was asked for now, too late to reallocate it: give the same capacity "
-                        "to the side that compiled first (backend(...), observer(...) or "
-                        "vocab_of(...)), or leave it out")
-                new_capacity = wanted
-        if pins and self.pins_given and set(pins) != set(self.pinned_ids):
-            raise ValueError(
-                f"this LM-head weight already has a microspec vocabulary with pinned_ids="
-                f"{list(self.pinned_ids)}; pinned_ids={list(pins)} was asked for now: give the "
-                "backend, the observer and vocab_of the same pinned ids (or leave them out on "
-                "all but one)")
-        all_pins = tuple(dict.fromkeys(self.pinned_ids + pins))
-        room = self.capacity if new_capacity is None else new_capacity
-        if len(all_pins) > room:
-            raise ValueError(f"{len(all_pins)} pinned ids do not fit in capacity {room}")
-        if new_capacity is not None:
-            self._reallocate(new_capacity, () if self.pins_given else pins)
-        if capacity is not None:
-            self.capacity_given = True
-        if pins and not self.pins_given:
-            self.pinned_ids = all_pins
-            self.pins_given = True
-            self.observe(torch.tensor(pins, dtype=torch.int64, device=self.rows.device), pin=True)
-
-    @torch.no_grad()
-    def _reallocate(self, capacity: int, new_pins: tuple = ()) -> None:
-        """A new state of ``capacity`` rows: the pinned ids, room for ``new_pins``, then the
-        most recently observed other ids that fit (they share one observation step)."""
-        old = self._state
-        n = old.size
-        ids, seen = old.ids[:n], old.last_seen[:n]
-        pinned = ids[seen == PINNED]
-        room = capacity - len(set(pinned.tolist()) | set(new_pins))
-        others = ids[seen != PINNED][torch.argsort(seen[seen != PINNED])]  # oldest first
-        others = others[max(0, others.numel() - room):]
-        self._state = VocabState.empty(self.vocab_size, old.rows.shape[1], capacity,
-                                       old.rows.dtype, old.rows.device)
-        self.capacity = capacity
-        self._known_nonempty = False
-        weight = self.weight.detach()
-        if pinned.numel():
-            ops.observe(self._state, weight, pinned, True)
-        if others.numel():
-            ops.observe(self._state, weight, others, False)
 
     # -- public API ------------------------------------------------------------
     @torch.no_grad()
@@ -225,78 +187,147 @@ class ActiveVocab:
         return f"ActiveVocab(size={self.size}, capacity={self.capacity}, vocab_size={self.vocab_size})"
 
 
-def vocab_for_weight(weight: torch.Tensor, capacity: int | None = None,
-                     pinned_ids: Iterable[int] | None = None) -> ActiveVocab:
-    """The registered vocabulary of ``weight``, created on first use, with one side's settings.
+def check_capacity(capacity, vocab_size: int) -> int:
+    """``capacity`` as an int clamped to ``vocab_size``; a ValueError if it is not >= 1."""
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+    return min(capacity, vocab_size)
+
+
+def normalize_pins(pinned_ids) -> tuple[int, ...]:
+    """Pinned ids as a tuple of distinct ints, in order; a single int is one id."""
+    if pinned_ids is None:
+        return ()
+    if isinstance(pinned_ids, int) or (isinstance(pinned_ids, torch.Tensor)
+                                       and pinned_ids.dim() == 0):
+        pinned_ids = [pinned_ids]
+    return tuple(dict.fromkeys(int(i) for i in pinned_ids))
+
+
+# -- the vocabulary in force for a call ------------------------------------------------
+_BOUND: contextvars.ContextVar[tuple] = contextvars.ContextVar("microspec_bound", default=())
+
+
+@contextlib.contextmanager
+def using(*vocabs: ActiveVocab) -> Iterator[None]:
+    """Inside the block, compiled heads (and the observer) of these vocabularies' weights
+    read and feed these vocabularies instead of the ones they were compiled with.
+
+    One vocabulary per head weight; nesting binds the innermost.
+    """
+    for vocab in vocabs:
+        if not isinstance(vocab, ActiveVocab):
+            raise TypeError(f"using() takes ActiveVocab objects, got {type(vocab).__name__}")
+    token = _BOUND.set(vocabs + _BOUND.get())
+    try:
+        yield
+    finally:
+        _BOUND.reset(token)
+
+
+def bound_vocab(weight: torch.Tensor) -> ActiveVocab | None:
+    """The vocabulary :func:`using` binds for ``weight`` here, or None."""
+    for vocab in _BOUND.get():
+        if vocab.belongs_to(weight):
+            return vocab
+    return None
+
+
+# -- default vocabularies ----------------------------------------------------------
+# weight -> its default vocabulary, an entry dropped with the weight (the vocabulary
+# holds its weight only weakly, so the model is freed as if the registry did not exist)
+_DEFAULTS = WeakIdKeyDictionary()
+
+
+def default_vocab(weight: torch.Tensor, capacity: int | None = None,
+                  pinned_ids=None, *, create: bool = True) -> ActiveVocab | None:
+    """The default vocabulary of ``weight``, created on first use with these settings.
 
     ``capacity`` / ``pinned_ids`` left out (None) take the defaults (``DEFAULT_CAPACITY``,
-    no pins) or whatever another side gave; given ones are merged into an existing
-    vocabulary by :meth:`ActiveVocab.merge`.
+    no pins) or the existing vocabulary's.  ``create=False`` returns None where there is none.
 
     Raises
     ------
     ValueError
-        If another side gave another capacity (after clamping to V) or other pinned
-        ids: e.g. ``observer(draft, capacity=512)`` and ``backend(capacity=4096)``
-        would otherwise silently get 512 (or 4096, in the other order).
+        The default vocabulary exists with another capacity (after clamping to V) or
+        other pinned ids: two sides asked for different settings.
     """
-    vocab = lookup(weight)
+    vocab = _DEFAULTS.get(weight)
     if vocab is None:
+        if not create:
+            return None
         vocab = ActiveVocab(weight, DEFAULT_CAPACITY if capacity is None else capacity,
                             pinned_ids or ())
-        vocab.capacity_given = capacity is not None
-        setattr(weight, _ATTR, vocab)
+        vocab._weight = None
+        _DEFAULTS[weight] = vocab
         return vocab
-    vocab.merge(capacity, pinned_ids)
+    pins = normalize_pins(pinned_ids)
+    wanted = vocab.capacity if capacity is None else check_capacity(capacity, vocab.vocab_size)
+    if wanted != vocab.capacity or (pins and set(pins) != set(vocab.pinned_ids)):
+        raise ValueError(
+            f"this LM head's default microspec vocabulary exists already with capacity="
+            f"{vocab.capacity}, pinned_ids={list(vocab.pinned_ids)}; capacity={capacity}, "
+            f"pinned_ids={list(pins)} were asked for now. Create one vocabulary and pass it to "
+            "every side: vocab = microspec_compile.ActiveVocab(head.weight, capacity=..., "
+            "pinned_ids=...); backend(vocab=vocab), observer(vocab), prepare(..., vocab=vocab)")
     return vocab
 
 
-def lookup(weight: torch.Tensor) -> "ActiveVocab | None":
-    """The vocabulary registered on ``weight``, or None."""
-    return getattr(weight, _ATTR, None)
+def find_vocab(module: torch.nn.Module) -> ActiveVocab | None:
+    """The default vocabulary of one of ``module``'s parameters, or None (never creates one)."""
+    for param in module.parameters():
+        vocab = default_vocab(param, create=False)
+        if vocab is not None:
+            return vocab
+    return None
 
 
-def find_vocab(module: torch.nn.Module) -> "ActiveVocab | None":
-    """The vocabulary registered on one of ``module``'s parameters, or None (never creates one)."""
-    return next((v for v in map(lookup, module.parameters()) if v is not None), None)
+def draft_head_weight(module: torch.nn.Module, min_vocab_size: int = 1000) -> torch.Tensor:
+    """The LM-head weight ``[V, H]`` of a draft, found without guessing.
 
-
-def head_weight(module: torch.nn.Module, min_vocab_size: int = 1000) -> torch.Tensor:
-    """A module's LM-head weight ``[V, H]``: HF's output embeddings, else the widest 2-D parameter.
+    In order: a parameter of ``module`` whose default vocabulary a compiled graph
+    created (the backend found it as the graph's head); HF's ``get_output_embeddings()``;
+    the one ``nn.Linear`` with ``min_vocab_size`` outputs or more.
 
     Raises
     ------
     LookupError
-        If no 2-D parameter has ``min_vocab_size`` rows or more.
+        No such weight, or several ``Linear`` layers that could be the head: the message
+        says to create an ``ActiveVocab`` for the head and pass it.
     """
+    found = find_vocab(module)
+    if found is not None:
+        return found.weight
     get = getattr(module, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if head is not None and getattr(head, "weight", None) is not None:
         return head.weight
-    candidates = [p for p in module.parameters() if p.dim() == 2 and p.shape[0] >= min_vocab_size]
-    if not candidates:
-        raise LookupError(f"no LM-head weight (a 2-D parameter with >= {min_vocab_size} rows) in "
-                          f"this {type(module).__name__}, so it has no microspec vocabulary")
-    return max(candidates, key=lambda p: p.shape[0])
+    linears = {id(m.weight): m.weight for m in module.modules()
+               if isinstance(m, torch.nn.Linear) and m.out_features >= min_vocab_size}
+    if len(linears) == 1:
+        return next(iter(linears.values()))
+    found = (f"{len(linears)} Linear layers with >= {min_vocab_size} outputs" if linears
+             else f"no Linear layer with >= {min_vocab_size} outputs")
+    raise LookupError(
+        f"cannot tell which weight of this {type(module).__name__} is its LM head (no "
+        f"get_output_embeddings(), {found}): create vocab = microspec_compile.ActiveVocab("
+        "head.weight, ...) and pass it: backend(vocab=vocab), observer(vocab)")
 
 
 def vocab_of(module: torch.nn.Module, *, capacity: int | None = None,
-             pinned_ids: Iterable[int] | None = None, min_vocab_size: int = 1000) -> ActiveVocab:
-    """The live vocabulary of a module compiled (or to be compiled) with the microspec backend.
+             pinned_ids=None, min_vocab_size: int = 1000) -> ActiveVocab:
+    """The default vocabulary of a draft compiled (or to be compiled) with the microspec backend.
 
-    Works on the module compiled in place (``model.compile(backend="microspec")``)
-    and on the ``OptimizedModule`` that ``torch.compile(model)`` returns, before or
-    after its first call.  Before the first call it creates the vocabulary of the
-    module's LM-head weight, so that ids can be observed first.  ``capacity`` /
-    ``pinned_ids`` follow the backend's rule (:meth:`ActiveVocab.merge`): left out,
-    they take the defaults or what the backend or observer gives; given, they must
-    agree with what those give.
+    Works on the module compiled in place (``model.compile(backend="microspec")``) and on
+    the ``OptimizedModule`` that ``torch.compile(model)`` returns, before or after its
+    first call.  Before the first call it creates the vocabulary, so that ids can be
+    observed first; ``capacity`` / ``pinned_ids`` then apply (:func:`default_vocab`).  A
+    vocabulary you created yourself (``ActiveVocab``) is yours to hold: this returns the
+    head's default one.
 
     Raises
     ------
-    LookupError : the module has no LM-head-sized weight
-    ValueError : ``capacity`` / ``pinned_ids`` differ from the existing vocabulary's
+    LookupError : the head cannot be told (:func:`draft_head_weight`)
+    ValueError : ``capacity`` / ``pinned_ids`` differ from the existing default vocabulary's
     """
-    found = find_vocab(module)
-    weight = found.weight if found is not None else head_weight(module, min_vocab_size)
-    return vocab_for_weight(weight, capacity, pinned_ids)
+    return default_vocab(draft_head_weight(module, min_vocab_size), capacity, pinned_ids)

@@ -40,8 +40,8 @@ def test_inputs_are_observed_in_graph_with_zero_recompiles():
 def test_lone_head_with_changing_row_counts():
     """EAGLE passes the head module around and calls it with 1, then 10, 60 rows."""
     head = nn.Linear(H, V, bias=False)
-    compiled = torch.compile(head, backend=mc.backend(capacity=256, pinned_ids=[0]))
-    vocab = mc.vocab.vocab_for_weight(head.weight, 256, [0])
+    vocab = mc.ActiveVocab(head.weight, 256, pinned_ids=[0])
+    compiled = torch.compile(head, backend=mc.backend(vocab=vocab))
     vocab.observe(torch.arange(100, 300))
     with torch.no_grad():
         for rows in (1, 10, 60, 10, 1):
@@ -86,7 +86,7 @@ def test_head_alone_usable_from_first_call_dense_while_empty():
 
 def test_empty_vocabulary_op_is_an_error_not_nan():
     head = nn.Linear(H, V, bias=False)
-    vocab = mc.vocab.vocab_for_weight(head.weight, 64, ())
+    vocab = mc.ActiveVocab(head.weight, 64)
     with pytest.raises(ValueError, match="active vocabulary is empty"):
         torch.ops.microspec.sparse_full(torch.randn(2, H), vocab.rows, vocab.ids, vocab.count,
                                         None, V, "none")
@@ -100,7 +100,7 @@ def test_vocab_of_before_first_call_observes_into_the_backend_vocabulary():
     out = compiled(torch.randn(1, H))
     assert mc.vocab_of(compiled) is vocab and torch.isfinite(out).sum() == 3
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="capacity 64; capacity=128"):  # Dynamo wraps it
+    with pytest.raises(Exception, match="capacity=64.*capacity=128"):  # Dynamo wraps it
         torch.compile(head, backend=mc.backend(capacity=128))(torch.randn(1, H))
 
 
@@ -110,7 +110,7 @@ def test_bad_config_and_hidden_dtype():
     with pytest.raises(ValueError, match="path"):
         mc.backend(path="cuda-magic")
     head = nn.Linear(H, V, bias=False)
-    vocab = mc.vocab.vocab_for_weight(head.weight, 64, [1])
+    vocab = mc.ActiveVocab(head.weight, 64, [1])
     with pytest.raises(ValueError, match="dtype"):
         torch.ops.microspec.sparse_full(torch.randn(2, H, dtype=torch.float64), vocab.rows,
                                         vocab.ids, vocab.count, None, V, "none")
@@ -120,7 +120,7 @@ def test_bad_config_and_hidden_dtype():
 
 
 def test_vocab_of_a_module_without_head_is_a_clear_error():
-    with pytest.raises(LookupError, match="no LM-head weight"):
+    with pytest.raises(LookupError, match="cannot tell which weight.*ActiveVocab"):
         mc.vocab_of(nn.Linear(4, 4))
 
 
@@ -192,8 +192,8 @@ def test_inductor_path_fuses_and_is_dense_while_empty():
     from torch._inductor.utils import run_and_get_code
 
     head = nn.Linear(H, V, bias=False)
-    compiled = torch.compile(head, backend=mc.backend(path="inductor", capacity=64))
-    vocab = mc.vocab.vocab_for_weight(head.weight, 64, ())
+    vocab = mc.ActiveVocab(head.weight, 64)
+    compiled = torch.compile(head, backend=mc.backend(path="inductor", vocab=vocab))
     x = torch.randn(2, H)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), head(x))  # empty: the dense graph
@@ -207,17 +207,16 @@ def test_inductor_path_fuses_and_is_dense_while_empty():
 
 
 def test_existing_vocabulary_with_other_settings_is_a_clear_error():
-    """observer(capacity=512) then backend(capacity=4096) on the same head: no silent 512."""
+    """vocab_of(capacity=512) then backend(capacity=4096) on the same head: no silent 512."""
     head = nn.Linear(H, V, bias=False)
-    mc.observer(head, capacity=512)  # creates the vocabulary of head.weight
+    vocab = mc.vocab_of(head, capacity=512, pinned_ids=[7])  # the default vocabulary of head
     compiled = torch.compile(head, backend=mc.backend(capacity=4096))
-    with torch.no_grad(), pytest.raises(Exception, match="capacity 512.*capacity=4096"):
+    with torch.no_grad(), pytest.raises(Exception, match="capacity=512.*capacity=4096.*Active"):
         compiled(torch.randn(2, H))
-    # pins left out by the observer are adopted; pins given on both sides must agree
-    assert mc.vocab.vocab_for_weight(head.weight, 512, [7]).pinned_ids == (7,)
     with pytest.raises(ValueError, match=r"pinned_ids=\[7\].*pinned_ids=\[8\]"):
-        mc.vocab.vocab_for_weight(head.weight, 512, [8])
-    assert mc.vocab.vocab_for_weight(head.weight, 512, []).capacity == 512  # same settings: fine
+        mc.vocab_of(head, pinned_ids=[8])
+    assert mc.vocab_of(head, capacity=512, pinned_ids=7) is vocab  # the same settings: fine
+    assert mc.vocab_of(head) is vocab  # none given: whatever it has
 
 
 @pytest.mark.parametrize("name", ["head", "observe_inputs", "path", "capacityy"])

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from test_eagle_tree import oracle_head, prompt, tiny_target
+from torch._dynamo.utils import counters
 
+from microspec_compile import ActiveVocab
 from microspec_compile.linears.packed import mkl_packing_available
 from microspec_compile.spec import (
     HEADS,
@@ -77,3 +79,75 @@ def test_a_shared_packing_must_cover_the_trees_sizes():
     other = pack_verification(target, TreeConfig(depth=2, top_k=4, total_tokens=8, lookup=0))
     with pytest.raises(ValueError, match=r"no packing for \[5, 6\] rows"):
         prepare(target, oracle_head(target), _config("dense", target), verify_linears=other)
+
+
+def test_sixteen_decoders_in_one_process_each_stay_sparse(recwarn, caplog):
+    """Issue 33: every decoder's compiled scorer shared one code object's Dynamo cache, so
+    from the fourth ``prepare`` on Dynamo hit its recompile limit and ran the head dense."""
+    torch._dynamo.reset()
+    target = tiny_target(bigram=True)
+    head, ids = oracle_head(target), prompt()
+    expected = autoregressive_generate(target, ids, 12)[0]
+    counters.clear()
+    for i in range(16):
+        tree = TreeConfig(depth=1 + i % 3, top_k=2 + i % 3, total_tokens=3 + i % 4,
+                          lookup=4 * (i % 2))
+        decoder = prepare(target, head, DecoderConfig(tree=tree, capacity=256,
+                                                      pack_target=False))
+        before = counters["microspec"]["sparse_calls"]
+        out, _ = decoder.generate(ids, 12)
+        assert torch.equal(out, expected), i
+        assert counters["microspec"]["sparse_calls"] > before, f"decoder {i} ran dense"
+    assert counters["microspec"]["dense_fallback_calls"] == 0
+    assert not [w for w in recwarn if "recompile" in str(w.message)]
+    assert "recompile_limit" not in caplog.text  # Dynamo logs it as a warning
+
+
+def test_two_requests_take_turns_on_one_target_and_head():
+    """Two decoders share the target and its head weight, each with its own vocabulary;
+    their requests run a round each in turn, and each gives the target's greedy output."""
+    target = tiny_target(bigram=True)
+    head = oracle_head(target)
+    first, second = (prepare(target, head, _config("microspec", target, pack_target=False))
+                     for _ in range(2))
+    assert first.vocab is not second.vocab and first.vocab.belongs_to(target.lm_head.weight)
+    prompts = prompt(seed=1), prompt(seed=2)
+    expected = [autoregressive_generate(target, p, 16)[0] for p in prompts]
+    requests = [first.rounds(prompts[0], 16), second.rounds(prompts[1], 16)]
+    results, turns = [None, None], []
+    while None in results:
+        for i, request in enumerate(requests):
+            if results[i] is None:
+                try:
+                    next(request)
+                    turns.append(i)
+                except StopIteration as done:
+                    results[i] = done.value
+    assert turns[:4] == [0, 1, 0, 1]  # interleaved, a round each
+    for (out, stats), want in zip(results, expected):
+        assert torch.equal(out, want)
+        assert stats.checked > 0
+    # each vocabulary holds its own request's tokens; resetting one leaves the other
+    assert first.vocab.contains(results[0][0]).all() and second.vocab.contains(results[1][0]).all()
+    held = second.vocab.ids_list()
+    first.vocab.reset()
+    assert second.vocab.ids_list() == held and first.vocab.ids_list() == [0]
+
+
+def test_a_decoder_takes_the_vocabulary_you_give_it():
+    target = tiny_target(bigram=True)
+    vocab = ActiveVocab(target.lm_head.weight, capacity=128, pinned_ids=0)
+    decoder = prepare(target, oracle_head(target), DecoderConfig(tree=TREE, pack_target=False),
+                      vocab=vocab)
+    assert decoder.vocab is vocab
+    ids = prompt()
+    assert torch.equal(decoder.generate(ids, 12)[0], autoregressive_generate(target, ids, 12)[0])
+    with pytest.raises(ValueError, match="give capacity / pinned_ids to ActiveVocab"):
+        prepare(target, oracle_head(target), _config("microspec", target, pack_target=False),
+                vocab=vocab)
+    with pytest.raises(ValueError, match="belongs to another LM-head weight"):
+        prepare(target, oracle_head(target), DecoderConfig(tree=TREE, pack_target=False),
+                vocab=ActiveVocab(torch.randn_like(target.lm_head.weight)))
+    with pytest.raises(ValueError, match="goes with head='microspec'"):
+        prepare(target, oracle_head(target), _config("dense", target, pack_target=False),
+                vocab=vocab)

@@ -277,15 +277,15 @@ def prompt(device, n=12, seed=1):
 def test_eagle_loop_names_every_device(device, scorer_kind):
     from microspec_compile.heads import EagleHead
     from microspec_compile.spec import TopkScorer, TreeConfig, eagle_generate
-    from microspec_compile.vocab import vocab_for_weight
+    from microspec_compile.vocab import ActiveVocab
 
     target = tiny_llama(device=device)
     head = EagleHead.for_target(target).eval()
     shape = TreeConfig(depth=2, top_k=3, total_tokens=6, lookup=4)
     scorer, vocab = TopkScorer(target.lm_head, shape.top_k), None
     if scorer_kind == "microspec":
-        vocab = vocab_for_weight(target.lm_head.weight, 256, ())
-        scorer = torch.compile(scorer, backend=ms.backend(capacity=256, inductor=False),
+        vocab = ActiveVocab(target.lm_head.weight, 256)
+        scorer = torch.compile(scorer, backend=ms.backend(vocab=vocab, inductor=False),
                                dynamic=True)
     ids = prompt(device)
     torch._dynamo.utils.counters.clear()

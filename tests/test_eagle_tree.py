@@ -16,7 +16,7 @@ from microspec_compile.spec import (
     eagle_generate,
     select_tree,
 )
-from microspec_compile.vocab import vocab_for_weight
+from microspec_compile.vocab import ActiveVocab
 
 VOCAB = 1024  # >= the backend's min_vocab_size, so the LM head is matched
 
@@ -187,9 +187,9 @@ def test_microspec_scorer_same_output_no_recompiles():
     target = tiny_target(bigram=True)
     head = oracle_head(target)
     shape = TreeConfig(depth=3, top_k=4, total_tokens=10)
-    vocab = vocab_for_weight(target.lm_head.weight, 512, ())
+    vocab = ActiveVocab(target.lm_head.weight, 512)
     scorer = torch.compile(TopkScorer(target.lm_head, shape.top_k),
-                           backend=ms.backend(capacity=512), dynamic=True)
+                           backend=ms.backend(vocab=vocab), dynamic=True)
     ids = prompt()
     ref, _ = autoregressive_generate(target, ids, 24)
     out, stats = eagle_generate(target, head, scorer, ids, 24, shape, vocab=vocab)

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 import microspec_compile as mc
-from microspec_compile.vocab import vocab_for_weight
+from microspec_compile.vocab import ActiveVocab
 
 V, H, CAP = 333, 24, 64
 
@@ -101,10 +101,10 @@ def assert_outputs_equal(out, ref, active):
 
 
 def compile_with_vocab(model: Head, active: torch.Tensor, **config):
-    vocab = vocab_for_weight(model.lm_head.weight, CAP, ())
+    vocab = ActiveVocab(model.lm_head.weight, CAP)
     vocab.observe(active)
     config.setdefault("min_vocab_size", 100)
-    return torch.compile(model, backend=mc.backend(capacity=CAP, **config)), vocab
+    return torch.compile(model, backend=mc.backend(vocab=vocab, **config)), vocab
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -10,7 +10,7 @@
 """
 from .chain import autoregressive_generate, speculative_generate
 from .decoder import HEADS, Decoder, DecoderConfig, pack_verification, prepare
-from .eagle import EagleDrafter, TreeConfig, eagle_generate, pack_head_linears
+from .eagle import EagleDrafter, TreeConfig, eagle_generate, eagle_rounds, pack_head_linears
 from .lookup import ContextLookup, lookup_generate
 from .scorers import PackedScorer, SubsetTopkScorer, TopkScorer
 from .stats import SpecStats
@@ -18,6 +18,6 @@ from .tree import DraftTree, accept_greedy, accept_sampling, select_tree
 
 __all__ = ["HEADS", "Decoder", "DecoderConfig", "pack_verification", "prepare", "SpecStats",
            "autoregressive_generate", "speculative_generate", "EagleDrafter",
-           "TopkScorer", "SubsetTopkScorer", "PackedScorer", "TreeConfig", "eagle_generate",
+           "TopkScorer", "SubsetTopkScorer", "PackedScorer", "TreeConfig", "eagle_generate", "eagle_rounds",
            "pack_head_linears", "DraftTree", "ContextLookup", "lookup_generate",
            "accept_greedy", "accept_sampling", "select_tree"]

@@ -38,8 +38,6 @@ window to the full rows by position.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -133,29 +131,38 @@ def _register() -> None:
 _register()
 
 
-@contextlib.contextmanager
-def _attention_implementation(config, name: str):
-    previous = getattr(config, "_attn_implementation", None)
-    if previous != "sdpa":
-        yield
-        return
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+class AttentionScope:
+    """A block in which a model whose ``config`` uses ``"sdpa"`` attends through the
+    attention registered as ``name``; reusable, so that a request stepped round by
+    round (``spec.eagle.eagle_rounds``) enters it for each round and leaves the model
+    as it found it in between."""
+
+    def __init__(self, config, name: str):
+        self.config, self.name, self.changed = config, name, []
+
+    def __enter__(self):
+        change = getattr(self.config, "_attn_implementation", None) == "sdpa"
+        if change:
+            self.config._attn_implementation = self.name
+        self.changed.append(change)
+        return self
+
+    def __exit__(self, *exc):
+        if self.changed.pop():
+            self.config._attn_implementation = "sdpa"
+        return False
 
 
 def gqa_attention(config):
     """Within the block, a model whose ``config`` uses ``"sdpa"`` attends through
     :func:`gqa_sdpa_attention` (any other implementation is left as it is)."""
-    return _attention_implementation(config, GQA_SDPA)
+    return AttentionScope(config, GQA_SDPA)
 
 
 def exact_attention(config):
     """Within the block, a model whose ``config`` uses ``"sdpa"`` attends through
     :func:`exact_sdpa_attention` (give it a ``DecodingCache(config, torch.float64)``)."""
-    return _attention_implementation(config, EXACT_SDPA)
+    return AttentionScope(config, EXACT_SDPA)
 
 
 def decoding_session(model, exact: bool):

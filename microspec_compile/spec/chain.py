@@ -33,12 +33,13 @@ one extra token (timed as a draft step), as gpt-fast does.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
 from ..hf import cache_kwargs, check_cache_grew
-from ..vocab import find_vocab
+from ..vocab import find_vocab, using
 from .sampling import choose, draw, probabilities, uniform
 from .stats import SpecStats, finish
 from .verify import crop_cache, target_session
@@ -110,11 +111,13 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
         Stop after this token.
     vocab : ActiveVocab, None or "auto"
         The draft's microspec vocabulary: reset at the start (one request, one
-        vocabulary) and used to record coverage and sizes (the time this costs
-        is excluded from ``total_time``).  ``"auto"`` looks it up with
-        ``vocab_of(draft)``; pass ``None`` for a dense draft that shares its
-        head weight with a microspec-compiled model (the lookup goes by weight
-        and would find that model's vocabulary).
+        vocabulary), bound around the draft's calls (``microspec_compile.using``: the
+        request's own, when it is not the head's default) and used to record coverage
+        and sizes (the time this costs is excluded from ``total_time``).  ``"auto"``
+        takes the default vocabulary of the draft's head (``vocab.find_vocab``); pass
+        ``None`` for a dense draft that shares its head weight with a
+        microspec-compiled model (the lookup goes by weight and would find that
+        model's vocabulary).
 
     Returns
     -------
@@ -129,78 +132,80 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
         vocab = find_vocab(draft)  # None: a dense draft, or not compiled yet
     if vocab is not None:
         vocab.reset()  # one request = one vocabulary
-    stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
-    t_cache, d_cache = DynamicCache(config=target.config), DynamicCache(config=draft.config)
-    # Prefill: the target's last logits give the first token; the draft only
-    # needs its KV cache (and observes the prompt ids).
-    logits = _forward(target, input_ids, t_cache)
-    cur, _ = choose(logits[-1:], sample, temperature, generator)
-    _forward(draft, input_ids, d_cache, last_only=True)
-    for cache in (t_cache, d_cache):
-        crop_cache(cache, input_ids.shape[1])  # contiguous layout from the first step on
-    stats.prefill_time = time.perf_counter() - t0
-    if auto and vocab is None:  # the backend creates the vocabulary on the first call
-        vocab = find_vocab(draft)  # None: a dense draft, or not compiled yet
-    tokens = [int(cur)]
+    # a vocabulary given for this request is the one the compiled draft reads
+    with using(vocab) if vocab is not None else contextlib.nullcontext():
+        stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
+        t_cache, d_cache = DynamicCache(config=target.config), DynamicCache(config=draft.config)
+        # Prefill: the target's last logits give the first token; the draft only
+        # needs its KV cache (and observes the prompt ids).
+        logits = _forward(target, input_ids, t_cache)
+        cur, _ = choose(logits[-1:], sample, temperature, generator)
+        _forward(draft, input_ids, d_cache, last_only=True)
+        for cache in (t_cache, d_cache):
+            crop_cache(cache, input_ids.shape[1])  # contiguous layout from the first step on
+        stats.prefill_time = time.perf_counter() - t0
+        if auto and vocab is None:  # the backend creates the vocabulary on the first call
+            vocab = find_vocab(draft)  # None: a dense draft, or not compiled yet
+        tokens = [int(cur)]
 
-    while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
-        # 1. Draft gamma tokens autoregressively: x_i ~ q_i.
-        drafted, q_probs, x = [], [], cur.view(1, 1)
-        for _ in range(gamma):
+        while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
+            # 1. Draft gamma tokens autoregressively: x_i ~ q_i.
+            drafted, q_probs, x = [], [], cur.view(1, 1)
+            for _ in range(gamma):
+                t = time.perf_counter()
+                x, q = choose(_forward(draft, x, d_cache), sample, temperature, generator)
+                stats.draft_times.append(time.perf_counter() - t)
+                drafted.append(x)
+                q_probs.append(q)
+                x = x.view(1, 1)
+            drafted = torch.cat(drafted)
+            if vocab is not None:  # S as the draft saw it, before the target adds its top-3
+                t = time.perf_counter()
+                in_vocab = vocab.contains(torch.arange(vocab.vocab_size, device=vocab.rows.device))
+                stats.vocab_sizes.append(vocab.size)
+                t_stats += time.perf_counter() - t
+
+            # 2. Verify [cur, x_1..x_gamma] in one target forward: p_1..p_{gamma+1}.
             t = time.perf_counter()
-            x, q = choose(_forward(draft, x, d_cache), sample, temperature, generator)
-            stats.draft_times.append(time.perf_counter() - t)
-            drafted.append(x)
-            q_probs.append(q)
-            x = x.view(1, 1)
-        drafted = torch.cat(drafted)
-        if vocab is not None:  # S as the draft saw it, before the target adds its top-3
-            t = time.perf_counter()
-            in_vocab = vocab.contains(torch.arange(vocab.vocab_size, device=vocab.rows.device))
-            stats.vocab_sizes.append(vocab.size)
-            t_stats += time.perf_counter() - t
+            logits = _forward(target, torch.cat([cur, drafted]).view(1, -1), t_cache)
+            stats.target_times.append(time.perf_counter() - t)
 
-        # 2. Verify [cur, x_1..x_gamma] in one target forward: p_1..p_{gamma+1}.
-        t = time.perf_counter()
-        logits = _forward(target, torch.cat([cur, drafted]).view(1, -1), t_cache)
-        stats.target_times.append(time.perf_counter() - t)
-
-        # 3. Accept / reject.
-        if not sample:
-            target_ids = logits.argmax(-1)
-            agree = (target_ids[:gamma] == drafted).int()
-            n = int(agree.cumprod(0).sum())  # longest agreeing prefix
-            bonus = target_ids[n]
-        else:
-            p = probabilities(logits, temperature)
-            n = 0
-            while n < gamma:
-                x_n = drafted[n]
-                ratio = p[n, x_n] / q_probs[n][0, x_n]
-                if uniform(generator) >= torch.clamp(ratio, max=1.0):
-                    break
-                n += 1
-            if n < gamma:  # resample from the residual norm(max(p - q, 0))
-                residual = torch.clamp(p[n] - q_probs[n][0], min=0.0)
-                total = residual.sum()
-                dist = residual / total if total > 0 else p[n]
+            # 3. Accept / reject.
+            if not sample:
+                target_ids = logits.argmax(-1)
+                agree = (target_ids[:gamma] == drafted).int()
+                n = int(agree.cumprod(0).sum())  # longest agreeing prefix
+                bonus = target_ids[n]
             else:
-                dist = p[gamma]
-            bonus = draw(dist, generator)
-        emitted = drafted[:n].tolist() + [int(bonus)]
-        tokens.extend(emitted)
-        stats.accepted.append(n)
-        if vocab is not None:
-            stats.covered += int(in_vocab[torch.tensor(emitted, device=in_vocab.device)].sum())
-            stats.checked += len(emitted)
+                p = probabilities(logits, temperature)
+                n = 0
+                while n < gamma:
+                    x_n = drafted[n]
+                    ratio = p[n, x_n] / q_probs[n][0, x_n]
+                    if uniform(generator) >= torch.clamp(ratio, max=1.0):
+                        break
+                    n += 1
+                if n < gamma:  # resample from the residual norm(max(p - q, 0))
+                    residual = torch.clamp(p[n] - q_probs[n][0], min=0.0)
+                    total = residual.sum()
+                    dist = residual / total if total > 0 else p[n]
+                else:
+                    dist = p[gamma]
+                bonus = draw(dist, generator)
+            emitted = drafted[:n].tolist() + [int(bonus)]
+            tokens.extend(emitted)
+            stats.accepted.append(n)
+            if vocab is not None:
+                stats.covered += int(in_vocab[torch.tensor(emitted, device=in_vocab.device)].sum())
+                stats.checked += len(emitted)
 
-        # 4. Roll back both caches to prompt + emitted tokens minus the last one.
-        length = input_ids.shape[1] + len(tokens) - 1
-        crop_cache(t_cache, length)
-        if n == gamma:  # the draft has not seen x_gamma yet
-            t = time.perf_counter()
-            _forward(draft, drafted[-1:].view(1, 1), d_cache)
-            stats.draft_times.append(time.perf_counter() - t)
-        crop_cache(d_cache, length)
-        cur = bonus.view(1)
-    return finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)
+            # 4. Roll back both caches to prompt + emitted tokens minus the last one.
+            length = input_ids.shape[1] + len(tokens) - 1
+            crop_cache(t_cache, length)
+            if n == gamma:  # the draft has not seen x_gamma yet
+                t = time.perf_counter()
+                _forward(draft, drafted[-1:].view(1, 1), d_cache)
+                stats.draft_times.append(time.perf_counter() - t)
+            crop_cache(d_cache, length)
+            cur = bonus.view(1)
+        return finish(input_ids, tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)

@@ -4,13 +4,14 @@
 >>> ids, stats = decoder.generate(input_ids, 64, eos_token_id=eos)
 
 :func:`prepare` does once what every request shares: it builds the draft's LM-head call
-for the chosen ``head`` (the microspec backend over the request's active vocabulary, the
-dense head through Inductor or prepacked, or FR-Spec's fixed subset), creates the
-microspec vocabulary, and packs the target's fp32 CPU linears for every verified tree
+for the chosen ``head`` (the microspec backend over the decoder's own active vocabulary,
+the dense head through Inductor or prepacked, or FR-Spec's fixed subset), creates that
+vocabulary (or takes yours), and packs the target's fp32 CPU linears for every verified tree
 size and the head's own linears for the tree's expansions (``linears.PackedLinears``:
 the fastest CPU kernel per weight shape, timed once).  Exact attention for a target with
 exact 4-bit linears is chosen per request by the loop (``spec.verify.target_session``).
-:meth:`Decoder.generate` runs :func:`spec.eagle_generate` with all of it.
+:meth:`Decoder.generate` runs :func:`spec.eagle_generate` with all of it;
+:meth:`Decoder.rounds` steps the same request round by round.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..config import DEFAULT_CAPACITY
 from ..linears.packed import PackedLinears
 from ..policy import TARGET_TOPK
-from .eagle import TreeConfig, eagle_generate, pack_head_linears
-from .scorers import PackedScorer, SubsetTopkScorer, TopkScorer
+from ..vocab import ActiveVocab, normalize_pins
+from .eagle import TreeConfig, eagle_rounds, pack_head_linears
+from .scorers import PackedScorer, SubsetTopkScorer, TopkScorer, shared_topk_scorer
 
 __all__ = ["HEADS", "DecoderConfig", "Decoder", "prepare", "pack_verification"]
 
@@ -40,8 +43,8 @@ class DecoderConfig:
         1 and ``top_k`` rows: the fastest dense head on CPU), ``"frspec"`` (a fixed subset,
         ``frequent_ids``, through Inductor)
     tree : the EAGLE-2 tree's shape and the context lookup (``TreeConfig``)
-    capacity, pinned_ids : the microspec vocabulary's (``backend(...)``); None: the default
-        capacity
+    capacity, pinned_ids : the microspec vocabulary's that :func:`prepare` creates; None:
+        the default capacity
     target_topk : the target's top-k per verified position added to the vocabulary
         (MicroSpec's policy; 0: its argmax only)
     frequent_ids : [S] int64 token ids, the FR-Spec subset (``head="frspec"`` only)
@@ -62,7 +65,7 @@ class DecoderConfig:
         if (self.head == "frspec") != (self.frequent_ids is not None):
             raise ValueError("frequent_ids (the FR-Spec subset) goes with head='frspec' and "
                              f"only with it; got head={self.head!r}")
-        object.__setattr__(self, "pinned_ids", tuple(int(i) for i in self.pinned_ids))
+        object.__setattr__(self, "pinned_ids", normalize_pins(self.pinned_ids))
 
 
 def pack_verification(target, tree: TreeConfig) -> list[PackedLinears]:
@@ -105,14 +108,24 @@ class Decoder:
         """``(ids [P + new], SpecStats)`` for the prompt ``input_ids`` [1, P]; greedy by
         default (the target's own output), or sampled at ``temperature`` (distributed as the
         target's)."""
+        rounds = self.rounds(input_ids, max_new_tokens, eos_token_id=eos_token_id,
+                             sample=sample, temperature=temperature, generator=generator)
+        while True:
+            try:
+                next(rounds)
+            except StopIteration as done:
+                return done.value
+
+    def rounds(self, input_ids: torch.Tensor, max_new_tokens: int, **options):
+        """The request of :meth:`generate`, one round per ``next()`` (``spec.eagle_rounds``:
+        it yields the tokens so far and returns ``(ids, SpecStats)``), so that requests of
+        several decoders on one target can take turns; ``options`` as :meth:`generate`'s."""
         sizes = self.config.tree.verified_sizes()
         verify = [p for p in self.verify_linears if p.rows in sizes]
-        return eagle_generate(self.target, self.head, self.scorer, input_ids, max_new_tokens,
-                              self.config.tree, vocab=self.vocab,
-                              target_topk=self.config.target_topk, sample=sample,
-                              temperature=temperature, eos_token_id=eos_token_id,
-                              generator=generator, verify_linears=verify or None,
-                              draft_linears=self.draft_linears)
+        return eagle_rounds(self.target, self.head, self.scorer, input_ids, max_new_tokens,
+                            self.config.tree, vocab=self.vocab,
+                            target_topk=self.config.target_topk, verify_linears=verify or None,
+                            draft_linears=self.draft_linears, **options)
 
 
 def _check_covers(verify_linears: list[PackedLinears], tree: TreeConfig) -> None:
@@ -122,26 +135,33 @@ def _check_covers(verify_linears: list[PackedLinears], tree: TreeConfig) -> None
                          f"tree verifies: pack_verification(target, tree)")
 
 
-def _scorer(lm_head, config: DecoderConfig):
+def _scorer(lm_head, config: DecoderConfig, vocab: ActiveVocab | None):
     """``(scorer, vocab)`` for ``config.head`` (module docstring)."""
-    import microspec_compile as ms
-
     k = config.tree.top_k
     if config.head == "microspec":
-        module = TopkScorer(lm_head, k)
-        settings = {"capacity": config.capacity, "pinned_ids": config.pinned_ids}
-        vocab = ms.vocab_of(module, **settings)
-        return torch.compile(module, backend=ms.backend(**settings), dynamic=True), vocab
+        if vocab is None:
+            capacity = DEFAULT_CAPACITY if config.capacity is None else config.capacity
+            vocab = ActiveVocab(lm_head.weight, capacity, config.pinned_ids)
+        elif config.capacity is not None or config.pinned_ids:
+            raise ValueError("give capacity / pinned_ids to ActiveVocab(...) when you pass "
+                             "vocab=..., not to DecoderConfig as well")
+        else:
+            vocab.check_serves(lm_head.weight, vocab.capacity)
+        return shared_topk_scorer(lm_head, k, "microspec", vocab), vocab
+    if vocab is not None:
+        raise ValueError(f"vocab=... goes with head='microspec', not {config.head!r}")
     if config.head == "dense-packed":
         return PackedScorer(TopkScorer(lm_head, k), (1, k)), None
-    module = (TopkScorer(lm_head, k) if config.head == "dense"
-              else SubsetTopkScorer(lm_head, config.frequent_ids, k))
+    if config.head == "dense":
+        return shared_topk_scorer(lm_head, k, "inductor"), None
+    module = SubsetTopkScorer(lm_head, config.frequent_ids, k)
     return torch.compile(module, backend="inductor", dynamic=True), None
 
 
 def prepare(target, head, config: DecoderConfig | None = None, *,
             verify_linears: list[PackedLinears] | None = None,
-            draft_linears: PackedLinears | None = None, lm_head=None) -> Decoder:
+            draft_linears: PackedLinears | None = None, lm_head=None,
+            vocab: ActiveVocab | None = None) -> Decoder:
     """A :class:`Decoder` of ``target`` (a HF causal LM) with its EAGLE ``head``.
 
     Parameters
@@ -150,8 +170,11 @@ def prepare(target, head, config: DecoderConfig | None = None, *,
     verify_linears : :func:`pack_verification` of ``target`` for a tree verifying the same
         sizes, to share between decoders; None: packed here when ``config.pack_target``
     draft_linears : ``spec.pack_head_linears(head, tree)`` to share; None: packed here
-    lm_head : the LM head the draft scores with (default: the target's; the microspec
-        vocabulary belongs to its weight, so a copy gives a decoder a vocabulary of its own)
+    lm_head : the LM head the draft scores with (default: the target's)
+    vocab : the microspec ``ActiveVocab`` of ``lm_head.weight`` this decoder drafts over
+        (``head="microspec"``); None: a new one with ``config.capacity`` /
+        ``config.pinned_ids``.  Every decoder has its own: decoders sharing one target and
+        head decode independently, with one compiled head between them
     """
     config = config or DecoderConfig()
     tree = config.tree
@@ -162,5 +185,5 @@ def prepare(target, head, config: DecoderConfig | None = None, *,
     if draft_linears is None:
         draft_linears = pack_head_linears(head, tree)
     lm_head = target.get_output_embeddings() if lm_head is None else lm_head
-    scorer, vocab = _scorer(lm_head, config)
+    scorer, vocab = _scorer(lm_head, config, vocab)
     return Decoder(target, head, config, scorer, vocab, verify_linears, draft_linears)

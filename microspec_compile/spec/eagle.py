@@ -39,6 +39,7 @@ from torch import nn
 from ..heads import EagleHead
 from ..linears.packed import PackedLinears
 from ..policy import TARGET_TOPK, observe_prompt, observe_verified
+from ..vocab import using
 from .attention import gqa_attention
 from .lookup import ContextLookup, chain_tree
 from .sampling import choose_token
@@ -54,7 +55,8 @@ from .verify import (
     verify_and_accept,
 )
 
-__all__ = ["TreeConfig", "EagleDrafter", "eagle_generate", "pack_head_linears"]
+__all__ = ["TreeConfig", "EagleDrafter", "eagle_generate", "eagle_rounds", "bind_scorer",
+           "pack_head_linears"]
 
 
 @dataclass(frozen=True)
@@ -180,14 +182,49 @@ class EagleDrafter:
                            min(self.tree.total_tokens, usable + 1))
 
 
-@torch.inference_mode()
 def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
-                   max_new_tokens: int, tree: TreeConfig = TreeConfig(), *, vocab=None,
-                   target_topk: int = TARGET_TOPK, sample: bool = False,
-                   temperature: float = 1.0,
-                   eos_token_id: int | None = None, generator=None,
-                   verify_linears=None, draft_linears=None):
-    """EAGLE-2 speculative decoding of one sequence.
+                   max_new_tokens: int, tree: TreeConfig = TreeConfig(), **options):
+    """EAGLE-2 speculative decoding of one sequence: :func:`eagle_rounds` run to the end.
+
+    Returns
+    -------
+    (ids [P + new], SpecStats): ``accepted`` holds the drafted tokens accepted per
+    verification (tokens per verification = accepted + 1), ``draft_times`` the time
+    of each round's drafting, ``target_times`` each verification
+    """
+    rounds = eagle_rounds(target, head, scorer, input_ids, max_new_tokens, tree, **options)
+    while True:
+        try:
+            next(rounds)
+        except StopIteration as done:
+            return done.value
+
+
+def bind_scorer(scorer, vocab):
+    """``scorer`` with ``vocab`` bound around each call (``microspec_compile.using``): a
+    microspec scorer then reads ``vocab``, whichever vocabulary it was compiled with."""
+    if vocab is None:
+        return scorer
+
+    def bound(hidden):
+        with using(vocab):
+            return scorer(hidden)
+
+    return bound
+
+
+@torch.inference_mode()
+def eagle_rounds(target, head: EagleHead, scorer, input_ids: torch.Tensor,
+                 max_new_tokens: int, tree: TreeConfig = TreeConfig(), *, vocab=None,
+                 target_topk: int = TARGET_TOPK, sample: bool = False,
+                 temperature: float = 1.0,
+                 eos_token_id: int | None = None, generator=None,
+                 verify_linears=None, draft_linears=None):
+    """EAGLE-2 speculative decoding of one sequence, one round per step: a generator
+    that yields the number of new tokens after prefill and after every round and
+    returns ``(ids, SpecStats)`` (as :func:`eagle_generate`).  Requests stepped in turn
+    share nothing but the models: each has its own caches and vocabulary, and enters
+    the attention settings only for its own steps.
 
     Parameters
     ----------
@@ -195,7 +232,8 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     scorer : the LM-head call (see the module docstring)
     input_ids : [1, P] int64 prompt
     tree : the tree's shape
-    vocab : the microspec vocabulary the scorer reads (reset here), or None (dense)
+    vocab : the microspec vocabulary the scorer reads (bound around its calls, reset
+        here), or None (dense)
     target_topk : target tokens per position added to ``vocab`` (0: argmax only)
     sample, temperature, generator : sampling mode (default greedy)
     verify_linears : a ``linears.PackedLinears`` of ``target`` for ``tree.total_tokens``
@@ -204,14 +242,7 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         weight per call; other rounding), or None
     draft_linears : :func:`pack_head_linears` of ``head`` for ``tree``, or None: packed
         for this request (packing and choosing the kernel take milliseconds)
-
-    Returns
-    -------
-    (ids [P + new], SpecStats): ``accepted`` holds the drafted tokens accepted per
-    verification (tokens per verification = accepted + 1), ``draft_times`` the time
-    of each round's drafting, ``target_times`` each verification
     """
-
     check_request(input_ids, head.config.vocab_size, sample, temperature)
     for packed in packings(verify_linears):
         if packed.rows not in tree.verified_sizes():
@@ -224,28 +255,31 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                          f"tree)")
     # tree queries attend to the caches without repeat_kv copies (spec.attention)
     cache, target_attention = target_session(target)
-    with target_attention, gqa_attention(head.attention_config):
-        dev = head.fc.weight.device
-        input_ids = input_ids.to(dev).clone()
-        stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
-        dtype = head.fc.weight.dtype
-        drafter = EagleDrafter(head, scorer, tree, draft_linears)
+    head_attention = gqa_attention(head.attention_config)
+    dev = head.fc.weight.device
+    input_ids = input_ids.to(dev).clone()
+    stats, t0, t_stats = SpecStats(), time.perf_counter(), 0.0
+    dtype = head.fc.weight.dtype
+    drafter = EagleDrafter(head, bind_scorer(scorer, vocab), tree, draft_linears)
 
+    with target_attention, head_attention:
         features, logits = prefill(target, input_ids, cache, dtype, all_logits=False)
         root = choose_token(logits[-1], sample, temperature, generator)
         if vocab is not None:
             observe_prompt(vocab, input_ids, target.get_output_embeddings(), features,
                            target_topk)
-        stats.prefill_time = time.perf_counter() - t0
-        n, tokens = input_ids.shape[1], [root]
-        index = ContextLookup(input_ids[0]) if tree.lookup else None
-        if index is not None:
-            index.extend([root])
-        # pairs (f_i, x_{i+1}) the head has not encoded yet
-        pair_tokens = torch.cat([input_ids[0, 1:], torch.tensor([root], device=dev)])
-        pair_features = features
+    stats.prefill_time = time.perf_counter() - t0
+    n, tokens = input_ids.shape[1], [root]
+    index = ContextLookup(input_ids[0]) if tree.lookup else None
+    if index is not None:
+        index.extend([root])
+    # pairs (f_i, x_{i+1}) the head has not encoded yet
+    pair_tokens = torch.cat([input_ids[0, 1:], torch.tensor([root], device=dev)])
+    pair_features = features
+    yield len(tokens)
 
-        while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
+    while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
+        with target_attention, head_attention:
             t = time.perf_counter()
             chain = index.propose(tree.lookup) if index is not None else []
             if chain:  # the context recurs: verify its continuation, the head's pairs wait
@@ -261,21 +295,22 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                 target, draft_tree, cache, n, stats, dtype=dtype,
                 verify_linears=verify_linears, sample=sample, temperature=temperature,
                 generator=generator)
-            if vocab is not None:
-                t = time.perf_counter()
-                stats.vocab_sizes.append(vocab.size)
-                stats.covered += int(vocab.contains(torch.tensor(emitted, device=dev)).sum())
-                stats.checked += len(emitted)
-                t_stats += time.perf_counter() - t
-                observe_verified(vocab, draft_tree.tokens, logits, emitted, target_topk)
-            stats.accepted.append(len(path) - 1)
-            stats.tree_sizes.append(len(draft_tree))
-            keep_path_rows(cache, n, path)
-            n += len(path)
-            tokens.extend(emitted)
-            if index is not None:
-                index.extend(emitted)
-            root = emitted[-1]
-            pair_tokens = torch.cat([pair_tokens, torch.tensor(emitted, device=dev)])
-            pair_features = torch.cat([pair_features, features[torch.tensor(path, device=dev)]])
-        return finish(input_ids.cpu(), tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)
+        if vocab is not None:
+            t = time.perf_counter()
+            stats.vocab_sizes.append(vocab.size)
+            stats.covered += int(vocab.contains(torch.tensor(emitted, device=dev)).sum())
+            stats.checked += len(emitted)
+            t_stats += time.perf_counter() - t
+            observe_verified(vocab, draft_tree.tokens, logits, emitted, target_topk)
+        stats.accepted.append(len(path) - 1)
+        stats.tree_sizes.append(len(draft_tree))
+        keep_path_rows(cache, n, path)
+        n += len(path)
+        tokens.extend(emitted)
+        if index is not None:
+            index.extend(emitted)
+        root = emitted[-1]
+        pair_tokens = torch.cat([pair_tokens, torch.tensor(emitted, device=dev)])
+        pair_features = torch.cat([pair_features, features[torch.tensor(path, device=dev)]])
+        yield len(tokens)
+    return finish(input_ids.cpu(), tokens, max_new_tokens, eos_token_id, stats, t0, t_stats)

@@ -3,6 +3,10 @@
 * :class:`TopkScorer` over the full head: compile it with Inductor for the dense
   baseline, or with ``backend="microspec"`` to score only the active vocabulary
   (the graph is a lone head: the loop observes token ids itself);
+* :func:`shared_topk_scorer`: the same, compiled once per process for every head of
+  one kind and ``k`` (:class:`TopkLogProbs` takes the head's weight as an argument),
+  so that any number of decoders share one Dynamo cache entry, each binding its own
+  vocabulary (:class:`VocabScorer`);
 * :class:`SubsetTopkScorer` over a fixed subset of rows (FR-Spec: the most frequent
   tokens), renormalised over the subset, ids mapped back to the vocabulary;
 * :class:`PackedScorer`: a scorer whose fp32 CPU linears run prepacked for each row
@@ -12,13 +16,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..linears.packed import PackedLinears
+from ..vocab import using
 
-__all__ = ["TopkScorer", "SubsetTopkScorer", "PackedScorer"]
+__all__ = ["TopkScorer", "TopkLogProbs", "shared_topk_scorer", "VocabScorer",
+           "SubsetTopkScorer", "PackedScorer"]
 
 
 class TopkScorer(nn.Module):
@@ -33,6 +41,65 @@ class TopkScorer(nn.Module):
 
     def forward(self, hidden: torch.Tensor):
         return torch.log_softmax(self.lm_head(hidden), dim=-1).topk(self.k, dim=-1)
+
+
+class TopkLogProbs(nn.Module):
+    """``log_softmax(hidden @ weight.T + bias).topk(k)`` with the head's weight an argument:
+    one compiled instance serves every head of its weight's shape (parameters keep
+    static shapes under ``dynamic=True``)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, bias=None):
+        return torch.log_softmax(F.linear(hidden, weight, bias), dim=-1).topk(self.k, dim=-1)
+
+
+@functools.cache
+def _compiled_topk(backend: str, k: int, capacity: int | None):
+    if backend == "microspec":
+        import microspec_compile as ms
+
+        # the vocabulary is bound per call (VocabScorer): none is given here
+        return torch.compile(TopkLogProbs(k), backend=ms.backend(), dynamic=True)
+    return torch.compile(TopkLogProbs(k), backend=backend, dynamic=True)
+
+
+def shared_topk_scorer(lm_head: nn.Module, k: int, backend: str = "inductor", vocab=None):
+    """``scorer(hidden [N, H]) -> (log-probs [N, k], ids [N, k])`` of ``lm_head`` (a
+    ``Linear(H, V)``) through one compiled :class:`TopkLogProbs` per process and
+    ``(backend, k, capacity)``: decoders in any number make no new Dynamo cache entries.
+
+    Parameters
+    ----------
+    backend : ``"inductor"`` (the dense head) or ``"microspec"`` (sparse over ``vocab``)
+    vocab : the ``ActiveVocab`` of ``lm_head.weight`` each call reads (``"microspec"`` only)
+    """
+    if backend == "microspec":
+        if vocab is None or not vocab.belongs_to(lm_head.weight):
+            raise ValueError("the microspec scorer needs an ActiveVocab of lm_head.weight")
+        compiled = _compiled_topk(backend, k, vocab.capacity)
+        return VocabScorer(compiled, lm_head, vocab)
+    if vocab is not None:
+        raise ValueError(f"a vocabulary goes with backend='microspec', not {backend!r}")
+    return VocabScorer(_compiled_topk(backend, k, None), lm_head, None)
+
+
+class VocabScorer:
+    """``compiled(hidden, lm_head.weight, lm_head.bias)`` with ``vocab`` bound around the
+    call (``microspec_compile.using``), or with none (a dense head)."""
+
+    def __init__(self, compiled, lm_head: nn.Module, vocab=None):
+        self.compiled, self.lm_head, self.vocab = compiled, lm_head, vocab
+
+    def __call__(self, hidden: torch.Tensor):
+        if self.vocab is None:
+            return self.compiled(hidden, self.lm_head.weight, self.lm_head.bias)
+        with using(self.vocab):
+            return self.compiled(hidden, self.lm_head.weight, self.lm_head.bias)
 
 
 class SubsetTopkScorer(nn.Module):
