@@ -1,18 +1,23 @@
 """The vocabulary policy on the real EAGLE-2 head: what each signal adds (issue 11, point 6).
 
-Three policies of the microspec way, with the shipped SmolLM2 head, the demo's tree
-and packed verification, on the tuning prompts of ``bench_eagle_tree`` (held out,
-not the demo's), interleaved prompt by prompt:
+Policies of the microspec way (``microspec_compile.policy``), with the shipped head,
+the demo's tree and packed verification, on the tuning prompts of ``bench_eagle_tree``
+(held out, not the demo's), interleaved prompt by prompt:
 
-* ``paper``        prompt ids + the target's top-3 at every prompt position, then tree
-                   tokens, emitted tokens and the target's argmax + top-3 per tree node;
-* ``no-topk``      the same without the target's top-3 (argmax only);
+* ``paper``        MicroSpec's (``policy.PAPER``): prompt ids + the target's top-3 at
+                   every prompt position, then tree tokens, emitted tokens and the
+                   target's top-3 per tree node;
+* ``no-topk``      the same without the target's top-k (argmax only);
 * ``paper+core``   the paper's policy plus a frequency core pinned for the whole
-                   request: the ``--core`` most frequent tokens of the training text.
+                   request: the ``--core`` most frequent tokens of the training text;
+* ``tuned+core``   ``policy.TUNED`` (no prompt signal, the target's top-8 per tree
+                   node) with the same core: the decoders' default;
+* ``dense``        the dense head prepacked (``dense-packed``): the acceptance to reach.
 
-Each policy gets its own copy of the LM-head weight (a vocabulary belongs to one
-weight).  Reported per policy: tokens per verification, coverage of the emitted
-tokens, mean active vocabulary, draft ms per round and tokens/s (medians over runs).
+Every decoder has a vocabulary of its own over the one head.  Reported per policy:
+tokens per verification (and its ratio to the dense head's), coverage of the emitted
+tokens, mean active vocabulary, prefill ms per request, draft ms per round, tokens/s
+end to end and decode only (medians over runs).
 Rows go to ``bench/results/eagle_policy.csv``.
 Usage: python bench/bench_eagle_policy.py [--runs N] [--core N] [--head DIR]
 """
@@ -24,9 +29,10 @@ import torch
 
 from microspec_compile.apps.data import encode
 from microspec_compile.apps.demo import WARMUP_PROMPTS, default_head_dir, load_frequent_ids
-from microspec_compile.apps.measure import measure_ways, summarize
+from microspec_compile.apps.measure import fmt, measure_ways, summarize
 from microspec_compile.apps.models import load_causal_lm
 from microspec_compile.heads import EagleHead
+from microspec_compile.policy import PAPER, TUNED, VocabPolicy
 from microspec_compile.spec import (
     DecoderConfig,
     TreeConfig,
@@ -38,7 +44,7 @@ from microspec_compile.spec import (
 from bench_eagle_tree import tuning_prompts
 from common import append_rows, loadavg
 
-POLICIES = ("paper", "no-topk", "paper+core")
+WAYS = ("paper", "no-topk", "paper+core", "tuned+core", "dense")
 
 
 def main() -> None:
@@ -58,37 +64,46 @@ def main() -> None:
     head = EagleHead.load(head_dir, target)
     eos, tree, capacity = tokenizer.eos_token_id, TreeConfig(), 4096
     core = tuple(int(i) for i in load_frequent_ids(head_dir)[: args.core])
-    settings = {"paper": (3, (eos,)), "no-topk": (0, (eos,)),
-                "paper+core": (3, tuple(dict.fromkeys((eos, *core))))}
+    with_core = tuple(dict.fromkeys((eos, *core)))
+    settings = {"paper": (PAPER, (eos,)), "no-topk": (VocabPolicy(0, 0), (eos,)),
+                "paper+core": (PAPER, with_core), "tuned+core": (TUNED, with_core),
+                "dense": (None, ())}
     packed = pack_verification(target, tree)
     head_linears = pack_head_linears(head, tree)
 
-    def way(topk: int, pinned: tuple):
+    def way(policy, pinned: tuple):
         # every decoder has a vocabulary of its own over the same head
-        decoder = prepare(target, head, DecoderConfig(tree=tree, capacity=capacity,
-                                                      pinned_ids=pinned, target_topk=topk),
-                          verify_linears=packed, draft_linears=head_linears)
+        config = (DecoderConfig(head="dense-packed", tree=tree) if policy is None else
+                  DecoderConfig(tree=tree, capacity=capacity, pinned_ids=pinned, policy=policy))
+        decoder = prepare(target, head, config, verify_linears=packed,
+                          draft_linears=head_linears)
         return lambda ids, seed: decoder.generate(ids, args.max_new_tokens, eos_token_id=eos)
 
-    ways = {name: way(*settings[name]) for name in POLICIES}
+    ways = {name: way(*settings[name]) for name in WAYS}
     prompts = tuning_prompts(3, 3)
     inputs = [encode(tokenizer, p) for p in prompts]
     warm = [encode(tokenizer, {"text": t, "chat": True}) for t in WARMUP_PROMPTS]
     res = measure_ways(ways, [p["name"] for p in prompts], inputs, warm, args.runs, 0, True)
-    ref = res["outputs"]["paper"]
-    print(f"{'policy':<11} {'tok/verif':>9} {'coverage':>8} {'|S| mean':>8} {'draft ms':>8} "
-          f"{'tok/s':>7} {'same output':>11}")
+    ref = res["outputs"]["dense"]
+    dense = summarize(res["records"]["dense"])["tokens_per_target_step"]
+    print(f"{'policy':<11} {'tok/verif':>9} {'vs dense':>8} {'coverage':>8} {'|S| mean':>8} "
+          f"{'prefill ms':>10} {'draft ms':>8} {'tok/s':>7} {'decode':>7} {'same output':>11}")
     rows = []
-    for name in POLICIES:
+    for name in WAYS:
         s = summarize(res["records"][name])
         same = res["outputs"][name] == ref
-        print(f"{name:<11} {s['tokens_per_target_step']:9.3f} {s['coverage']:8.3f} "
-              f"{s['mean_vocab_size']:8.0f} {s['draft_step_ms']:8.2f} {s['tokens_per_s']:7.2f} "
-              f"{'yes' if same else 'no':>11}")
+        print(f"{name:<11} {s['tokens_per_target_step']:9.3f} "
+              f"{s['tokens_per_target_step'] / dense:8.3f} {fmt(s['coverage'], '8.3f')} "
+              f"{fmt(s['mean_vocab_size'], '8.0f')} {s['prefill_ms']:10.1f} "
+              f"{s['draft_step_ms']:8.2f} {s['tokens_per_s']:7.2f} "
+              f"{s['decode_tokens_per_s']:7.2f} {'yes' if same else 'no':>11}")
         rows.append({"bench": "eagle_policy", "policy": name, "core": args.core,
                      "tokens_per_verification": s["tokens_per_target_step"],
+                     "vs_dense": s["tokens_per_target_step"] / dense,
                      "coverage": s["coverage"], "mean_vocab_size": s["mean_vocab_size"],
-                     "draft_ms": s["draft_step_ms"], "tokens_per_s": s["tokens_per_s"],
+                     "prefill_ms": s["prefill_ms"], "draft_ms": s["draft_step_ms"],
+                     "tokens_per_s": s["tokens_per_s"],
+                     "decode_tokens_per_s": s["decode_tokens_per_s"],
                      "runs": args.runs, "prompts": len(prompts), "threads": args.threads,
                      "head": str(head_dir), "load": loadavg()})
     print(f"rows appended to {append_rows('eagle_policy.csv', rows)}")

@@ -1,13 +1,18 @@
 """MicroSpec's vocabulary policy: which tokens join the draft's active vocabulary, and when.
 
-The paper's policy (DESIGN.md, the MicroSpec / NanoSpec update), in one place for
-both ways of running it:
+MicroSpec's policy (the paper's; NanoSpec's code), in one place for both ways of
+running it:
 
 * after prefill: the prompt's ids and the target's top-``k`` at every prompt position
   (:func:`observe_prompt`);
 * after every verification: the verified tree's tokens, the emitted ones and the
   target's top-``k`` at every verified position, its argmax included
   (:func:`observe_verified`).
+
+A :class:`VocabPolicy` sets the two ``k``: :data:`PAPER` is the paper's (3 and 3);
+:data:`TUNED`, the decoders' default, drops the prompt signal (its product with the whole
+head is the prefill's largest extra cost) and takes the target's top-8 at verified
+positions instead.
 
 The tree loops (``spec.eagle``) call these functions.  Hugging Face ``generate`` runs
 its own loop, so there the target's graph computes :func:`target_top_ids` itself: the
@@ -20,17 +25,51 @@ enter the vocabulary a step early (``bench/bench_coverage_model.py`` measures it
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .cpu import cpu_flags
 
-__all__ = ["TARGET_TOPK", "target_top_ids", "prompt_top_ids", "observe_prompt",
-           "observe_verified", "fast_bf16_products"]
+__all__ = ["TARGET_TOPK", "VocabPolicy", "PAPER", "TUNED", "POLICIES", "target_top_ids",
+           "prompt_top_ids", "observe_prompt", "observe_verified", "fast_bf16_products"]
 
 #: The target's best tokens per scored position that join the vocabulary (the paper's 3).
 TARGET_TOPK = 3
+
+
+@dataclass(frozen=True)
+class VocabPolicy:
+    """Which of the target's best tokens join a decoder's vocabulary, beside the prompt's
+    ids, the verified trees' tokens, the emitted ones and the pinned ids (always).
+
+    Parameters
+    ----------
+    prompt_topk : the target's top-k at every prompt position after prefill; 0: none,
+        and no prompt-wide product with the head (on Gemma 3 270M's 262,144-row head
+        that product was 140 ms of a 390 ms prefill)
+    verified_topk : the target's top-k at every verified position, from the logits the
+        verification computed anyway; 0: each position's argmax alone
+    """
+
+    prompt_topk: int = 0
+    verified_topk: int = 8
+
+    def __post_init__(self):
+        for name in ("prompt_topk", "verified_topk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+#: MicroSpec's own policy (the paper): the target's top-3 at every prompt and verified position.
+PAPER = VocabPolicy(prompt_topk=TARGET_TOPK, verified_topk=TARGET_TOPK)
+#: The default: no prompt signal (no prefill cost), the target's top-8 at verified positions;
+#: on the demo's prompts it covers more of the emitted tokens than PAPER (docs/RESULTS.md).
+TUNED = VocabPolicy(prompt_topk=0, verified_topk=8)
+POLICIES = {"paper": PAPER, "tuned": TUNED}
 
 # an LM-head weight -> (weight._version when copied, its bf16 copy); dropped with the weight
 _BF16_COPIES = WeakIdKeyDictionary()

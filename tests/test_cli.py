@@ -8,7 +8,7 @@ from microspec_compile.apps.cli import build_parser, main
 
 @pytest.mark.parametrize("argv, message", [
     (["--runs", "0"], "--runs must be >= 1"),
-    (["--target-topk", "-1"], "--target-topk must be >= 0"),
+    (["--capacity", "0"], "--capacity must be >= 1"),
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--total-tokens", "0"], "--total-tokens must be >= 1"),
 ])
@@ -17,11 +17,19 @@ def test_bad_settings_exit_with_a_clear_message(argv, message):
         main(["demo", *argv])
 
 
+def test_policy_is_a_named_preset(capsys):
+    assert build_parser().parse_args(["demo"]).policy == "tuned"
+    assert build_parser().parse_args(["demo", "--policy", "paper"]).policy == "paper"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--policy", "greedy"])
+    assert "invalid choice: 'greedy'" in capsys.readouterr().err
+
+
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--help"])
     text = capsys.readouterr().out
-    for option in ("--prompt", "--max-new-tokens", "--target-topk", "--model",
+    for option in ("--prompt", "--max-new-tokens", "--policy", "--model",
                    "--threads", "--head", "--depth", "--lookup",
                    "--top-k", "--total-tokens"):
         assert option in text

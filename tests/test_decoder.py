@@ -151,3 +151,27 @@ def test_a_decoder_takes_the_vocabulary_you_give_it():
     with pytest.raises(ValueError, match="goes with head='microspec'"):
         prepare(target, oracle_head(target), _config("dense", target, pack_target=False),
                 vocab=vocab)
+
+
+def test_the_tuned_policy_scores_no_prompt_position_and_the_paper_does(monkeypatch):
+    """TUNED (the default) adds the target's top-8 at verified positions and never multiplies
+    the prompt's features with the whole head; PAPER does (MicroSpec's prompt signal)."""
+    import microspec_compile.policy as policy
+
+    calls = []
+    real = policy.prompt_top_ids
+    monkeypatch.setattr(policy, "prompt_top_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
+    target = tiny_target(bigram=True)
+    ids = prompt()
+    expected = autoregressive_generate(target, ids, 12)[0]
+    for rule, scored in ((policy.TUNED, False), (policy.PAPER, True)):
+        calls.clear()
+        decoder = prepare(target, oracle_head(target),
+                          DecoderConfig(tree=TREE, pack_target=False, policy=rule))
+        assert torch.equal(decoder.generate(ids, 12)[0], expected)
+        assert bool(calls) == scored, rule
+    assert DecoderConfig().policy == policy.TUNED
+    with pytest.raises(ValueError, match="verified_topk must be an int >= 0"):
+        policy.VocabPolicy(verified_topk=-1)
+    with pytest.raises(TypeError, match="VocabPolicy"):
+        DecoderConfig(policy="paper")

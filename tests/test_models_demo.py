@@ -297,8 +297,10 @@ def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
         row = data["summary"][way]
         assert row["tokens_per_s"] > 0 and row["speedup_vs_target"] > 0, way
         for key in ("tokens_per_target_step", "coverage", "mean_vocab_size", "draft_step_ms",
-                    "target_step_ms"):
+                    "target_step_ms", "prefill_ms", "draft_s", "verify_s", "rest_s"):
             assert key in row, (way, key)
+        assert row["decode_tokens_per_s"] > row["tokens_per_s"] and row["prefill_ms"] > 0, way
+        assert row["draft_s"] + row["verify_s"] <= row["decode_s"] + 1e-6, way  # timed within
         assert way in data["warmup_s"]
     for way in EAGLE_WAYS[1:]:
         assert data["summary"][way]["tokens_per_target_step"] >= 1.0
@@ -318,4 +320,5 @@ def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
     assert data["microspec_counters"]["heads_rewritten"] > 0
     assert (tmp_path / "demo_results.png").stat().st_size > 0
     table = capsys.readouterr().out
-    assert "tok/s" in table and "identical" in table
+    assert "tok/s" in table and "identical" in table and "decode only" in table
+    assert data["decode_speedup_microspec_vs_dense_packed"] > 0

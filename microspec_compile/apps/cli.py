@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..policy import TARGET_TOPK
+from ..policy import POLICIES
 from ..spec.eagle import TreeConfig
 
 __all__ = ["build_parser", "main"]
@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None,
                       help="a named model (gemma3-270m, smollm2), a local HF checkpoint dir or "
                            ".gguf; none: gemma3-270m (Gemma 3 270M; the Gemma terms of use apply)")
-    demo.add_argument("--target-topk", type=int, default=TARGET_TOPK,
-                      help="target top-k added to the draft's vocabulary per scored position "
-                           "(the paper's signal); 0: off, to measure what it adds")
+    demo.add_argument("--policy", choices=sorted(POLICIES), default="tuned",
+                      help="the microspec vocabulary's policy: tuned (the target's top-8 at "
+                           "verified positions, no prompt signal) or paper (MicroSpec's: the "
+                           "target's top-3 at prompt and verified positions)")
     demo.add_argument("--no-pack-target", action="store_true",
                       help="verify with plain F.linear instead of MKL-prepacked fp32 "
                            "linears packed for the tree's size")
@@ -85,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("max_new_tokens", "runs", "capacity", "depth", "top_k", "total_tokens"):
             if getattr(args, name) < 1:
                 raise SystemExit(f"microspec demo: --{name.replace('_', '-')} must be >= 1")
-        if args.target_topk < 0:
-            raise SystemExit("microspec demo: --target-topk must be >= 0")
         if args.lookup < 0:
             raise SystemExit("microspec demo: --lookup must be >= 0 (0: off)")
         import torch
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                           lookup=args.lookup)
         run_eagle_demo(args.prompt, max_new_tokens=args.max_new_tokens, tree=tree,
                        runs=args.runs, sample=args.sample, temperature=args.temperature,
-                       seed=args.seed, capacity=args.capacity, target_topk=args.target_topk,
+                       seed=args.seed, capacity=args.capacity, policy=args.policy,
                        **({} if args.core is None else {"core": args.core}),
                        pack_target=not args.no_pack_target,
                        target_weights=args.target_weights,

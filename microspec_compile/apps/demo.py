@@ -44,7 +44,7 @@ from ..analysis.results import machine_info
 from ..heads import EagleHead
 from ..linears import TargetConfig, prepare_target, target_weights_label
 from ..linears.packed import PackedLinears
-from ..policy import TARGET_TOPK
+from ..policy import POLICIES
 from ..spec import (
     Decoder,
     DecoderConfig,
@@ -105,7 +105,7 @@ def _ways(target, head, tree: TreeConfig, frequent, capacity: int, pinned: tuple
 
     def decoder(name: str) -> Decoder:
         config = DecoderConfig(head=name, tree=tree, capacity=capacity, pinned_ids=pinned,
-                               target_topk=kw["target_topk"],
+                               policy=kw["policy"],
                                frequent_ids=frequent if name == "frspec" else None,
                                pack_target=kw["pack_target"])
         return prepare(target, head, config, verify_linears=packed if packed else None,
@@ -154,7 +154,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                    tree: TreeConfig | None = None, runs: int = 3, sample: bool = False,
                    temperature: float = 1.0, seed: int = 0, capacity: int = 4096,
                    core: int = DEFAULT_CORE,
-                   target_topk: int = TARGET_TOPK,
+                   policy: str = "tuned",
                    pack_target: bool = True, target_weights: str = "auto", model=None,
                    head_dir=None,
                    out: str | os.PathLike | None = "demo_results.json", chart: bool = True,
@@ -171,7 +171,9 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     core : the most frequent tokens of the head's training text (its FR-Spec list, most
         frequent first) pinned in the microspec vocabulary for every request, beside EOS
         and MicroSpec's context policy; 0: the paper's policy alone
-    target_topk : the target's top-k per scored position fed to the vocabulary (0: off)
+    policy : the microspec vocabulary's policy, a name of ``policy.POLICIES``: ``"tuned"``
+        (the default: the target's top-8 at verified positions, no prompt signal) or
+        ``"paper"`` (MicroSpec's: top-3 at prompt and verified positions)
     pack_target : the EAGLE ways verify through prepacked fp32 linears of the target for
         the tree's size, and the target alone steps through them packed for one row
         (``linears.PackedLinears``: the fastest kernel per shape, timed at load; on an AMD
@@ -187,6 +189,8 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     head_dir : the EAGLE head (default: the one shipped for a named model)
     """
     tree = tree or TreeConfig()
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     loaded_here = not isinstance(model, tuple)
     if loaded_here:
@@ -220,7 +224,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
         pinned = tuple(dict.fromkeys(([eos] if eos is not None else [])
                                      + frequent[:core].tolist()))
         kw = dict(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-                  eos_token_id=eos, target_topk=target_topk,
+                  eos_token_id=eos, policy=POLICIES[policy],
                   pack_target=pack_target)
         setup.set_postfix_str("packing the target's and the head's linears (kernels timed)")
         ways, vocab, kernels = _ways(target, head, tree, frequent, capacity, pinned, kw)
@@ -235,13 +239,14 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
     emitted = [t for toks in res["outputs"]["frspec"].values() for t in toks]
     summary["frspec"]["coverage"] = float(in_subset[torch.tensor(emitted)].float().mean())
     summary["frspec"]["mean_vocab_size"] = int(frequent.numel())
-    base = summary["target"]["tokens_per_s"]
-    for way in names:
-        summary[way]["speedup_vs_target"] = summary[way]["tokens_per_s"] / base
-    mine = summary["microspec"]["tokens_per_s"]
-    for other in ("dense", "dense-packed", "lookup", "eagle-only"):
-        if other in summary:
-            summary["microspec"][f"speedup_vs_{other}"] = mine / summary[other]["tokens_per_s"]
+    for rate, prefix in (("tokens_per_s", ""), ("decode_tokens_per_s", "decode_")):
+        base = summary["target"][rate]
+        for way in names:
+            summary[way][f"{prefix}speedup_vs_target"] = summary[way][rate] / base
+        mine = summary["microspec"][rate]
+        for other in ("dense", "dense-packed", "frspec", "lookup", "eagle-only"):
+            if other in summary:
+                summary["microspec"][f"{prefix}speedup_vs_{other}"] = mine / summary[other][rate]
     ref = res["outputs"]["target"]
     identical = {w: all(res["outputs"][w][k] == ref[k] for k in ref) for w in names[1:]}
     record = json.loads((head_dir / "eagle_config.json").read_text())
@@ -253,7 +258,7 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                      "head": str(head_dir), "tree": tree.__dict__, "max_new_tokens": max_new_tokens,
                      "runs": runs, "sample": sample, "temperature": temperature if sample else None,
                      "seed": seed, "capacity": capacity, "pinned_core": core,
-                     "target_topk": target_topk,
+                     "policy": {"name": policy, **POLICIES[policy].__dict__},
                      "pack_target": pack_target,
                      "packing_kernels": kernels,
                      "frspec_subset": int(frequent.numel()),
@@ -266,6 +271,9 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
         "speedup_microspec_vs_dense": summary["microspec"]["speedup_vs_dense"],
         "speedup_microspec_vs_dense_packed": summary["microspec"]["speedup_vs_dense-packed"],
         "speedup_microspec_vs_target": summary["microspec"]["speedup_vs_target"],
+        "decode_speedup_microspec_vs_dense_packed":
+            summary["microspec"]["decode_speedup_vs_dense-packed"],
+        "decode_speedup_microspec_vs_target": summary["microspec"]["decode_speedup_vs_target"],
         "identical_to_target": identical if not sample else None,
         **run_fields(res, vocab, setup_s),
     }
@@ -288,18 +296,25 @@ def _model_label(model) -> str:
 
 def format_eagle_table(report: dict) -> str:
     """The summary table as text."""
-    head = (f"{'way':<12} {'tok/s':>7} {'vs target':>9} {'tok/verif':>9} {'lookup':>6} "
-            f"{'coverage':>8} {'|S| mean':>8} {'draft ms':>8} {'verify ms':>9} {'warm-up s':>9}")
+    head = (f"{'way':<12} {'tok/s':>7} {'vs target':>9} {'decode':>7} {'vs target':>9} "
+            f"{'prefill':>7} {'tok/verif':>9} {'lookup':>6} "
+            f"{'coverage':>8} {'|S| mean':>8} {'draft ms':>8} {'verify ms':>9} "
+            f"{'draft s':>7} {'verify s':>8} {'rest s':>6} {'warm-up s':>9}")
     lines = [head, "-" * len(head)]
     for way in report["summary"]:
         s = report["summary"][way]
         tok_verif = s["tokens_per_target_step"] if way != "target" else None
+        draft_s = s.get("draft_s") if way != "target" else None
         lines.append(f"{way:<12} {fmt(s['tokens_per_s'], '7.2f')} "
-                     f"{fmt(s['speedup_vs_target'], '8.2f')}x {fmt(tok_verif, '9.2f')} "
+                     f"{fmt(s['speedup_vs_target'], '8.2f')}x "
+                     f"{fmt(s.get('decode_tokens_per_s'), '7.2f')} "
+                     f"{fmt(s.get('decode_speedup_vs_target'), '8.2f')}x "
+                     f"{fmt(s.get('prefill_ms'), '7.0f')} {fmt(tok_verif, '9.2f')} "
                      f"{fmt(s.get('lookup_share'), '6.2f')} {fmt(s['coverage'], '8.3f')} "
                      f"{fmt(s['mean_vocab_size'], '8.0f')} "
                      f"{fmt(s['draft_step_ms'], '8.2f')} {fmt(s['target_step_ms'], '9.2f')} "
-                     f"{report['warmup_s'][way]:9.1f}")
+                     f"{fmt(draft_s, '7.1f')} {fmt(s.get('verify_s'), '8.1f')} "
+                     f"{fmt(s.get('rest_s'), '6.1f')} {report['warmup_s'][way]:9.1f}")
     t = report["settings"]["tree"]
     lookup = t.get("lookup", 0)
     lines.append(f"lookup: share of rounds that verified a looked-up chain; draft ms: drafting "
@@ -307,11 +322,19 @@ def format_eagle_table(report: dict) -> str:
                  f"{t['top_k']}); verify ms: one target "
                  f"forward over {t['total_tokens']} tree tokens"
                  + (f" or the root + up to {lookup} looked-up ones" if lookup else "")
-                 + " (target: one-token step); medians per round")
+                 + " (target: one-token step); medians per round. decode: tok/s without the "
+                 "prefill; prefill: ms per request (the prompt's forward and the vocabulary's "
+                 "prompt signal); draft s / verify s / rest s: the decoding time of one run's "
+                 "requests (rest: vocabulary and cache upkeep, the loop)")
     m = report["summary"]["microspec"]
     lines.append(f"microspec vs EAGLE-2 dense head: {report['speedup_microspec_vs_dense']:.2f}x "
                  f"tokens/s (Inductor), {report['speedup_microspec_vs_dense_packed']:.2f}x "
                  f"(packed); vs target alone: {report['speedup_microspec_vs_target']:.2f}x"
+                 + (f"; decode only: {m['decode_speedup_vs_dense-packed']:.2f}x the packed "
+                    f"dense head, {m['decode_speedup_vs_target']:.2f}x the target"
+                    if "decode_speedup_vs_dense-packed" in m else "")
+                 + (f"; vs frspec: {m['speedup_vs_frspec']:.2f}x" if "speedup_vs_frspec" in m
+                    else "")
                  + "".join(f"; vs {w}: {m[f'speedup_vs_{w}']:.2f}x" for w in ("lookup", "eagle-only")
                            if f"speedup_vs_{w}" in m))
     if lookup:
@@ -320,9 +343,12 @@ def format_eagle_table(report: dict) -> str:
                      "head's tree; eagle-only = microspec without lookup")
     core = report["settings"].get("pinned_core")
     if core:
-        lines.append(f"microspec's vocabulary: the prompt, the tree's and emitted tokens, the "
-                     f"target's top-{report['settings']['target_topk']} per verified position, "
-                     f"and {core} pinned frequent tokens (--core)")
+        rule = report["settings"]["policy"]
+        prompt_topk = (f" and the target's top-{rule['prompt_topk']} per prompt position"
+                       if rule["prompt_topk"] else "")
+        lines.append(f"microspec's vocabulary ({rule['name']} policy): the prompt{prompt_topk}, "
+                     f"the tree's and emitted tokens, the target's top-{rule['verified_topk']} "
+                     f"per verified position, and {core} pinned frequent tokens (--core)")
     same = report["identical_to_target"]
     if same is None:
         lines.append("sampling mode: outputs are not compared token by token")

@@ -9,7 +9,9 @@ one interleaving loop of the project (``bench/common.py`` re-exports it).
 first on two prompt lengths (compilation is reported apart, as ``warmup_s``), then
 ``runs`` rounds of all prompts are timed, one interleaved round of the ways per prompt.
 Reported numbers are medians over runs of per-run aggregates (all prompts of a run
-pooled); ``tokens_per_s`` is new tokens over wall time, prefill included.
+pooled); ``tokens_per_s`` is new tokens over wall time, prefill included;
+``decode_tokens_per_s`` leaves the prefill (``prefill_ms`` per request) out, and
+``draft_s`` / ``verify_s`` / ``rest_s`` split the decoding time of a run.
 """
 from __future__ import annotations
 
@@ -123,11 +125,24 @@ def summarize(records: list) -> dict:
     for recs in per_run.values():
         tokens = sum(r["new_tokens"] for r in recs)
         seconds = sum(r["seconds"] for r in recs)
+        prefill = sum(r.get("prefill_s", 0.0) for r in recs)
+        draft = sum(t for r in recs for t in r["draft_ms"]) / 1e3
+        verify = sum(t for r in recs for t in r["target_ms"]) / 1e3
         accepted = [a for r in recs for a in r["accepted"]]
         checked = sum(r["checked"] for r in recs)
         sizes = [s for r in recs for s in r["vocab_sizes"]]
         rows.append({
             "tokens_per_s": tokens / seconds,
+            # the same without the prompt's forward (and the policy's prompt signal)
+            "decode_tokens_per_s": tokens / (seconds - prefill) if seconds > prefill else None,
+            "prefill_ms": 1e3 * prefill / len(recs),  # per request
+            # decode time split, seconds over the run's requests: drafting (or lookup),
+            # verification (or the target's one-token steps), and the rest (vocabulary
+            # upkeep, cache upkeep, the loop itself)
+            "decode_s": seconds - prefill,
+            "draft_s": draft,
+            "verify_s": verify,
+            "rest_s": seconds - prefill - draft - verify,
             "mean_accepted": statistics.mean(accepted) if accepted else None,
             "tokens_per_target_step": statistics.mean(accepted) + 1 if accepted else 1.0,
             "coverage": sum(r["covered"] for r in recs) / checked if checked else None,

@@ -92,25 +92,29 @@ KERNELS = {"mkl": (mkl_packing_available, _mkl_pack),
 def _fastest(weights: list[torch.Tensor], biases: list, rows: int, names: list[str],
              repeats: int) -> tuple[str, list]:
     """Of ``names``, the kernel whose products of ``rows`` rows through all of ``weights`` (one
-    shape; the whole group streams from memory as in the model) take the least time (median
-    of ``repeats`` passes); returns it with its products."""
+    shape; the whole group streams from memory as in the model) take the least time (the
+    lower quartile of ``repeats`` passes, the kernels interleaved); returns it with its
+    products."""
     candidates = {name: [KERNELS[name][1](w, b, rows) for w, b in zip(weights, biases)]
                   for name in names}
     if len(candidates) == 1:
         return next(iter(candidates.items()))
     x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
-    medians = {}
-    for name, products in candidates.items():
+    for products in candidates.values():
         for product in products:
             product(x)  # first calls: kernel set-up
-        times = []
-        for _ in range(repeats):
+    # the kernels take turns, in an order reversed every pass, so that a slow spell of the
+    # machine hits them alike; the lower quartile of each kernel's passes is its time
+    times = {name: [] for name in candidates}
+    order = list(candidates)
+    for turn in range(repeats):
+        for name in order if turn % 2 == 0 else order[::-1]:
             start = time.perf_counter()
-            for product in products:
+            for product in candidates[name]:
                 product(x)
-            times.append(time.perf_counter() - start)
-        medians[name] = sorted(times)[repeats // 2]
-    best = min(medians, key=medians.get)
+            times[name].append(time.perf_counter() - start)
+    quartile = {name: sorted(t)[len(t) // 4] for name, t in times.items()}
+    best = min(quartile, key=quartile.get)
     return best, candidates[best]
 
 
@@ -119,8 +123,8 @@ def _available() -> list[str]:
 
 
 def choose_kernel(weight: torch.Tensor, rows: int, repeats: int = 9) -> str | None:
-    """The fastest kernel on this CPU for ``rows`` rows times ``weight`` (median of ``repeats``
-    timed calls each); None where no kernel is available."""
+    """The fastest kernel on this CPU for ``rows`` rows times ``weight`` (the lower quartile
+    of ``repeats`` timed calls each); None where no kernel is available."""
     names = _available()
     if not names:
         return None
@@ -185,7 +189,7 @@ class PackedLinears:
                 key = (shape, len(group), rows)
                 chosen = [_CHOSEN[key]] if kernel is None and key in _CHOSEN else names
                 name, products = _fastest([m.weight.detach() for m in group],
-                                          [m.bias for m in group], rows, chosen, repeats=5)
+                                          [m.bias for m in group], rows, chosen, repeats=9)
                 if kernel is None:
                     _CHOSEN[key] = name
                 self.kernels[shape] = name

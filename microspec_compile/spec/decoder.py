@@ -21,7 +21,7 @@ import torch
 
 from ..config import DEFAULT_CAPACITY
 from ..linears.packed import PackedLinears
-from ..policy import TARGET_TOPK
+from ..policy import TUNED, VocabPolicy
 from ..vocab import ActiveVocab, normalize_pins
 from .eagle import TreeConfig, eagle_rounds, pack_head_linears
 from .scorers import PackedScorer, SubsetTopkScorer, TopkScorer, shared_topk_scorer
@@ -45,8 +45,8 @@ class DecoderConfig:
     tree : the EAGLE-2 tree's shape and the context lookup (``TreeConfig``)
     capacity, pinned_ids : the microspec vocabulary's that :func:`prepare` creates; None:
         the default capacity
-    target_topk : the target's top-k per verified position added to the vocabulary
-        (MicroSpec's policy; 0: its argmax only)
+    policy : which of the target's best tokens join the vocabulary (``policy.TUNED``, the
+        default, or ``policy.PAPER``, MicroSpec's own)
     frequent_ids : [S] int64 token ids, the FR-Spec subset (``head="frspec"`` only)
     pack_target : pack the target's fp32 CPU linears for each verified size
     """
@@ -55,7 +55,7 @@ class DecoderConfig:
     tree: TreeConfig = field(default_factory=TreeConfig)
     capacity: int | None = None
     pinned_ids: tuple = ()
-    target_topk: int = TARGET_TOPK
+    policy: VocabPolicy = TUNED
     frequent_ids: torch.Tensor | None = None
     pack_target: bool = True
 
@@ -66,6 +66,9 @@ class DecoderConfig:
             raise ValueError("frequent_ids (the FR-Spec subset) goes with head='frspec' and "
                              f"only with it; got head={self.head!r}")
         object.__setattr__(self, "pinned_ids", normalize_pins(self.pinned_ids))
+        if not isinstance(self.policy, VocabPolicy):
+            raise TypeError(f"policy must be a VocabPolicy (policy.TUNED, policy.PAPER), got "
+                            f"{type(self.policy).__name__}")
 
 
 def pack_verification(target, tree: TreeConfig) -> list[PackedLinears]:
@@ -124,7 +127,7 @@ class Decoder:
         verify = [p for p in self.verify_linears if p.rows in sizes]
         return eagle_rounds(self.target, self.head, self.scorer, input_ids, max_new_tokens,
                             self.config.tree, vocab=self.vocab,
-                            target_topk=self.config.target_topk, verify_linears=verify or None,
+                            policy=self.config.policy, verify_linears=verify or None,
                             draft_linears=self.draft_linears, **options)
 
 

@@ -24,9 +24,9 @@ steps 1-3: it verifies the tokens that followed their latest occurrence
 The LM head is called through ``scorer(hidden [N, H]) -> (log-probs [N, k], ids [N, k])``:
 the dense head compiled by Inductor, the same compiled by ``backend="microspec"``
 (sparse over the active vocabulary), or a fixed subset.  With a ``vocab`` the loop
-follows MicroSpec's policy (``microspec_compile.policy``): after prefill the prompt ids
-and the target's top-3 at every prompt position; after every verification the tree
-tokens, the emitted ones and the target's argmax and top-3 at every tree position.
+follows a vocabulary policy (``microspec_compile.policy``): after prefill the prompt ids
+(and the target's top-k at every prompt position, ``PAPER``); after every verification
+the tree tokens, the emitted ones and the target's top-k at every tree position.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from torch import nn
 
 from ..heads import EagleHead
 from ..linears.packed import PackedLinears
-from ..policy import TARGET_TOPK, observe_prompt, observe_verified
+from ..policy import TUNED, VocabPolicy, observe_prompt, observe_verified
 from ..vocab import using
 from .attention import gqa_attention
 from .lookup import ContextLookup, chain_tree
@@ -216,7 +216,7 @@ def bind_scorer(scorer, vocab):
 @torch.inference_mode()
 def eagle_rounds(target, head: EagleHead, scorer, input_ids: torch.Tensor,
                  max_new_tokens: int, tree: TreeConfig = TreeConfig(), *, vocab=None,
-                 target_topk: int = TARGET_TOPK, sample: bool = False,
+                 policy: VocabPolicy = TUNED, sample: bool = False,
                  temperature: float = 1.0,
                  eos_token_id: int | None = None, generator=None,
                  verify_linears=None, draft_linears=None):
@@ -234,7 +234,8 @@ def eagle_rounds(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     tree : the tree's shape
     vocab : the microspec vocabulary the scorer reads (bound around its calls, reset
         here), or None (dense)
-    target_topk : target tokens per position added to ``vocab`` (0: argmax only)
+    policy : the target's top-k at prompt and verified positions that join ``vocab``
+        (``microspec_compile.policy``)
     sample, temperature, generator : sampling mode (default greedy)
     verify_linears : a ``linears.PackedLinears`` of ``target`` for ``tree.total_tokens``
         rows, or a sequence of them for ``tree.verified_sizes()`` (with ``lookup``), entered
@@ -267,7 +268,7 @@ def eagle_rounds(target, head: EagleHead, scorer, input_ids: torch.Tensor,
         root = choose_token(logits[-1], sample, temperature, generator)
         if vocab is not None:
             observe_prompt(vocab, input_ids, target.get_output_embeddings(), features,
-                           target_topk)
+                           policy.prompt_topk)
     stats.prefill_time = time.perf_counter() - t0
     n, tokens = input_ids.shape[1], [root]
     index = ContextLookup(input_ids[0]) if tree.lookup else None
@@ -301,7 +302,7 @@ def eagle_rounds(target, head: EagleHead, scorer, input_ids: torch.Tensor,
             stats.covered += int(vocab.contains(torch.tensor(emitted, device=dev)).sum())
             stats.checked += len(emitted)
             t_stats += time.perf_counter() - t
-            observe_verified(vocab, draft_tree.tokens, logits, emitted, target_topk)
+            observe_verified(vocab, draft_tree.tokens, logits, emitted, policy.verified_topk)
         stats.accepted.append(len(path) - 1)
         stats.tree_sizes.append(len(draft_tree))
         keep_path_rows(cache, n, path)
