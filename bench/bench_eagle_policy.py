@@ -19,7 +19,8 @@ tokens per verification (and its ratio to the dense head's), coverage of the emi
 tokens, mean active vocabulary, prefill ms per request, draft ms per round, tokens/s
 end to end and decode only (medians over runs).
 Rows go to ``bench/results/eagle_policy.csv``.
-Usage: python bench/bench_eagle_policy.py [--runs N] [--core N] [--head DIR]
+Usage: python bench/bench_eagle_policy.py [--runs N] [--core N] [--held-out N] [--model M]
+[--head DIR]
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import argparse
 
 import torch
 
-from microspec_compile.apps.data import encode
+from microspec_compile.apps.data import default_prompts, encode, humaneval_problems, mtbench_questions
 from microspec_compile.apps.demo import WARMUP_PROMPTS, default_head_dir, load_frequent_ids
 from microspec_compile.apps.measure import fmt, measure_ways, summarize
 from microspec_compile.apps.models import load_causal_lm
@@ -47,9 +48,26 @@ from common import append_rows, loadavg
 WAYS = ("paper", "no-topk", "paper+core", "tuned+core", "dense")
 
 
+def held_out_prompts(n: int) -> list[dict]:
+    """``n`` prompts disjoint from the demo's: MT-bench first turns that are not the demo's
+    (two thirds), then HumanEval problems from /10 on (a third)."""
+    demo = {p["name"] for p in default_prompts()}
+    n_code = n // 3
+    chat = [{"name": f"mtbench/{q['question_id']}", "text": q["turns"][0], "chat": True}
+            for q in mtbench_questions() if f"mtbench/{q['question_id']}" not in demo]
+    code = [{"name": p["task_id"], "text": p["prompt"], "chat": False}
+            for p in humaneval_problems()[10:10 + n_code]]
+    return chat[: n - len(code)] + code
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--ways", default=",".join(WAYS),
+                        help=f"comma-separated ways to run, of {', '.join(WAYS)} (dense: always)")
+    parser.add_argument("--held-out", type=int, default=0,
+                        help="N > 0: N prompts none of the demo's (two thirds MT-bench first "
+                             "turns, a third HumanEval from /10), instead of the 6 tuning ones")
     parser.add_argument("--core", type=int, default=512, help="frequency-core size")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
@@ -79,8 +97,9 @@ def main() -> None:
                           draft_linears=head_linears)
         return lambda ids, seed: decoder.generate(ids, args.max_new_tokens, eos_token_id=eos)
 
-    ways = {name: way(*settings[name]) for name in WAYS}
-    prompts = tuning_prompts(3, 3)
+    chosen = [w for w in WAYS if w in args.ways.split(",") or w == "dense"]
+    ways = {name: way(*settings[name]) for name in chosen}
+    prompts = held_out_prompts(args.held_out) if args.held_out else tuning_prompts(3, 3)
     inputs = [encode(tokenizer, p) for p in prompts]
     warm = [encode(tokenizer, {"text": t, "chat": True}) for t in WARMUP_PROMPTS]
     res = measure_ways(ways, [p["name"] for p in prompts], inputs, warm, args.runs, 0, True)
@@ -89,7 +108,7 @@ def main() -> None:
     print(f"{'policy':<11} {'tok/verif':>9} {'vs dense':>8} {'coverage':>8} {'|S| mean':>8} "
           f"{'prefill ms':>10} {'draft ms':>8} {'tok/s':>7} {'decode':>7} {'same output':>11}")
     rows = []
-    for name in WAYS:
+    for name in chosen:
         s = summarize(res["records"][name])
         same = res["outputs"][name] == ref
         print(f"{name:<11} {s['tokens_per_target_step']:9.3f} "
