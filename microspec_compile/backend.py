@@ -173,12 +173,15 @@ def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: Micr
     ``mode`` / ``options`` are what ``torch.compile(..., mode=..., options=...)`` passes
     to a backend: ``mode`` replaces ``config.mode``; ``options`` is not supported.
     """
-    if options:
-        raise ValueError("microspec: torch.compile(options=...) is not supported by this "
-                         "backend; give mode=... (or MicrospecConfig settings) instead")
-    if mode is not None:
-        config = dataclasses.replace(config, mode=mode)
-    rewritten = rewrite_graph(gm, example_inputs, config)
+    try:  # a settings error reaches the user as a ValueError (raise_on_call)
+        if options:
+            raise ValueError("microspec: torch.compile(options=...) is not supported by this "
+                             "backend; give mode=... (or MicrospecConfig settings) instead")
+        if mode is not None:
+            config = dataclasses.replace(config, mode=mode)
+        rewritten = rewrite_graph(gm, example_inputs, config)
+    except ValueError as error:
+        return raise_on_call(error)
     if rewritten is None:
         warn_no_head(config.min_vocab_size, config)
         counters["microspec"]["fallback_no_head"] += 1
@@ -206,6 +209,21 @@ def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: Micr
 
     run.vocabularies = vocabularies  # the vocabularies a call would read (tests)
     run.rewritten = clone  # the rewritten FX graph module (tests inspect it)
+    return run
+
+
+def raise_on_call(error: ValueError) -> Callable:
+    """A compiled function that raises ``error`` when called.
+
+    Dynamo wraps an exception raised while compiling in ``BackendCompilerFailed``, so
+    ``except ValueError`` would miss a settings error found in the graph (a vocabulary
+    of another weight, a default vocabulary's other capacity); raised by the compiled
+    function, it reaches the caller as it is.  Compiling with other settings makes a
+    new graph.
+    """
+    def run(*args):
+        raise type(error)(*error.args)  # a new one each call: no growing traceback
+
     return run
 
 

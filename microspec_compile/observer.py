@@ -18,6 +18,7 @@ Why it helps, and the same policy in the tree loops: ``microspec_compile.policy`
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable, Sequence
 
 import torch.fx as fx
@@ -124,6 +125,7 @@ def _compile_target(gm, example_inputs, *, weight, k: int, config: MicrospecConf
     # with settings of its own the observer may create the draft's default vocabulary;
     # without, it feeds it once the draft's backend has (no draft has run before that)
     creates = config.capacity is not None or bool(config.pinned_ids)
+    unfed = [0]  # target calls with no draft vocabulary to feed yet
 
     def run(*args):
         counters["microspec"]["target_observe_calls"] += 1
@@ -132,9 +134,23 @@ def _compile_target(gm, example_inputs, *, weight, k: int, config: MicrospecConf
             weight, config.capacity, config.pinned_ids, create=creates)
         if vocab is None:
             counters["microspec"]["target_calls_before_draft"] += 1
+            unfed[0] += 1
+            if unfed[0] == 2:
+                warn_draft_not_compiled()
         else:
             for ids in outs[len(outs) - heads:]:
                 vocab.observe(ids)
         return outs[: len(outs) - heads]
 
     return run
+
+
+@functools.cache
+def warn_draft_not_compiled() -> None:
+    warnings.warn(
+        "microspec observer: the target ran twice and its draft's LM head has no microspec "
+        "vocabulary yet: the draft has not run compiled with backend='microspec'. If it is "
+        "your assistant_model, compile it in place (draft.compile(backend=...)): generate() "
+        "reached through the wrapper that torch.compile(draft) returns runs the uncompiled "
+        "module; or set both models up with microspec_compile.assisted(target, draft)",
+        stacklevel=2)

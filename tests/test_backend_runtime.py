@@ -100,7 +100,7 @@ def test_vocab_of_before_first_call_observes_into_the_backend_vocabulary():
     out = compiled(torch.randn(1, H))
     assert mc.vocab_of(compiled) is vocab and torch.isfinite(out).sum() == 3
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="capacity=64.*capacity=128"):  # Dynamo wraps it
+    with pytest.raises(ValueError, match="capacity=64.*capacity=128"):  # not wrapped by Dynamo
         torch.compile(head, backend=mc.backend(capacity=128))(torch.randn(1, H))
 
 
@@ -211,7 +211,7 @@ def test_existing_vocabulary_with_other_settings_is_a_clear_error():
     head = nn.Linear(H, V, bias=False)
     vocab = mc.vocab_of(head, capacity=512, pinned_ids=[7])  # the default vocabulary of head
     compiled = torch.compile(head, backend=mc.backend(capacity=4096))
-    with torch.no_grad(), pytest.raises(Exception, match="capacity=512.*capacity=4096.*Active"):
+    with torch.no_grad(), pytest.raises(ValueError, match="capacity=512.*capacity=4096.*Active"):
         compiled(torch.randn(2, H))
     with pytest.raises(ValueError, match=r"pinned_ids=\[7\].*pinned_ids=\[8\]"):
         mc.vocab_of(head, pinned_ids=[8])

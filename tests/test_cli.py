@@ -12,9 +12,29 @@ from microspec_compile.apps.cli import build_parser, main
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--total-tokens", "0"], "--total-tokens must be >= 1"),
 ])
-def test_bad_settings_exit_with_a_clear_message(argv, message):
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+def test_bad_settings_exit_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as done:
         main(["demo", *argv])
+    assert done.value.code == 2
+    assert capsys.readouterr().err == f"microspec demo: {message}\n"  # one line, no traceback
+
+
+def test_a_wrong_model_or_head_is_said_before_anything_loads(tmp_path, capsys, monkeypatch):
+    import microspec_compile.apps.models as models
+
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model"))
+    for argv, said in (
+            (["demo", "--model", "no-such-model"], "unknown model 'no-such-model': give a named"),
+            (["demo", "--head", str(tmp_path)], f"no EAGLE head at {tmp_path} (eagle_config.json "
+                                                "and eagle_head.safetensors missing)"),
+            (["demo", "--model", str(tmp_path)], "no EAGLE head ships for"),
+            (["train-eagle", "--out", str(tmp_path), "--model", "nope"], "unknown model 'nope'"),
+            (["train-eagle", "--out", str(tmp_path), "--init-head", str(tmp_path / "x")],
+             "no EAGLE head at")):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and said in err and err.count("\n") == 1, (argv, err)
 
 
 def test_policy_is_a_named_preset(capsys):
@@ -46,6 +66,21 @@ def test_train_eagle_help_and_required_out(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train-eagle"])  # --out is required
     assert "--out" in capsys.readouterr().err
+
+
+def test_every_option_has_help_one_default_and_both_commands_one_model():
+    from microspec_compile.apps import cli, demo
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse has no public accessor
+    for name, command in commands.items():
+        for action in command._actions:
+            if action.dest != "help":
+                assert action.help, (name, action.dest)
+                assert "(default" not in action.help, (name, action.dest)  # the formatter adds it
+    demo_args = parser.parse_args(["demo"])
+    assert demo_args.model == parser.parse_args(["train-eagle", "--out", "x"]).model
+    assert cli.DEFAULT_CORE == demo.DEFAULT_CORE == demo_args.core
 
 
 def test_demo_fails_loudly_without_head_weights(tmp_path):

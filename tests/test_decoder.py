@@ -5,6 +5,8 @@ target's own greedy output through one prepared decoder; the settings are checke
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_eagle_tree import oracle_head, prompt, tiny_target
@@ -175,3 +177,21 @@ def test_the_tuned_policy_scores_no_prompt_position_and_the_paper_does(monkeypat
         policy.VocabPolicy(verified_topk=-1)
     with pytest.raises(TypeError, match="VocabPolicy"):
         DecoderConfig(policy="paper")
+
+
+def test_prepare_checks_the_head_and_the_tree_where_the_mistake_is_made():
+    """Issue 36, point 4: a head for another target, a tree larger than its shape allows."""
+    from microspec_compile.heads import EagleHead
+
+    target = tiny_target(bigram=True)
+    other = tiny_target(seed=1)  # the same shapes, another model
+    with pytest.raises(ValueError, match="another model's embedding"):
+        prepare(target, EagleHead.for_target(other), DecoderConfig(tree=TREE, pack_target=False))
+    head = oracle_head(target)
+    head.config = replace(head.config, hidden_size=head.config.hidden_size * 2)
+    with pytest.raises(ValueError, match=r"hidden_size=\d+ but the target has"):
+        prepare(target, head, DecoderConfig(tree=TREE, pack_target=False))
+    with pytest.raises(ValueError, match=r"total_tokens=100 is more than .* \(21: the root"):
+        TreeConfig(depth=1, top_k=4, total_tokens=100)
+    assert TreeConfig(depth=1, top_k=4, total_tokens=21).max_tokens() == 21
+    assert DecoderConfig(pinned_ids=2).pinned_ids == (2,)  # one id needs no list

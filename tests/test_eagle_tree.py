@@ -82,7 +82,7 @@ def test_greedy_equals_target(bigram, shape):
 
 def test_oracle_accepts_depth_plus_one():
     target = tiny_target(bigram=True)
-    shape = TreeConfig(depth=3, top_k=2, total_tokens=30, lookup=0)
+    shape = TreeConfig(depth=3, top_k=2, total_tokens=15, lookup=0)
     _, stats = eagle_generate(target, oracle_head(target), TopkScorer(target.lm_head, 2),
                               prompt(), 40, shape)
     # the greedy chain is the best-scored path and is always kept: depth + 1 accepted

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 from ..policy import POLICIES
 from ..spec.eagle import TreeConfig
 
 __all__ = ["build_parser", "main"]
+
+# the demo's pinned core (``demo.DEFAULT_CORE``; not imported: the demo module loads the models'
+# stack, and --help should not wait for it)
+DEFAULT_CORE = 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="user message (repeat for several); none: MT-bench + HumanEval prompts")
     demo.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt")
     demo.add_argument("--head", default=None,
-                      help="EAGLE head directory (default: the one shipped for --model)")
+                      help="EAGLE head directory; none: the one shipped for --model")
     tree = TreeConfig()
     demo.add_argument("--depth", type=int, default=tree.depth, help="EAGLE-2 tree expansions")
     demo.add_argument("--top-k", type=int, default=tree.top_k, help="EAGLE-2 children per node")
@@ -44,15 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--runs", type=int, default=3, help="timed runs (medians are reported)")
     demo.add_argument("--sample", action="store_true", help="sampling instead of greedy")
     demo.add_argument("--temperature", type=float, default=1.0, help="with --sample")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the sampling (with --sample) and of the ways' order")
     demo.add_argument("--capacity", type=int, default=4096, help="microspec vocabulary capacity")
-    demo.add_argument("--core", type=int, default=None,
+    demo.add_argument("--core", type=int, default=DEFAULT_CORE,
                       help="the most frequent tokens of the head's training text pinned in the "
-                           "microspec vocabulary beside MicroSpec's context policy; 0: off; "
-                           "none: the demo's default (demo.DEFAULT_CORE, 1024)")
-    demo.add_argument("--model", default=None,
+                           "microspec vocabulary beside the context policy; 0: off")
+    demo.add_argument("--model", default="gemma3-270m",
                       help="a named model (gemma3-270m, smollm2), a local HF checkpoint dir or "
-                           ".gguf; none: gemma3-270m (Gemma 3 270M; the Gemma terms of use apply)")
+                           ".gguf (Gemma 3 270M: the Gemma terms of use apply)")
     demo.add_argument("--policy", choices=sorted(POLICIES), default="tuned",
                       help="the microspec vocabulary's policy: tuned (the target's top-8 at "
                            "verified positions, no prompt signal) or paper (MicroSpec's: the "
@@ -79,15 +85,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fail(command: str, message: str) -> NoReturn:
+    """One line on stderr naming the problem and its fix, and exit status 2 (a usage error)."""
+    print(f"microspec {command}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_model_and_head(command: str, model: str | None, head: str | None) -> None:
+    """Before anything loads: ``model`` is a named model or an existing checkpoint, and the
+    EAGLE head is a directory with its two files, or one ships for ``model``."""
+    from .models import MODELS, model_name
+
+    named = model is None or model_name(model) is not None
+    if not named and not Path(model).exists():
+        fail(command, f"unknown model {model!r}: give a named model ({', '.join(MODELS)}), a "
+                      "local Hugging Face checkpoint directory or a .gguf file")
+    if head is None:
+        if command == "demo" and not named:
+            fail(command, f"no EAGLE head ships for {model!r}: pass --head DIR (a head trained "
+                          "with microspec train-eagle)")
+        return
+    missing = [name for name in ("eagle_config.json", "eagle_head.safetensors")
+               if not (Path(head) / name).is_file()]
+    if missing:
+        fail(command, f"no EAGLE head at {head} ({' and '.join(missing)} missing): pass the "
+                      "directory microspec train-eagle wrote (its --out)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``microspec`` console script."""
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, LookupError) as error:  # the user's to fix
+        fail(args.command, str(error))
+
+
+def run(args) -> int:
+    """Run the parsed command."""
     if args.command == "demo":
         for name in ("max_new_tokens", "runs", "capacity", "depth", "top_k", "total_tokens"):
             if getattr(args, name) < 1:
-                raise SystemExit(f"microspec demo: --{name.replace('_', '-')} must be >= 1")
+                fail("demo", f"--{name.replace('_', '-')} must be >= 1")
         if args.lookup < 0:
-            raise SystemExit("microspec demo: --lookup must be >= 0 (0: off)")
+            fail("demo", "--lookup must be >= 0 (0: off)")
+        check_model_and_head("demo", args.model, args.head)
         import torch
 
         from .measure import demo_threads
@@ -100,12 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         run_eagle_demo(args.prompt, max_new_tokens=args.max_new_tokens, tree=tree,
                        runs=args.runs, sample=args.sample, temperature=args.temperature,
                        seed=args.seed, capacity=args.capacity, policy=args.policy,
-                       **({} if args.core is None else {"core": args.core}),
+                       core=args.core,
                        pack_target=not args.no_pack_target,
                        target_weights=args.target_weights,
                        model=args.model, head_dir=args.head, out=args.out,
                        chart=not args.no_chart, progress=not args.no_progress)
     elif args.command == "train-eagle":
+        check_model_and_head("train-eagle", args.model, args.init_head)
         from .train import main as train_main
 
         return train_main(args)

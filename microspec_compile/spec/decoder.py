@@ -26,7 +26,8 @@ from ..vocab import ActiveVocab, normalize_pins
 from .eagle import TreeConfig, eagle_rounds, pack_head_linears
 from .scorers import PackedScorer, SubsetTopkScorer, TopkScorer, shared_topk_scorer
 
-__all__ = ["HEADS", "DecoderConfig", "Decoder", "prepare", "pack_verification"]
+__all__ = ["HEADS", "DecoderConfig", "Decoder", "prepare", "pack_verification",
+           "check_head_fits"]
 
 HEADS = ("microspec", "dense", "dense-packed", "frspec")
 
@@ -131,6 +132,22 @@ class Decoder:
                             draft_linears=self.draft_linears, **options)
 
 
+def check_head_fits(target, head) -> None:
+    """A ValueError unless ``head`` was built for ``target``: the same hidden size and
+    vocabulary, and ``target``'s own embedding and LM head shared (``EagleHead.for_target``,
+    ``EagleHead.load(directory, target)``)."""
+    config = target.config
+    for name in ("hidden_size", "vocab_size"):
+        if getattr(head.config, name) != getattr(config, name):
+            raise ValueError(f"this EAGLE head has {name}={getattr(head.config, name)} but the "
+                             f"target has {getattr(config, name)}: it was built for another "
+                             "model (EagleHead.load(directory, target) checks this on loading)")
+    if head.embed_tokens is not target.get_input_embeddings():
+        raise ValueError("this EAGLE head embeds tokens with another model's embedding: build "
+                         "it for this target (EagleHead.for_target(target) or "
+                         "EagleHead.load(directory, target))")
+
+
 def _check_covers(verify_linears: list[PackedLinears], tree: TreeConfig) -> None:
     missing = set(tree.verified_sizes()) - {p.rows for p in verify_linears}
     if missing:
@@ -180,6 +197,7 @@ def prepare(target, head, config: DecoderConfig | None = None, *,
         head decode independently, with one compiled head between them
     """
     config = config or DecoderConfig()
+    check_head_fits(target, head)
     tree = config.tree
     if verify_linears is None:
         verify_linears = pack_verification(target, tree) if config.pack_target else []

@@ -88,6 +88,16 @@ class TreeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lookup < 0:
             raise ValueError(f"lookup must be >= 0 (0: off), got {self.lookup}")
+        if self.total_tokens > self.max_tokens():
+            raise ValueError(
+                f"total_tokens={self.total_tokens} is more than a tree of depth {self.depth} and "
+                f"top_k {self.top_k} can hold ({self.max_tokens()}: the root, {self.top_k} "
+                f"children, then {self.top_k}x{self.top_k} per expansion): lower total_tokens "
+                "or raise depth / top_k")
+
+    def max_tokens(self) -> int:
+        """The most nodes a tree of this depth and top_k can verify, root included."""
+        return 1 + self.top_k + self.depth * self.top_k ** 2
 
     def verified_sizes(self) -> tuple[int, ...]:
         """Tree sizes a round verifies: the head's tree, and a full looked-up chain."""

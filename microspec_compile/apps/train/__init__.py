@@ -17,30 +17,37 @@ def add_parser(sub) -> None:
                     "from the work directory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d, t = PipelineConfig(), TrainConfig()
-    p.add_argument("--model", default=None, help="target: a named model (gemma3-270m, smollm2), a local HF dir "
-                        "or .gguf; none: SmolLM2")
+    p.add_argument("--model", default="gemma3-270m",
+                   help="target: a named model (gemma3-270m, smollm2), a local HF dir or .gguf")
     p.add_argument("--out", required=True, help="directory for the trained head")
     p.add_argument("--work-dir", default=None,
-                   help="cache of data, features and checkpoints (default: under "
-                        "~/.cache/microspec_compile)")
-    p.add_argument("--regen-prompts", type=int, default=d.regen_prompts)
+                   help="cache of data, features and checkpoints; none: a folder under "
+                        "~/.cache/microspec_compile")
+    p.add_argument("--regen-prompts", type=int, default=d.regen_prompts,
+                   help="ShareGPT prompts the target answers itself (its own answers to learn)")
     p.add_argument("--regen-skip", type=int, default=d.regen_skip,
                    help="ShareGPT prompts to skip before those the target answers (fine-tuning: "
                         "past the prompts an earlier head was trained on)")
-    p.add_argument("--original-prompts", type=int, default=d.original_prompts)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--generate-minutes", type=float, default=d.generate_minutes)
-    p.add_argument("--train-minutes", type=float, default=d.train_minutes)
+    p.add_argument("--original-prompts", type=int, default=d.original_prompts,
+                   help="ShareGPT conversations trained on with their original answers")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="the longest answer the target writes per prompt")
+    p.add_argument("--generate-minutes", type=float, default=d.generate_minutes,
+                   help="time budget of the target's answers (the stage stops there)")
+    p.add_argument("--train-minutes", type=float, default=d.train_minutes,
+                   help="time budget of the training")
     p.add_argument("--chunk", type=int, default=d.chunk, help="prompts per regeneration chunk")
     p.add_argument("--code-regen-prompts", type=int, default=d.code_regen_prompts,
                    help="standard-library functions the target continues from their docstring")
     p.add_argument("--code-original", type=int, default=d.code_original,
                    help="standard-library functions trained on with their own bodies")
-    p.add_argument("--code-generate-minutes", type=float, default=d.code_generate_minutes)
+    p.add_argument("--code-generate-minutes", type=float, default=d.code_generate_minutes,
+                   help="time budget of the target's code continuations")
     p.add_argument("--init-head", default=None,
                    help="a saved head to start from (fine-tune it on this data); none: fresh")
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--lr", type=float, default=t.lr, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, default=t.seed,
+                   help="seed of the data order and the head's initialisation")
     p.add_argument("--rollout-weight", type=float, default=t.rollout_weight,
                    help="weight of the loss one step deeper on the head's own predictions "
                         "(EAGLE-3's training-time test; what the tree's depth 1 computes); 0: off")
