@@ -26,7 +26,7 @@ def test_a_wrong_model_or_head_is_said_before_anything_loads(tmp_path, capsys, m
     for argv, said in (
             (["demo", "--model", "no-such-model"], "unknown model 'no-such-model': give a named"),
             (["demo", "--head", str(tmp_path)], f"no EAGLE head at {tmp_path} (eagle_config.json "
-                                                "and eagle_head.safetensors missing)"),
+                                                "or config.json missing)"),
             (["demo", "--model", str(tmp_path)], "no EAGLE head ships for"),
             (["train-eagle", "--out", str(tmp_path), "--model", "nope"], "unknown model 'nope'"),
             (["train-eagle", "--out", str(tmp_path), "--init-head", str(tmp_path / "x")],
@@ -92,7 +92,7 @@ def test_demo_fails_loudly_without_head_weights(tmp_path):
     target = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64,
                                           num_hidden_layers=1, num_attention_heads=2,
                                           num_key_value_heads=1))
-    with pytest.raises(FileNotFoundError, match="no EAGLE head at .* is missing"):
+    with pytest.raises(FileNotFoundError, match="no EAGLE head at .*: neither eagle_config.json"):
         run_eagle_demo(["hi"], model=(target, None), head_dir=tmp_path, out=None)
     EagleHead.for_target(target).save(tmp_path)
     with pytest.raises(FileNotFoundError, match="frequency subset"):

@@ -195,3 +195,5 @@ def test_prepare_checks_the_head_and_the_tree_where_the_mistake_is_made():
         TreeConfig(depth=1, top_k=4, total_tokens=100)
     assert TreeConfig(depth=1, top_k=4, total_tokens=21).max_tokens() == 21
     assert DecoderConfig(pinned_ids=2).pinned_ids == (2,)  # one id needs no list
+    with pytest.raises(ValueError, match="capacity must be an int >= 1, got -5"):
+        DecoderConfig(capacity=-5)  # said where it is given, not at prepare

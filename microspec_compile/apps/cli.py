@@ -105,11 +105,12 @@ def check_model_and_head(command: str, model: str | None, head: str | None) -> N
             fail(command, f"no EAGLE head ships for {model!r}: pass --head DIR (a head trained "
                           "with microspec train-eagle)")
         return
-    missing = [name for name in ("eagle_config.json", "eagle_head.safetensors")
-               if not (Path(head) / name).is_file()]
+    from ..heads.checkpoints import missing_files
+
+    missing = missing_files(head)
     if missing:
         fail(command, f"no EAGLE head at {head} ({' and '.join(missing)} missing): pass the "
-                      "directory microspec train-eagle wrote (its --out)")
+                      "directory microspec train-eagle wrote (its --out) or an EAGLE-1/2 release")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from ..hf import cache_kwargs, check_cache_grew
+from .checkpoints import OWN_CONFIG, OWN_WEIGHTS, checkpoint_layout, eagle_config, eagle_state
 
 __all__ = ["EagleConfig", "EagleHead", "CONFIG_FILE", "WEIGHTS_FILE"]
 
-CONFIG_FILE = "eagle_config.json"
-WEIGHTS_FILE = "eagle_head.safetensors"
+CONFIG_FILE, WEIGHTS_FILE = OWN_CONFIG, OWN_WEIGHTS
+# the layer's shape read from an EAGLE-1/2 release's config.json (the rest is the target's)
+LAYER_FIELDS = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,8 @@ class EagleHead(nn.Module):
     @classmethod
     def load(cls, directory: str | Path, target: nn.Module,
              dtype: torch.dtype | None = None) -> "EagleHead":
-        """Load a saved head and attach it to ``target``'s embedding and LM head.
+        """Load a saved head and attach it to ``target``'s embedding and LM head: this
+        project's layout or an EAGLE-1/2 release (``heads.checkpoints``).
 
         Raises
         ------
@@ -251,21 +254,27 @@ class EagleHead(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"no EAGLE head at {directory}: {name} is missing "
-                                        "(train one with `microspec train-eagle`)")
-        record = json.loads((directory / CONFIG_FILE).read_text())
-        config = EagleConfig(**record["eagle"])
         expected = EagleConfig.from_target(target.config)
+        if checkpoint_layout(directory) == "eagle":
+            record = eagle_config(directory)
+            config = dataclasses.replace(expected, fc_bias=bool(record.get("bias", True)),
+                                         **{k: record[k] for k in LAYER_FIELDS if k in record})
+            state = eagle_state(directory)
+        else:
+            if not (directory / WEIGHTS_FILE).is_file():
+                raise FileNotFoundError(f"no EAGLE head at {directory}: {WEIGHTS_FILE} is "
+                                        "missing (train one with `microspec train-eagle`)")
+            record = json.loads((directory / CONFIG_FILE).read_text())["eagle"]
+            config = EagleConfig(**record)
+            state = load_file(str(directory / WEIGHTS_FILE))
         for field in ("hidden_size", "vocab_size", "head_dim"):
-            if getattr(config, field) != getattr(expected, field):
-                raise ValueError(f"the EAGLE head at {directory} has {field}="
-                                 f"{getattr(config, field)} but the target has "
-                                 f"{getattr(expected, field)}: it was trained for another model")
+            if field in record and record[field] != getattr(expected, field):
+                raise ValueError(f"the EAGLE head at {directory} has {field}={record[field]} but the "
+                                 f"target has {getattr(expected, field)}: it was trained for "
+                                 "another model")
         head = cls(config, target.get_input_embeddings(), target.get_output_embeddings())
         dtype = dtype or target.get_output_embeddings().weight.dtype
-        state = {k: v.to(dtype) for k, v in load_file(str(directory / WEIGHTS_FILE)).items()}
+        state = {k: v.to(dtype) for k, v in state.items()}
         missing = set(head.trainable_state()) - set(state)
         if missing:
             raise ValueError(f"the EAGLE weights at {directory} lack {sorted(missing)[:4]}")

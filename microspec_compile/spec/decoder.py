@@ -67,6 +67,9 @@ class DecoderConfig:
             raise ValueError("frequent_ids (the FR-Spec subset) goes with head='frspec' and "
                              f"only with it; got head={self.head!r}")
         object.__setattr__(self, "pinned_ids", normalize_pins(self.pinned_ids))
+        if self.capacity is not None and (isinstance(self.capacity, bool) or
+                                          not isinstance(self.capacity, int) or self.capacity < 1):
+            raise ValueError(f"capacity must be an int >= 1, got {self.capacity!r}")
         if not isinstance(self.policy, VocabPolicy):
             raise TypeError(f"policy must be a VocabPolicy (policy.TUNED, policy.PAPER), got "
                             f"{type(self.policy).__name__}")
