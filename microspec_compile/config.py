@@ -45,9 +45,8 @@ class MicrospecConfig:
         the decoder layers run, and the head waits on an event just before it reads
         them (``kernels/async_gather.py``); on CPU it is the same synchronous observe.
         Off by default: a draft step adds a few rows at most, too little to overlap, and
-        the extra op, events and stream switch cost more than they hide (H200, Llama-3-8B
-        shapes, EAGLE-2-shaped draft step: 3.54 ms async vs 2.59 ms sync with CUDA graphs,
-        11.8 vs 7.8 ms without; issue 26). False inserts the plain ``microspec::observe``
+        the extra op, events and stream switch cost more than they hide (measured on an
+        H200: docs/RESULTS.md). False inserts the plain ``microspec::observe``
     mode : torch.compile's mode (``MODES``); ``torch.compile(..., mode=...)`` sets it.
         ``"reduce-overhead"`` / ``"max-autotune"`` capture CUDA graphs on CUDA
     """

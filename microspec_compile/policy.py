@@ -48,8 +48,8 @@ class VocabPolicy:
     Parameters
     ----------
     prompt_topk : the target's top-k at every prompt position after prefill; 0: none,
-        and no prompt-wide product with the head (on Gemma 3 270M's 262,144-row head
-        that product was 140 ms of a 390 ms prefill)
+        and no product of every prompt position with the whole head (with a 262k-token
+        vocabulary, most of MicroSpec's extra prefill time: docs/RESULTS.md)
     verified_topk : the target's top-k at every verified position, from the logits the
         verification computed anyway; 0: each position's argmax alone
     """

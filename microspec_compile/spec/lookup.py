@@ -1,6 +1,6 @@
 """Context lookup: draft the continuation of the last n-gram's previous occurrence.
 
-Generated text repeats its context (MicroSpec's premise, DESIGN.md section 1): code
+Generated text repeats its context (MicroSpec's premise): code
 reuses names, answers quote the question, and a small greedy target repeats its
 own phrases.  When the last ``n`` tokens (``min_ngram <= n <= max_ngram``, longest
 first) occurred earlier in the prompt or the output, the tokens that followed their

@@ -1,6 +1,6 @@
 """The EAGLE-1/2 training loop over cached features, resumable at any step.
 
-Loss per answer position (EAGLE's recipe, DESIGN.md section 5):
+Loss per answer position (EAGLE's recipe):
 
     h_i  = head(x_{i+1}, f_i + noise)              predicted feature of position i + 1
     loss = SmoothL1(h_i, f_{i+1}) + 0.1 * CE(softmax(W f_{i+1}), log_softmax(W h_i))
