@@ -33,7 +33,7 @@ ASSISTED_RECOMPILE_LIMIT = 16
 
 
 def assisted(target: torch.nn.Module, draft: torch.nn.Module, *, vocab: ActiveVocab | None = None,
-             capacity: int = DEFAULT_CAPACITY, pinned_ids: int | Iterable[int] | None = None,
+             capacity: int | None = None, pinned_ids: int | Iterable[int] | None = None,
              k: int = TARGET_TOPK) -> ActiveVocab:
     """Compile ``target`` and ``draft`` (Hugging Face causal LMs sharing a tokenizer) in place
     for ``target.generate(..., assistant_model=draft)`` with a microspec draft head.
@@ -41,7 +41,7 @@ def assisted(target: torch.nn.Module, draft: torch.nn.Module, *, vocab: ActiveVo
     Parameters
     ----------
     vocab : the draft's vocabulary; None: a new ``ActiveVocab`` of its LM head with
-        ``capacity`` and ``pinned_ids``
+        ``capacity`` (None: ``DEFAULT_CAPACITY``) and ``pinned_ids``
     pinned_ids : ids always active; None: the draft's ``eos_token_id`` (if it has one)
     k : the target's top-k per scored position fed to the vocabulary (the observer's)
 
@@ -53,16 +53,21 @@ def assisted(target: torch.nn.Module, draft: torch.nn.Module, *, vocab: ActiveVo
     Raises
     ------
     TypeError : a model already wrapped by ``torch.compile`` (pass the module itself)
+    ValueError : ``capacity`` / ``pinned_ids`` given with a ``vocab`` (they are its own)
     """
     for name, model in (("target", target), ("draft", draft)):
         if hasattr(model, "_orig_mod"):
             raise TypeError(f"the {name} is an OptimizedModule (torch.compile's wrapper): pass "
                             f"the module itself, assisted() compiles it in place")
+    if vocab is not None and (capacity is not None or pinned_ids is not None):
+        raise ValueError("give capacity / pinned_ids to ActiveVocab(...) when you pass "
+                         "vocab=..., not to assisted() as well")
     if vocab is None:
         if pinned_ids is None:
             eos = getattr(getattr(draft, "config", None), "eos_token_id", None)
             pinned_ids = () if eos is None else eos
-        vocab = ActiveVocab(draft_head_weight(draft), capacity, pinned_ids)
+        vocab = ActiveVocab(draft_head_weight(draft),
+                            DEFAULT_CAPACITY if capacity is None else capacity, pinned_ids)
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, ASSISTED_RECOMPILE_LIMIT)
     draft.compile(backend=backend(vocab=vocab), dynamic=True)

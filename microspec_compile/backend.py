@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import logging
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
@@ -97,10 +97,20 @@ def compile_vocab(weight, config: MicrospecConfig) -> ActiveVocab:
     return vocab
 
 
-def call_vocab(compiled: ActiveVocab, weight, config: MicrospecConfig) -> ActiveVocab:
-    """The vocabulary one call of a graph compiled with ``compiled`` reads for the head
-    ``weight`` passed to it: bound by ``using``, else ``compiled`` (or, for a graph that
-    takes its head weight as an argument and meets another one, that weight's default).
+class HeadSlot(NamedTuple):
+    """One head weight of a rewritten graph: the capacity its state placeholders were made
+    for, the weight's index among the graph's inputs, or the weight itself when the graph
+    holds it as an attribute (index None).  No vocabulary: each call chooses one."""
+
+    capacity: int
+    index: Optional[int]
+    weight: Optional[object]
+
+
+def call_vocab(slot: HeadSlot, args: Sequence, config: MicrospecConfig) -> ActiveVocab:
+    """The vocabulary a call with ``args`` reads for the head of ``slot``, in ``vocab.py``'s
+    order: bound by ``using``, given to the backend, else the head's default (created,
+    if need be, with the graph's capacity unless ``config`` gives one).
 
     Raises
     ------
@@ -108,23 +118,23 @@ def call_vocab(compiled: ActiveVocab, weight, config: MicrospecConfig) -> Active
         The vocabulary belongs to another weight, or has another capacity than the
         graph's state inputs.
     """
-    vocab = bound_vocab(weight)
+    weight = args[slot.index] if slot.index is not None else slot.weight
+    vocab = bound_vocab(weight) or config.vocab
     if vocab is None:
-        if compiled.belongs_to(weight):
-            return compiled
-        vocab = config.vocab or default_vocab(weight, config.capacity, config.pinned_ids)
-    vocab.check_serves(weight, compiled.capacity)
+        vocab = default_vocab(weight, create=False) or default_vocab(
+            weight, slot.capacity if config.capacity is None else config.capacity,
+            config.pinned_ids)
+    vocab.check_serves(weight, slot.capacity)
     return vocab
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: MicrospecConfig):
     """Rewrite every LM head of ``gm``.
 
-    Returns ``(new_gm, heads, observes_inputs)`` or None (no head): ``heads`` is a list
-    of ``(vocabulary, weight index)``, one per head weight, in the order of the state
-    placeholders, the index that of the weight among the graph's inputs (None for a
-    weight held as an attribute); ``observes_inputs`` says whether the graph observes
-    the ids feeding an embedding.
+    Returns ``(new_gm, slots, states, observes_inputs)`` or None (no head): one
+    :class:`HeadSlot` per head weight, in the order of the state placeholders; the state
+    tensors the graph was compiled with (its example inputs); ``observes_inputs`` says
+    whether the graph observes the ids feeding an embedding.
     """
     clone = clone_graph(gm)
     values = real_values(clone, example_inputs)
@@ -133,7 +143,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
         return None
     graph = clone.graph
     placeholders = list(graph.find_nodes(op="placeholder"))
-    states, starts, slots, observes_inputs = {}, {}, [], False
+    states, starts, slots, examples, observes_inputs = {}, {}, [], [], False
     for head in heads:
         weight = values[head.weight]
         if head.weight not in states:
@@ -141,7 +151,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
             fakes = [fake_tensor(t) for t in vocab.state()]
             states[head.weight] = add_state_placeholders(graph, f"microspec{len(slots)}", fakes)
             index = placeholders.index(head.weight) if head.weight in placeholders else None
-            slots.append((vocab, index, weight if index is None else None))
+            slots.append(HeadSlot(vocab.capacity, index, weight if index is None else None))
+            examples += vocab.state()
             starts[head.weight] = []
             if config.observe_inputs:
                 asynchronous = use_async_gather(config, weight.device)
@@ -163,7 +174,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Microspe
         counters["microspec"][f"heads_{head.kind}_{head.normalize}"] += 1
     graph.lint()
     clone.recompile()
-    return clone, slots, observes_inputs
+    return clone, slots, examples, observes_inputs
 
 
 def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: MicrospecConfig,
@@ -183,20 +194,24 @@ def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: Micr
     except ValueError as error:
         return raise_on_call(error)
     if rewritten is None:
-        warn_no_head(config.min_vocab_size, config)
+        warn_no_head(config.min_vocab_size, config.head)
         counters["microspec"]["fallback_no_head"] += 1
         return compile_config(gm, list(example_inputs), config)
-    clone, slots, observes_inputs = rewritten
-    extra = [t for vocab, _, _ in slots for t in vocab.state()]
-    compiled = compile_config(clone, list(example_inputs) + extra, config)
+    clone, slots, examples, observes_inputs = rewritten
+    compiled = compile_config(clone, list(example_inputs) + examples, config)
+    del examples  # the graph keeps no vocabulary: each call chooses one
+    last = []  # under CUDA graphs: the vocabularies of the last call
 
     def vocabularies(args) -> list[ActiveVocab]:
         """The vocabulary of each head weight for a call with ``args``."""
-        return [call_vocab(vocab, args[index] if index is not None else weight, config)
-                for vocab, index, weight in slots]
+        return [call_vocab(slot, args, config) for slot in slots]
 
     def run(*args):
         vocabs = vocabularies(args)
+        if config.cuda_graphs and last != vocabs:
+            if last:
+                warn_vocabulary_switch_under_cuda_graphs()
+            last[:] = vocabs
         # A graph that observes its own input ids never meets an empty vocabulary; a
         # head compiled on its own can, before anything is observed.  It then scores the
         # full vocabulary with the original graph (exact, slower) instead of failing.
@@ -213,18 +228,29 @@ def compile_microspec(gm: fx.GraphModule, example_inputs: Sequence, config: Micr
 
 
 def raise_on_call(error: ValueError) -> Callable:
-    """A compiled function that raises ``error`` when called.
+    """A compiled function that raises a ValueError with ``error``'s message when called.
 
     Dynamo wraps an exception raised while compiling in ``BackendCompilerFailed``, so
     ``except ValueError`` would miss a settings error found in the graph (a vocabulary
     of another weight, a default vocabulary's other capacity); raised by the compiled
-    function, it reaches the caller as it is.  Compiling with other settings makes a
-    new graph.
+    function, it reaches the caller as it is.  Only the message is kept (not the error's
+    frames, which hold the graph).  Compiling with other settings makes a new graph.
     """
+    message = str(error)
+
     def run(*args):
-        raise type(error)(*error.args)  # a new one each call: no growing traceback
+        raise ValueError(message)
 
     return run
+
+
+@functools.cache
+def warn_vocabulary_switch_under_cuda_graphs() -> None:
+    warnings.warn(
+        "microspec: a graph captured with CUDA graphs was called with another vocabulary than "
+        "its last call (microspec_compile.using): the capture is made for the state tensors' "
+        "addresses, so each switch re-records it; keep one vocabulary per compiled graph "
+        "under mode='reduce-overhead'", stacklevel=3)
 
 
 @functools.cache

@@ -107,7 +107,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, *, inductor: bool = 
 def warn_no_head(min_vocab_size: int, key: Optional[object] = None) -> None:
     """Warn (once per ``(min_vocab_size, key)``) that a graph has no LM head.
 
-    ``key`` is the caller's configuration, so that each configuration warns once.
+    ``key``: the caller's head-name filter (``MicrospecConfig.head``), so that each filter
+    warns once; never an object that holds a model (the cache keeps its keys forever).
     """
     warnings.warn(
         "microspec: no LM head found in the graph (a Linear with >= "

@@ -71,8 +71,9 @@ def observer(draft, k: int = TARGET_TOPK, **config) -> Callable:
     ----------
     draft : the draft's ``ActiveVocab``, or the draft module (compiled with
         ``backend="microspec"``, now or later): then the default vocabulary of its LM head
-        (``vocab.draft_head_weight`` finds the head; ``vocab.default_vocab``), looked up
-        at each target call; the observer creates it only when given ``capacity`` or
+        (``vocab.draft_head_weight`` finds the head when ``observer`` is called; its
+        default vocabulary, ``vocab.default_vocab``, is looked up at each target call);
+        the observer creates that vocabulary only when given ``capacity`` or
         ``pinned_ids``, else target calls before the draft's first one are not observed
     k : how many of the target's best tokens per scored position; 0 compiles the
         target the same way with no top-k (to measure what the signal adds)
@@ -105,6 +106,8 @@ def observer(draft, k: int = TARGET_TOPK, **config) -> Callable:
         weight = draft.weight
     else:
         cfg = MicrospecConfig(**config)
+        if hasattr(draft, "_orig_mod"):
+            warn_wrapped_draft()
         weight = draft_head_weight(draft, cfg.min_vocab_size)
         default_vocab(weight, cfg.capacity, cfg.pinned_ids, create=False)  # settings clash now
     return functools.partial(_compile_target, weight=weight, k=k, config=cfg)
@@ -117,7 +120,7 @@ def _compile_target(gm, example_inputs, *, weight, k: int, config: MicrospecConf
         return compile_target(gm, list(example_inputs))
     rewritten = add_target_topk(gm, example_inputs, weight.shape[0], k, config)
     if rewritten is None:
-        warn_no_head(config.min_vocab_size, config)
+        warn_no_head(config.min_vocab_size, config.head)
         return compile_target(gm, list(example_inputs))
     clone, heads = rewritten
     compiled = compile_target(clone, list(example_inputs))
@@ -125,7 +128,6 @@ def _compile_target(gm, example_inputs, *, weight, k: int, config: MicrospecConf
     # with settings of its own the observer may create the draft's default vocabulary;
     # without, it feeds it once the draft's backend has (no draft has run before that)
     creates = config.capacity is not None or bool(config.pinned_ids)
-    unfed = [0]  # target calls with no draft vocabulary to feed yet
 
     def run(*args):
         counters["microspec"]["target_observe_calls"] += 1
@@ -134,9 +136,6 @@ def _compile_target(gm, example_inputs, *, weight, k: int, config: MicrospecConf
             weight, config.capacity, config.pinned_ids, create=creates)
         if vocab is None:
             counters["microspec"]["target_calls_before_draft"] += 1
-            unfed[0] += 1
-            if unfed[0] == 2:
-                warn_draft_not_compiled()
         else:
             for ids in outs[len(outs) - heads:]:
                 vocab.observe(ids)
@@ -145,12 +144,9 @@ def _compile_target(gm, example_inputs, *, weight, k: int, config: MicrospecConf
     return run
 
 
-@functools.cache
-def warn_draft_not_compiled() -> None:
+def warn_wrapped_draft() -> None:
     warnings.warn(
-        "microspec observer: the target ran twice and its draft's LM head has no microspec "
-        "vocabulary yet: the draft has not run compiled with backend='microspec'. If it is "
-        "your assistant_model, compile it in place (draft.compile(backend=...)): generate() "
-        "reached through the wrapper that torch.compile(draft) returns runs the uncompiled "
-        "module; or set both models up with microspec_compile.assisted(target, draft)",
-        stacklevel=2)
+        "microspec observer: the draft is torch.compile's wrapper (an OptimizedModule). As "
+        "generate(assistant_model=...) it runs the *uncompiled* module: no sparse head. "
+        "Compile the draft in place (draft.compile(backend=...)) and pass the module, or set "
+        "both models up with microspec_compile.assisted(target, draft)", stacklevel=3)

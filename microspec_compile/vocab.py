@@ -17,7 +17,8 @@ Which vocabulary a call of a compiled head reads, first match wins:
 3. the head's **default vocabulary** (:func:`default_vocab`), created by the first side
    that needs it (the backend from the graph's head, the observer, ``vocab_of``) with
    that side's ``capacity`` / ``pinned_ids``; a later side that gives other settings
-   is an error that says to create one ``ActiveVocab`` and pass it to every side.
+   is an error that says to create one ``ActiveVocab`` and pass it to every side.  A
+   graph compiled under ``using`` creates none until a call outside ``using`` needs it.
 
 Nothing is stored on the weight: default vocabularies live in a registry keyed weakly
 by the weight's identity, and hold the weight weakly, so they die with the model.
@@ -213,7 +214,9 @@ def using(*vocabs: ActiveVocab) -> Iterator[None]:
     """Inside the block, compiled heads (and the observer) of these vocabularies' weights
     read and feed these vocabularies instead of the ones they were compiled with.
 
-    One vocabulary per head weight; nesting binds the innermost.
+    One vocabulary per head weight; nesting binds the innermost.  The binding is the
+    calling thread's (``contextvars``): a new thread starts with none, so bind inside
+    the thread that calls the model (e.g. a ``Thread(target=model.generate)`` streamer).
     """
     for vocab in vocabs:
         if not isinstance(vocab, ActiveVocab):
@@ -257,7 +260,7 @@ def default_vocab(weight: torch.Tensor, capacity: int | None = None,
         if not create:
             return None
         vocab = ActiveVocab(weight, DEFAULT_CAPACITY if capacity is None else capacity,
-                            pinned_ids or ())
+                            normalize_pins(pinned_ids))
         vocab._weight = None
         _DEFAULTS[weight] = vocab
         return vocab

@@ -26,7 +26,7 @@ def test_a_wrong_model_or_head_is_said_before_anything_loads(tmp_path, capsys, m
     for argv, said in (
             (["demo", "--model", "no-such-model"], "unknown model 'no-such-model': give a named"),
             (["demo", "--head", str(tmp_path)], f"no EAGLE head at {tmp_path} (eagle_config.json "
-                                                "or config.json missing)"),
+                                                "or config.json and frequent_ids.json"),
             (["demo", "--model", str(tmp_path)], "no EAGLE head ships for"),
             (["train-eagle", "--out", str(tmp_path), "--model", "nope"], "unknown model 'nope'"),
             (["train-eagle", "--out", str(tmp_path), "--init-head", str(tmp_path / "x")],

@@ -64,6 +64,10 @@ def test_a_release_for_another_model_or_of_another_layout_is_refused(tmp_path):
     _release(head, tmp_path / "eagle3", safetensors=True, extra={"d2t": torch.zeros(4)})
     with pytest.raises(ValueError, match="'d2t'.*EAGLE-3"):
         EagleHead.load(tmp_path / "eagle3", target)
+    bias = {"layers.0.self_attn.q_proj.bias": torch.zeros(head.config.hidden_size)}
+    _release(head, tmp_path / "qwen", safetensors=False, extra=bias)
+    with pytest.raises(ValueError, match="hold tensors this head does not have.*q_proj.bias"):
+        EagleHead.load(tmp_path / "qwen", target)
     _release(head, tmp_path / "wide", safetensors=False)
     config = json.loads((tmp_path / "wide" / "config.json").read_text())
     (tmp_path / "wide" / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))

@@ -194,6 +194,10 @@ def test_one_compiled_head_serves_several_vocabularies():
     assert counters["microspec"]["heads_rewritten"] == 1  # one graph for both
     assert counters["microspec"]["sparse_calls"] == 4
     assert find_vocab(head) is None  # the binding served the compile too
+    default = mc.vocab_of(head, capacity=64)  # outside using: the head's default, not `second`
+    default.observe(torch.tensor([9]))
+    with torch.no_grad():
+        assert torch.isfinite(compiled(x)).nonzero()[:, 1].unique().tolist() == [9]
     first.reset()
     assert second.ids_list() == [3]  # one request's reset leaves the other alone
     with pytest.raises(ValueError, match="capacity 64, and a vocabulary of capacity 32"), \
@@ -227,6 +231,9 @@ def test_settings_are_checked_where_they_are_given():
     with pytest.raises(ValueError, match="2-D"):
         mc.ActiveVocab(weight[0])
     assert mc.ActiveVocab(weight, pinned_ids=EOS).pinned_ids == (EOS,)  # one int is one id
+    head = nn.Linear(H, V, bias=False)
+    assert mc.vocab_of(head, pinned_ids=0).pinned_ids == (0,)  # id 0 is an id (EOS in some)
+    assert mc.vocab_of(head, pinned_ids=[0]).ids_list() == [0]
     assert mc.ActiveVocab(weight, capacity=10 * V).capacity == V
 
 
@@ -270,12 +277,16 @@ def test_hf_assisted_generation_with_pins_in_either_order(first):
 
 
 @pytest.mark.hf_inductor_cpu
-def test_assisted_sets_up_the_pair_in_one_call_and_a_wrapped_draft_is_said(monkeypatch):
+def test_assisted_sets_up_the_pair_in_one_call_and_a_wrapped_draft_is_said():
     """Issue 36, point 2: one call compiles both models in place with the settings that
     keep them compiled; a draft compiled by torch.compile's wrapper (generate() then runs
     the uncompiled module) gets a warning instead of silence."""
     target, draft = _tiny_llama(2, seed=0), _tiny_llama(1, seed=1)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # restored afterwards
+    with torch._dynamo.config.patch(recompile_limit=8):  # restored afterwards
+        _assisted_pair(target, draft)
+
+
+def _assisted_pair(target, draft):
     vocab = mc.assisted(target, draft)
     assert torch._dynamo.config.recompile_limit >= 16 and vocab.pinned_ids == (EOS,)
     prompt = torch.randint(3, V, (1, 8))
@@ -289,11 +300,8 @@ def test_assisted_sets_up_the_pair_in_one_call_and_a_wrapped_draft_is_said(monke
     with pytest.raises(TypeError, match="OptimizedModule"):
         mc.assisted(target, torch.compile(draft))
 
-    from microspec_compile.observer import warn_draft_not_compiled
-
-    warn_draft_not_compiled.cache_clear()
-    target, draft = _tiny_llama(2, seed=0), _tiny_llama(1, seed=1)
+    with pytest.raises(ValueError, match="give capacity / pinned_ids to ActiveVocab"):
+        mc.assisted(target, draft, vocab=vocab, capacity=64)
     wrapped = torch.compile(draft, backend=mc.backend(pinned_ids=[EOS]))  # not in place
-    target.compile(backend=mc.observer(wrapped))
-    with torch.no_grad(), pytest.warns(UserWarning, match="compile it in place"):
-        target.generate(prompt, assistant_model=wrapped, max_new_tokens=6, do_sample=False)
+    with pytest.warns(UserWarning, match=r"OptimizedModule.*runs the \*uncompiled\* module"):
+        mc.observer(wrapped)

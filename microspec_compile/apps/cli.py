@@ -105,12 +105,16 @@ def check_model_and_head(command: str, model: str | None, head: str | None) -> N
             fail(command, f"no EAGLE head ships for {model!r}: pass --head DIR (a head trained "
                           "with microspec train-eagle)")
         return
-    from ..heads.checkpoints import missing_files
+    from ..heads.checkpoints import OWN_CONFIG, OWN_WEIGHTS, missing_files
 
     missing = missing_files(head)
+    if command == "train-eagle":  # fine-tuning starts from a head of this project's layout
+        missing = [n for n in (OWN_CONFIG, OWN_WEIGHTS) if not (Path(head) / n).is_file()]
+    elif not (Path(head) / "frequent_ids.json").is_file():  # the demo's FR-Spec way
+        missing.append("frequent_ids.json (microspec train-eagle writes it)")
     if missing:
         fail(command, f"no EAGLE head at {head} ({' and '.join(missing)} missing): pass the "
-                      "directory microspec train-eagle wrote (its --out) or an EAGLE-1/2 release")
+                      "directory microspec train-eagle wrote (its --out)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
+    except (KeyError, IndexError):  # lookups gone wrong are bugs: their traceback is wanted
+        raise
     except (ValueError, FileNotFoundError, LookupError) as error:  # the user's to fix
         fail(args.command, str(error))
 

@@ -249,7 +249,8 @@ def run_eagle_demo(prompts: list[str] | None = None, *, max_new_tokens: int = 64
                 summary["microspec"][f"{prefix}speedup_vs_{other}"] = mine / summary[other][rate]
     ref = res["outputs"]["target"]
     identical = {w: all(res["outputs"][w][k] == ref[k] for k in ref) for w in names[1:]}
-    record = json.loads((head_dir / "eagle_config.json").read_text())
+    config_file = head_dir / "eagle_config.json"  # an EAGLE-1/2 release has none
+    record = json.loads(config_file.read_text()) if config_file.is_file() else {}
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "hardware": {**machine_info(detail=True), "load_average_at_start": load_at_start},

@@ -278,6 +278,10 @@ class EagleHead(nn.Module):
         missing = set(head.trainable_state()) - set(state)
         if missing:
             raise ValueError(f"the EAGLE weights at {directory} lack {sorted(missing)[:4]}")
+        unexpected = set(state) - set(head.trainable_state())
+        if unexpected:  # e.g. attention biases (Qwen-based releases): this head has none
+            raise ValueError(f"the EAGLE weights at {directory} hold tensors this head does "
+                             f"not have: {sorted(unexpected)[:4]}")
         head.to_dtype(dtype, target.get_output_embeddings().weight.device).load_state_dict(
             state, strict=False)
         return head.eval()

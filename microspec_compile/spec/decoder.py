@@ -137,8 +137,8 @@ class Decoder:
 
 def check_head_fits(target, head) -> None:
     """A ValueError unless ``head`` was built for ``target``: the same hidden size and
-    vocabulary, and ``target``'s own embedding and LM head shared (``EagleHead.for_target``,
-    ``EagleHead.load(directory, target)``)."""
+    vocabulary, and ``target``'s own embedding shared (``EagleHead.for_target``,
+    ``EagleHead.load(directory, target)``; the draft scores with ``prepare``'s ``lm_head``)."""
     config = target.config
     for name in ("hidden_size", "vocab_size"):
         if getattr(head.config, name) != getattr(config, name):
