@@ -125,6 +125,9 @@ def main() -> None:
                      "decode_tokens_per_s": s["decode_tokens_per_s"],
                      "runs": args.runs, "prompts": len(prompts), "threads": args.threads,
                      "head": str(head_dir), "load": loadavg()})
+    calls = torch._dynamo.utils.counters["microspec"]
+    print(f"microspec head calls (all policies): {calls['sparse_calls']} sparse, "
+          f"{calls['dense_fallback_calls']} dense, {calls['scorer_eager_calls']} uncompiled")
     print(f"rows appended to {append_rows('eagle_policy.csv', rows)}")
 
 

@@ -197,3 +197,18 @@ def test_prepare_checks_the_head_and_the_tree_where_the_mistake_is_made():
     assert DecoderConfig(pinned_ids=2).pinned_ids == (2,)  # one id needs no list
     with pytest.raises(ValueError, match="capacity must be an int >= 1, got -5"):
         DecoderConfig(capacity=-5)  # said where it is given, not at prepare
+
+
+def test_a_scorer_that_runs_uncompiled_is_said(recwarn):
+    """Dynamo may run a shared scorer uncompiled (its recompile limit): not silently."""
+    from microspec_compile.spec.scorers import VocabScorer, warn_ran_eagerly
+
+    warn_ran_eagerly.cache_clear()
+    target = tiny_target()
+    lm_head = target.lm_head
+    vocab = ActiveVocab(lm_head.weight, 64)
+    plain = VocabScorer(lambda h, w, b: torch.nn.functional.linear(h, w, b).topk(2), lm_head, vocab)
+    before = counters["microspec"]["scorer_eager_calls"]
+    with pytest.warns(UserWarning, match="ran without the microspec backend"):
+        plain(torch.randn(1, lm_head.in_features))
+    assert counters["microspec"]["scorer_eager_calls"] == before + 1

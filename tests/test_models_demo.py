@@ -8,6 +8,7 @@ timing is asserted.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -321,4 +322,6 @@ def test_eagle_demo_json_has_every_field(smollm, tmp_path, capsys):
     assert (tmp_path / "demo_results.png").stat().st_size > 0
     table = capsys.readouterr().out
     assert "tok/s" in table and "identical" in table and "decode only" in table
+    calls = re.search(r"microspec head calls: (\d+) sparse", table)  # the process's counters
+    assert calls and int(calls.group(1)) >= data["microspec_counters"]["heads_rewritten"] > 0
     assert data["decode_speedup_microspec_vs_dense_packed"] > 0

@@ -356,6 +356,10 @@ def format_eagle_table(report: dict) -> str:
     else:
         lines.append("greedy outputs identical to the target's own: " + ", ".join(
             f"{w} {'yes' if ok else 'NO'}" for w, ok in same.items()))
+    calls = report.get("microspec_counters") or {}
+    lines.append(f"microspec head calls: {calls.get('sparse_calls', 0)} sparse, "
+                 f"{calls.get('dense_fallback_calls', 0)} dense (empty vocabulary), "
+                 f"{calls.get('scorer_eager_calls', 0)} uncompiled")
     lines.append(f"set-up {report['setup_s']:.0f} s (model, head, packings); "
                  f"recompiles during timed runs: {report['recompiles_during_timing']}; "
                  f"medians over {report['settings']['runs']} run(s), "

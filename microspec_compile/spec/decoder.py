@@ -23,7 +23,7 @@ from ..config import DEFAULT_CAPACITY
 from ..linears.packed import PackedLinears
 from ..policy import TUNED, VocabPolicy
 from ..vocab import ActiveVocab, normalize_pins
-from .eagle import TreeConfig, eagle_rounds, pack_head_linears
+from .eagle import TreeConfig, eagle_rounds, pack_head_linears, run_to_end
 from .scorers import PackedScorer, SubsetTopkScorer, TopkScorer, shared_topk_scorer
 
 __all__ = ["HEADS", "DecoderConfig", "Decoder", "prepare", "pack_verification",
@@ -115,13 +115,9 @@ class Decoder:
         """``(ids [P + new], SpecStats)`` for the prompt ``input_ids`` [1, P]; greedy by
         default (the target's own output), or sampled at ``temperature`` (distributed as the
         target's)."""
-        rounds = self.rounds(input_ids, max_new_tokens, eos_token_id=eos_token_id,
-                             sample=sample, temperature=temperature, generator=generator)
-        while True:
-            try:
-                next(rounds)
-            except StopIteration as done:
-                return done.value
+        return run_to_end(self.rounds(input_ids, max_new_tokens, eos_token_id=eos_token_id,
+                                      sample=sample, temperature=temperature,
+                                      generator=generator))
 
     def rounds(self, input_ids: torch.Tensor, max_new_tokens: int, **options):
         """The request of :meth:`generate`, one round per ``next()`` (``spec.eagle_rounds``:

@@ -55,8 +55,8 @@ from .verify import (
     verify_and_accept,
 )
 
-__all__ = ["TreeConfig", "EagleDrafter", "eagle_generate", "eagle_rounds", "bind_scorer",
-           "pack_head_linears"]
+__all__ = ["TreeConfig", "EagleDrafter", "eagle_generate", "eagle_rounds", "run_to_end",
+           "bind_scorer", "pack_head_linears"]
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,12 @@ def eagle_generate(target, head: EagleHead, scorer, input_ids: torch.Tensor,
     verification (tokens per verification = accepted + 1), ``draft_times`` the time
     of each round's drafting, ``target_times`` each verification
     """
-    rounds = eagle_rounds(target, head, scorer, input_ids, max_new_tokens, tree, **options)
+    return run_to_end(eagle_rounds(target, head, scorer, input_ids, max_new_tokens, tree,
+                                   **options))
+
+
+def run_to_end(rounds):
+    """Step a request of :func:`eagle_rounds` to its end; its ``(ids, SpecStats)``."""
     while True:
         try:
             next(rounds)

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 from ..linears.packed import PackedLinears
 from ..vocab import using
@@ -98,8 +100,22 @@ class VocabScorer:
     def __call__(self, hidden: torch.Tensor):
         if self.vocab is None:
             return self.compiled(hidden, self.lm_head.weight, self.lm_head.bias)
+        calls = counters["microspec"]
+        before = calls["sparse_calls"] + calls["dense_fallback_calls"]
         with using(self.vocab):
-            return self.compiled(hidden, self.lm_head.weight, self.lm_head.bias)
+            out = self.compiled(hidden, self.lm_head.weight, self.lm_head.bias)
+        if calls["sparse_calls"] + calls["dense_fallback_calls"] == before:
+            warn_ran_eagerly()  # Dynamo ran the module uncompiled (e.g. its recompile limit)
+            calls["scorer_eager_calls"] += 1
+        return out
+
+
+@functools.cache
+def warn_ran_eagerly() -> None:
+    warnings.warn(
+        "microspec: a decoder's LM-head call ran without the microspec backend (dense): Dynamo "
+        "ran TopkLogProbs uncompiled, e.g. past torch._dynamo.config.recompile_limit with many "
+        "(top_k, capacity) kinds of decoder in one process; raise that limit", stacklevel=3)
 
 
 class SubsetTopkScorer(nn.Module):
